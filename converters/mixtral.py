@@ -1,0 +1,8 @@
+"""Mixtral: softmax over top-k logits (equivalent to renormalised top-k softmax), no shared expert."""
+
+from .base import MoeArchitecture
+
+ARCH = MoeArchitecture(
+    name="mixtral", hf_archs=("MixtralForCausalLM",), llama_arch="llama",
+    moe_block="mlp", router="gate", experts="experts", norm_topk_config=None,
+)

@@ -1,0 +1,149 @@
+"""The ``mcsharp`` command line (contract in DESIGN.md §8)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import McsharpError
+from .native.build import NativeBuildError
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mcsharp-gguf")
+def cli() -> None:
+    """MC# for Mixture-of-Experts GGUF: PMQ mixed-precision GPTQ + OTP expert pruning."""
+
+
+@cli.command()
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "metal"]), default="cpu", show_default=True)
+@click.option("--tools", is_flag=True, help="Also build llama-quantize, llama-imatrix, llama-perplexity.")
+@click.option("--tests", is_flag=True, help="Also build llama.cpp's test-backend-ops.")
+@click.option("--cuda-arch", default="native", show_default=True, help="CMAKE_CUDA_ARCHITECTURES for --backend cuda.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build info as JSON on stdout.")
+def setup(backend: str, tools: bool, tests: bool, cuda_arch: str, as_json: bool) -> None:
+    """Build (or find cached) the patched llama.cpp runtime and install the pinned gguf-py."""
+    from .native import build as nb
+    from .setup_env import ensure_pinned_gguf
+
+    ensure_pinned_gguf(log=_log)
+    info = nb.build(nb.BuildOptions(backend=backend, tools=tools, tests=tests, cuda_arch=cuda_arch), log=_log)
+    if as_json:
+        click.echo(json.dumps(info.to_json(), indent=2))
+        return
+    click.echo(f"library dir : {info.lib_dir}")
+    click.echo(f"llama.cpp   : {info.llama_cpp_commit} (llama-cpp-python {nb.LLAMA_CPP_PYTHON_VERSION})")
+    click.echo(f"patch hash  : {info.patch_hash} ({', '.join(info.patches) or 'no patches'})")
+    click.echo(f"backends    : {', '.join(info.backends)}")
+    click.echo(f"tools       : {', '.join(info.tools) or '-'}")
+    click.echo(f"build       : {'compiled now' if info.built_now else 'cached, nothing compiled'}")
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def fixture(out_dir: Path) -> None:
+    """Build the embedded real MoE fixture (SmolLM2-135M upcycled to Qwen2-MoE) into OUT_DIR."""
+    from .fixture import build_fixture
+
+    build_fixture(out_dir, log=_log)
+    click.echo(str(out_dir))
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+def convert(model_dir: Path, out: Path, outtype: str, verbose: bool) -> None:
+    """Convert a Hugging Face MoE checkpoint to GGUF."""
+    from .convert import convert_checkpoint
+
+    convert_checkpoint(model_dir, out, outtype=outtype, verbose=verbose)
+    click.echo(str(out))
+
+
+@cli.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--no-tensors", is_flag=True, help="Only the summary, not every tensor.")
+def inspect(gguf_file: Path, as_json: bool, no_tensors: bool) -> None:
+    """Tensor types and sizes, true bits per weight for experts / attention / other."""
+    from .inspect_gguf import format_report, read_report
+
+    rep = read_report(gguf_file)
+    click.echo(json.dumps(rep.to_json(), indent=2) if as_json else format_report(rep, not no_tensors))
+
+
+@cli.command(name="eval")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Evaluation text (UTF-8). Default: the built-in held-out pydoc text.")
+@click.option("--base", type=click.Path(path_type=Path), default=None, help="Reference GGUF for KLD / top-1.")
+@click.option("--ctx", default=512, show_default=True, help="Chunk length in tokens.")
+@click.option("--max-tokens", default=4096, show_default=True, help="Evaluate at most this many tokens (0 = all).")
+@click.option("--json", "as_json", is_flag=True)
+def eval_cmd(gguf_file: Path, text_file: Path | None, base: Path | None, ctx: int, max_tokens: int,
+             as_json: bool) -> None:
+    """Perplexity, and with --base: mean / p99 KLD and top-1 agreement."""
+    from .evaluate import evaluate_gguf
+    from .text import heldout_text, read_text_file
+
+    text = read_text_file(text_file) if text_file is not None else heldout_text()
+    if base is not None and not base.is_file():
+        raise McsharpError(f"--base {base}: no such GGUF file")
+    res = evaluate_gguf(gguf_file, text, base_path=base, ctx=ctx, max_tokens=max_tokens or None,
+                        progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(res.to_json(), indent=2))
+    else:
+        for k, v in res.to_json().items():
+            click.echo(f"{k:<20} {v}")
+
+
+@cli.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="One non-interactive turn: print the reply and exit.")
+@click.option("--max-tokens", default=128, show_default=True)
+def chat(gguf_file: Path, prompt: str | None, max_tokens: int) -> None:
+    """Chat with a GGUF using the model's chat template."""
+    from .chat import interactive, open_chat_model, reply
+
+    llm = open_chat_model(gguf_file)
+    if prompt is not None:
+        click.echo(reply(llm, [{"role": "user", "content": prompt}], max_tokens=max_tokens))
+    else:
+        interactive(llm, max_tokens=max_tokens)
+
+
+@cli.command()
+@click.option("--work-dir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
+@click.option("--prompt", default="What is a Python list? Answer in one sentence.", show_default=True)
+def demo(work_dir: Path, prompt: str) -> None:
+    """The main job on the embedded fixture: build → convert → evaluate → one chat turn."""
+    from .demo import run_demo
+
+    run_demo(work_dir, prompt, log=_log)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (McsharpError, NativeBuildError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pinned llama.cpp runtime: source fetch, patching and cached native builds (see build.py)."""
