@@ -23,9 +23,10 @@ from .llama_src import import_conversion, import_gguf
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
-# A hook sees every tensor the converter is about to write (GGUF name, torch tensor, block id) and
-# may return packed bytes + ggml type to write instead; None keeps the converter's own handling.
-TensorHook = Callable[[str, Any, "int | None"], "tuple[Any, Any] | None"]
+# A hook sees every tensor the converter is about to write (GGUF name, torch tensor, block id) and may
+# return what to write instead: a list of (name, numpy data, ggml type or None) — packed bytes, a split
+# into several tensors, or nothing at all; returning None keeps the converter's own handling.
+TensorHook = Callable[[str, Any, "int | None"], "list[tuple[str, Any, Any]] | None"]
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,12 @@ def _model_class(conversion, hf_arch: str, hook: TensorHook | None):
 
         def modify_tensors(self, data_torch, name, bid):
             for new_name, tensor in super().modify_tensors(data_torch, name, bid):
-                packed = hook(new_name, tensor, bid) if hook else None
-                if packed is None:
+                replacement = hook(new_name, tensor, bid) if hook else None
+                if replacement is None:
                     yield new_name, tensor
-                else:
-                    data, qtype = packed
-                    self.gguf_writer.add_tensor(new_name, data, raw_dtype=qtype)
+                    continue
+                for name_out, data, qtype in replacement:
+                    self.gguf_writer.add_tensor(name_out, data, raw_dtype=qtype)
 
     HookedModel.__name__ = f"Mcsharp{base.__name__}"
     return HookedModel

@@ -26,7 +26,8 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
-PATCH_DIR = Path(__file__).resolve().parent / "patches"
+# MCSHARP_PATCH_DIR points at a patch set under development instead of the shipped one.
+PATCH_DIR = Path(os.environ.get("MCSHARP_PATCH_DIR") or Path(__file__).resolve().parent / "patches")
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 # Changing this string invalidates every cached build (bump when the cmake recipe changes).
 RECIPE_VERSION = "1"
