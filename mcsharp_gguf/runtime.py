@@ -6,7 +6,10 @@ caller goes through :func:`llama_cpp_module` instead of importing ``llama_cpp`` 
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+from collections import deque
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,15 +34,43 @@ def llama_cpp_module(log=print) -> ModuleType:
     """Import ``llama_cpp`` bound to the patched libraries (built on first use)."""
     info = ensure_runtime(log=log)
     current = os.environ.get("LLAMA_CPP_LIB_PATH")
-    import sys
-
     if "llama_cpp" in sys.modules and current != info.lib_dir:
         raise McsharpError(f"llama_cpp was already imported with libraries from {current!r}; "
                            "import mcsharp_gguf.runtime before anything imports llama_cpp")
     os.environ["LLAMA_CPP_LIB_PATH"] = info.lib_dir
     import llama_cpp
 
+    _install_log_capture(llama_cpp)
     return llama_cpp
+
+
+_LOG_LINES: deque[str] = deque(maxlen=64)
+_LOG_STATE: dict[str, Any] = {"callback": None, "verbose": False}
+
+
+def _install_log_capture(llama_cpp: ModuleType) -> None:
+    """Route llama.cpp's log through us: keep recent error lines for messages, echo only when verbose."""
+    if _LOG_STATE["callback"] is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def _callback(level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", errors="replace")
+        if level == 3:  # GGML_LOG_LEVEL_ERROR
+            _LOG_LINES.append(line.strip())
+        if _LOG_STATE["verbose"]:
+            sys.stderr.write(line)
+
+    _LOG_STATE["callback"] = _callback  # keep a reference: ctypes does not
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def last_llama_error() -> str:
+    """The most telling recent llama.cpp error line (the loader's reason), or ''."""
+    for line in reversed(_LOG_LINES):
+        if "error loading model:" in line:
+            return line.split("error loading model:", 1)[1].strip()
+    return _LOG_LINES[-1] if _LOG_LINES else ""
 
 
 def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None,
@@ -49,13 +80,16 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
     if not path.is_file():
         raise McsharpError(f"{path}: no such GGUF file")
     llama_cpp = llama_cpp_module()
+    _LOG_LINES.clear()
+    _LOG_STATE["verbose"] = verbose
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, n_gpu_layers=0,
                                n_threads=n_threads or os.cpu_count(), n_batch=min(n_ctx, 512),
                                kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
-    except ValueError as e:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
-        raise McsharpError(f"{path}: llama.cpp could not load it ({e}); re-convert it or run with "
-                           "verbose=True to see the loader's reason") from None
+    except ValueError:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
+        reason = last_llama_error() or "no reason logged"
+        raise McsharpError(f"{path}: llama.cpp cannot load it: {reason}; re-convert it with this version "
+                           "of mcsharp") from None
 
 
 def logits_for(llm, tokens: list[int] | np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,6 +18,8 @@ import torch
 
 from .native.build import cache_root
 
+ROUTER_SCALE = 6.0
+_ROUTER_RE = re.compile(r"(\.gate|\.router|\.router\.layer)\.weight$")
 TINY_ARCHS = ("qwen2moe", "mixtral", "qwen3moe", "olmoe", "deepseek2", "granitemoe", "phimoe", "gptoss")
 
 
@@ -41,7 +44,7 @@ def tokenizer_dir() -> Path:
 
 def _common(hidden: int, vocab: int) -> dict:
     return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
                 initializer_range=0.05)
 
 
@@ -53,18 +56,18 @@ def _builders(hidden: int, vocab: int, n_expert: int, top_k: int, expert_ff: int
         "qwen2moe": ("Qwen2MoeConfig", lambda: dict(
             c, intermediate_size=4 * expert_ff, moe_intermediate_size=expert_ff,
             shared_expert_intermediate_size=2 * expert_ff, num_experts=n_expert, num_experts_per_tok=top_k,
-            norm_topk_prob=True), None),
+            norm_topk_prob=False), None),  # llama.cpp's qwen2moe graph never renormalises top-k
         "mixtral": ("MixtralConfig", lambda: dict(
             c, intermediate_size=expert_ff, num_local_experts=n_expert, num_experts_per_tok=top_k), None),
         "qwen3moe": ("Qwen3MoeConfig", lambda: dict(
             c, head_dim=hidden // 4, intermediate_size=4 * expert_ff, moe_intermediate_size=expert_ff,
             num_experts=n_expert, num_experts_per_tok=top_k, norm_topk_prob=True), None),
-        "olmoe": ("OlmoeConfig", lambda: dict(
-            c, intermediate_size=expert_ff, num_experts=n_expert, num_experts_per_tok=top_k), None),
+        "olmoe": ("OlmoeConfig", lambda: dict(  # llama.cpp's olmoe has no GQA (k_norm spans n_embd)
+            c, num_key_value_heads=4, intermediate_size=expert_ff, num_experts=n_expert, num_experts_per_tok=top_k), None),
         "deepseek2": ("DeepseekV2Config", lambda: dict(
             c, intermediate_size=4 * expert_ff, moe_intermediate_size=expert_ff, n_routed_experts=n_expert,
             n_shared_experts=1, num_experts_per_tok=top_k, first_k_dense_replace=1, kv_lora_rank=64,
-            q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
+            q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
             topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, num_key_value_heads=4), None),
         "granitemoe": ("GraniteMoeConfig", lambda: dict(
             c, intermediate_size=expert_ff, num_local_experts=n_expert, num_experts_per_tok=top_k,
@@ -72,7 +75,7 @@ def _builders(hidden: int, vocab: int, n_expert: int, top_k: int, expert_ff: int
             None),
         "phimoe": ("PhimoeConfig", lambda: dict(
             c, intermediate_size=expert_ff, num_local_experts=n_expert, num_experts_per_tok=2,
-            rms_norm_eps=1e-5), "PhiMoEForCausalLM"),
+            original_max_position_embeddings=1024), "PhiMoEForCausalLM"),
         "gptoss": ("GptOssConfig", lambda: dict(
             c, head_dim=hidden // 4, intermediate_size=expert_ff, num_local_experts=n_expert,
             num_experts_per_tok=top_k, sliding_window=128, layer_types=["sliding_attention", "full_attention"]),
@@ -99,6 +102,9 @@ def make_tiny_moe(arch: str, out_dir: str | Path, hidden: int = 64, n_expert: in
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * (0.1 if "norm" in name or "layernorm" in name else 0.02))
+            elif _ROUTER_RE.search(name) and p.shape[0] == n_expert:
+                # Well-separated router logits: parity tests must not hinge on near-tied top-k choices.
+                p.mul_(ROUTER_SCALE)
     model.eval()
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tiny-"))
     model.save_pretrained(tmp, safe_serialization=True)
@@ -120,3 +126,30 @@ def load_hf(model_dir: str | Path):
     if cfg["architectures"][0] == "PhiMoEForCausalLM":
         return transformers.PhimoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def min_router_margin(model, ids, top_k: int) -> float:
+    """Smallest gap between the k-th and (k+1)-th router logit over tokens and layers.
+
+    Parity tests pick inputs with a comfortable margin: a near-tie lets float rounding pick a different
+    expert in each runtime, which is not a conversion error.
+    """
+    n_tok = len(ids)
+    gaps: list[float] = []
+
+    def hook(mod, args, out):
+        logits = out[0] if isinstance(out, tuple) else out
+        logits = logits.reshape(n_tok, -1).float()
+        top = torch.sort(logits, dim=-1, descending=True).values
+        gaps.append(float((top[:, top_k - 1] - top[:, top_k]).min()))
+
+    handles = [mod.register_forward_hook(hook) for name, mod in model.named_modules()
+               if name.endswith((".gate", ".router", ".router.layer")) and hasattr(mod, "weight")
+               and mod.weight.dim() == 2 and mod.weight.shape[0] > top_k]
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(ids)[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return min(gaps) if gaps else float("inf")
