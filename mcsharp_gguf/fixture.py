@@ -311,7 +311,8 @@ def build_fixture(out_dir: str | Path, log=print) -> Path:
         (tmp / "mcsharp-fixture.json").write_text(json.dumps({
             "version": FIXTURE_VERSION, "source": SMOLLM2_GGUF, "calib_tokens": int(ids.numel()),
             "recipe": {"shared": N_SHARED, "experts": N_EXPERTS, "expert_width": EXPERT_WIDTH, "top_k": TOP_K,
-                       "routed_down_scale": ROUTED_DOWN_SCALE, "hidden": NEW_HIDDEN, "router_logit_std": ROUTER_LOGIT_STD}}, indent=2))
+                       "routed_down_scale": ROUTED_DOWN_SCALE, "hidden": NEW_HIDDEN,
+                       "router_logit_std": ROUTER_LOGIT_STD}}, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .native.build import cache_root
@@ -63,7 +64,8 @@ def _builders(hidden: int, vocab: int, n_expert: int, top_k: int, expert_ff: int
             c, head_dim=hidden // 4, intermediate_size=4 * expert_ff, moe_intermediate_size=expert_ff,
             num_experts=n_expert, num_experts_per_tok=top_k, norm_topk_prob=True), None),
         "olmoe": ("OlmoeConfig", lambda: dict(  # llama.cpp's olmoe has no GQA (k_norm spans n_embd)
-            c, num_key_value_heads=4, intermediate_size=expert_ff, num_experts=n_expert, num_experts_per_tok=top_k), None),
+            c, num_key_value_heads=4, intermediate_size=expert_ff, num_experts=n_expert,
+            num_experts_per_tok=top_k), None),
         "deepseek2": ("DeepseekV2Config", lambda: dict(
             c, intermediate_size=4 * expert_ff, moe_intermediate_size=expert_ff, n_routed_experts=n_expert,
             n_shared_experts=1, num_experts_per_tok=top_k, first_k_dense_replace=1, kv_lora_rank=64,
@@ -153,3 +155,16 @@ def min_router_margin(model, ids, top_k: int) -> float:
         for h in handles:
             h.remove()
     return min(gaps) if gaps else float("inf")
+
+
+def pick_tokens(model, top_k: int, n: int = 64, vocab: int = 49152, min_margin: float = 5e-3):
+    """Random token ids whose router top-k choice is not a near-tie in any layer (see min_router_margin)."""
+    best, best_margin = None, -1.0
+    for seed in range(16):
+        ids = np.random.default_rng(seed).integers(0, vocab, n)
+        margin = min_router_margin(model, ids, top_k)
+        if margin >= min_margin:
+            return ids
+        if margin > best_margin:
+            best, best_margin = ids, margin
+    return best

@@ -285,4 +285,9 @@ def build_dir(opts: BuildOptions | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    print(json.dumps(build().to_json(), indent=2))
+    # Stdlib-only entry for bootstrap scripts: `python native/build.py sdist` prints the sdist path
+    # (downloading it once) so the bindings can be installed from the same pinned source.
+    if sys.argv[1:] == ["sdist"]:
+        print(sdist_path())
+    else:
+        print(json.dumps(build().to_json(), indent=2))
