@@ -130,31 +130,35 @@ def load_hf(model_dir: str | Path):
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def min_router_margin(model, ids, top_k: int) -> float:
+def min_router_margin(model, ids, top_k: int) -> float | np.ndarray:
     """Smallest gap between the k-th and (k+1)-th router logit over tokens and layers.
 
+    ``ids`` is one sequence (→ float) or a batch (n_seq, len) of independent sequences (→ one gap each).
     Parity tests pick inputs with a comfortable margin: a near-tie lets float rounding pick a different
     expert in each runtime, which is not a conversion error.
     """
-    n_tok = len(ids)
-    gaps: list[float] = []
+    batch = torch.as_tensor(np.asarray(ids))
+    single = batch.dim() == 1
+    batch = batch[None] if single else batch
+    gaps: list[torch.Tensor] = []
 
     def hook(mod, args, out):
         logits = out[0] if isinstance(out, tuple) else out
-        logits = logits.reshape(n_tok, -1).float()
+        logits = logits.reshape(batch.shape[0], batch.shape[1], -1).float()
         top = torch.sort(logits, dim=-1, descending=True).values
-        gaps.append(float((top[:, top_k - 1] - top[:, top_k]).min()))
+        gaps.append((top[..., top_k - 1] - top[..., top_k]).amin(dim=1))
 
     handles = [mod.register_forward_hook(hook) for name, mod in model.named_modules()
                if name.endswith((".gate", ".router", ".router.layer")) and hasattr(mod, "weight")
                and mod.weight.dim() == 2 and mod.weight.shape[0] > top_k]
     try:
         with torch.no_grad():
-            model(torch.as_tensor(ids)[None])
+            model(batch)
     finally:
         for h in handles:
             h.remove()
-    return min(gaps) if gaps else float("inf")
+    per_seq = torch.stack(gaps).amin(dim=0).numpy() if gaps else np.full(batch.shape[0], np.inf)
+    return float(per_seq[0]) if single else per_seq
 
 
 def pick_tokens(model, top_k: int, n: int = 64, vocab: int = 49152, min_margin: float = 5e-3):
