@@ -1,0 +1,232 @@
+"""Calibration: text → token ids → a layer-streaming forward that captures what each expert sees.
+
+Only one decoder layer's weights are resident at a time: the model skeleton lives on the ``meta`` device,
+each layer is materialised from the safetensors shards (through its architecture adapter), run over all
+calibration sequences, and dropped. Hidden states are carried forward between layers.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import McsharpError
+
+
+def _tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def calibration_token_ids(model_dir: str | Path, text: str, n_seq: int, seq_len: int) -> torch.Tensor:
+    """``n_seq`` consecutive windows of ``seq_len`` tokens from ``text`` (error if the text is too short)."""
+    ids = _tokenizer(Path(model_dir))(text, add_special_tokens=False)["input_ids"]
+    need = n_seq * seq_len
+    if len(ids) < need:
+        raise McsharpError(f"calibration text has {len(ids)} tokens, {need} are needed ({n_seq} × {seq_len}); "
+                           "pass a longer --calib file or fewer/shorter sequences")
+    return torch.tensor(ids[:need]).reshape(n_seq, seq_len)
+
+
+def self_generated_text(model_dir: str | Path, n_tokens: int, prompts: tuple[str, ...] | None = None,
+                        seed: int = 0) -> str:
+    """Calibration text sampled from the model itself (``--calib self``), deterministic for ``seed``."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = prompts or ("The", "In this chapter we", "def main():", "Once upon a time", "The results show")
+    tok = _tokenizer(Path(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    torch.manual_seed(seed)
+    per = max(16, n_tokens // len(prompts))
+    pieces = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = model.generate(ids, max_new_tokens=per, do_sample=True, top_p=0.95, temperature=1.0)
+            pieces.append(tok.decode(out[0], skip_special_tokens=True))
+    return "\n\n".join(pieces)
+
+
+class SafetensorsIndex:
+    """Lazy access to every tensor of a checkpoint by name (only what is asked for is read)."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self._handles = []
+        self.names: dict[str, Callable[[], torch.Tensor]] = {}
+        for shard in sorted(model_dir.glob("*.safetensors")):
+            h = safe_open(str(shard), "pt")
+            self._handles.append(h)
+            for k in h.keys():
+                self.names[k] = (lambda h=h, k=k: h.get_tensor(k).float())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.names[key]()
+
+
+@dataclass
+class LayerStream:
+    """A transformers model skeleton whose decoder layers are materialised one at a time."""
+
+    model_dir: Path
+    config: object
+    model: torch.nn.Module  # on the meta device, except what we materialise
+    arch: object  # converters.base.MoeArchitecture
+    tensors: SafetensorsIndex
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> LayerStream:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .converters import get_architecture, supported_architectures
+
+        model_dir = Path(model_dir)
+        cfg_json = json.loads((model_dir / "config.json").read_text())
+        arch = get_architecture(cfg_json["architectures"][0])
+        if arch is None:
+            raise McsharpError(f"{model_dir}: {cfg_json['architectures'][0]} has no MoE adapter; supported: "
+                               f"{', '.join(supported_architectures())}")
+        config = AutoConfig.from_pretrained(model_dir)
+        config._attn_implementation = "sdpa"  # causal masking without building a mask
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return cls(model_dir, config, model, arch, SafetensorsIndex(model_dir))
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.model.model.layers)
+
+    @property
+    def n_expert(self) -> int:
+        c = self.config
+        return int(getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None)
+                   or c.n_routed_experts)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.tensors["model.embed_tokens.weight"]
+        return torch.nn.functional.embedding(ids, w)
+
+    def rotary(self, seq_len: int):
+        rot = type(self.model.model.rotary_emb)(config=self.config)  # rebuilt on CPU (skeleton is meta)
+        pos = torch.arange(seq_len)[None]
+        return pos, rot(torch.zeros(1, dtype=torch.float32), pos)
+
+    def load_layer(self, i: int) -> torch.nn.Module:
+        """Materialise decoder layer ``i`` with its checkpoint weights (float32)."""
+        layer = self.model.model.layers[i]
+        layer.to_empty(device="cpu")
+        sd = self.arch.layer_state_dict(self.tensors.names, i, self.n_expert)
+        missing, unexpected = layer.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise McsharpError(f"{self.model_dir}: layer {i} does not match {self.arch.name}'s layout "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-save the checkpoint")
+        return layer.eval()
+
+    def unload_layer(self, i: int) -> None:
+        self.model.model.layers[i].to("meta")
+
+    def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
+        block = getattr(layer, self.arch.moe_block, None)
+        return block if block is not None and hasattr(block, self.arch.experts) else None
+
+    def layers(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.nn.Module, Callable]]:
+        """Yield (i, layer, run) for each decoder layer; ``run(hidden) -> hidden`` runs it on all sequences."""
+        pos, rope = self.rotary(hidden.shape[1])
+
+        for i in range(self.n_layer):
+            layer = self.load_layer(i)
+
+            def run(h: torch.Tensor, layer=layer) -> torch.Tensor:
+                with torch.no_grad():
+                    return torch.cat([layer(h[s:s + 1], position_ids=pos, position_embeddings=rope)
+                                      for s in range(h.shape[0])])
+
+            yield i, layer, run
+            self.unload_layer(i)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on the last hidden states."""
+        norm = type(self.model.model.norm)(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = self.tensors["model.norm.weight"]
+        head = self.tensors.names.get("lm_head.weight") or self.tensors.names["model.embed_tokens.weight"]
+        with torch.no_grad():
+            return norm(hidden) @ head().T
+
+
+@dataclass
+class ExpertStats:
+    """Per-expert routing statistics of one MoE layer over the calibration tokens."""
+
+    freq: np.ndarray  # (n_expert,) number of (token, slot) selections
+    weight_mass: np.ndarray  # (n_expert,) summed softmax routing probability of the selecting tokens
+    n_tokens: int
+    top_k: int
+
+    def normalised(self) -> tuple[np.ndarray, np.ndarray]:
+        """(phi, w) each summing to 1 within the layer (MC's normalisation)."""
+        f = self.freq / max(self.freq.sum(), 1)
+        w = self.weight_mass / max(self.weight_mass.sum(), 1e-30)
+        return f, w
+
+
+@dataclass
+class MoeCapture:
+    """What one MoE block saw: its inputs, its output, and the routing of every token."""
+
+    x: torch.Tensor  # (tokens, d) MoE block input
+    y: torch.Tensor  # (tokens, d) MoE block output (routed + shared)
+    router_logits: torch.Tensor  # (tokens, n_expert)
+    top_k_index: torch.Tensor  # (tokens, k)
+    top_k_weights: torch.Tensor  # (tokens, k)
+    stats: ExpertStats = field(repr=False, default=None)
+
+
+def capture_moe(block: torch.nn.Module, arch, n_expert: int, run: Callable[[torch.Tensor], torch.Tensor],
+                hidden: torch.Tensor) -> tuple[MoeCapture, torch.Tensor]:
+    """Run ``run(hidden)`` with hooks on ``block``; return what the block saw (all tokens) and run's output."""
+    xs, ys, logits, idx, wts = [], [], [], [], []
+    router = getattr(block, arch.router)
+    experts = getattr(block, arch.experts)
+
+    def pre_block(mod, args):
+        xs.append(args[0].reshape(-1, args[0].shape[-1]).detach())
+
+    def post_block(mod, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        ys.append(out.reshape(-1, out.shape[-1]).detach())
+
+    def post_router(mod, args, out):
+        logits.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+    def pre_experts(mod, args):
+        idx.append(args[1].detach())
+        wts.append(args[2].detach().float())
+
+    hooks = [block.register_forward_pre_hook(pre_block), block.register_forward_hook(post_block),
+             router.register_forward_hook(post_router), experts.register_forward_pre_hook(pre_experts)]
+    try:
+        out = run(hidden)
+    finally:
+        for h in hooks:
+            h.remove()
+    cap = MoeCapture(torch.cat(xs), torch.cat(ys), torch.cat(logits), torch.cat(idx), torch.cat(wts))
+    probs = torch.softmax(cap.router_logits, dim=-1)
+    freq = torch.bincount(cap.top_k_index.flatten(), minlength=n_expert).numpy().astype(np.float64)
+    mass = torch.zeros(n_expert, dtype=torch.float64)
+    mass.index_add_(0, cap.top_k_index.flatten(), probs.gather(1, cap.top_k_index).flatten().double())
+    cap.stats = ExpertStats(freq=freq, weight_mass=mass.numpy(), n_tokens=int(cap.x.shape[0]),
+                            top_k=int(cap.top_k_index.shape[1]))
+    return cap, out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

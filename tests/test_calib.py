@@ -1,0 +1,44 @@
+"""Layer-streaming calibration: same logits as the whole transformers model, consistent routing stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mcsharp_gguf.calib import LayerStream, calibration_token_ids, capture_moe
+from mcsharp_gguf.errors import McsharpError
+from mcsharp_gguf.tiny_models import load_hf
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "mixtral", "qwen3moe", "olmoe", "deepseek2"])
+def test_streamed_forward_matches_transformers(arch, tiny_model):
+    d = tiny_model(arch)
+    stream = LayerStream.open(d)
+    ids = torch.tensor(np.random.default_rng(0).integers(0, 49152, (2, 24)))
+    h = stream.embed(ids)
+    caps = []
+    for _, layer, run in stream.layers(h):
+        block = stream.moe_block(layer)
+        if block is None:
+            h = run(h)
+            continue
+        cap, h = capture_moe(block, stream.arch, stream.n_expert, run, h)
+        caps.append(cap)
+        # the captured output is the block applied to the captured input
+        with torch.no_grad():
+            assert torch.allclose(block(cap.x[None])[0], cap.y, atol=1e-5)
+        assert cap.stats.freq.sum() == ids.numel() * cap.stats.top_k
+        phi, w = cap.stats.normalised()
+        assert abs(phi.sum() - 1) < 1e-9 and abs(w.sum() - 1) < 1e-9
+        # the layer's weights are released again
+    assert all(p.device.type == "meta" for p in stream.model.model.layers.parameters())
+    assert caps
+    with torch.no_grad():
+        ref = load_hf(d)(ids).logits
+    assert (stream.logits(h) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_short_calibration_text_is_refused(tiny_model):
+    with pytest.raises(McsharpError, match="tokens, 4096 are needed"):
+        calibration_token_ids(tiny_model("qwen2moe"), "too short", n_seq=8, seq_len=512)
