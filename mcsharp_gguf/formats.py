@@ -1,0 +1,561 @@
+"""ggml quantisation grids and bit-exact packers for the 14 scalar types MC# writes.
+
+Every type is described by a small table (block size, sub-block size, integer levels, whether blocks carry an
+additive min) and three pure functions:
+
+* ``fit_grid``: choose a block's scales/mins from (possibly error-updated) weights. For K-quants this includes
+  quantising the per-sub-block scales/mins to 4/6/8 bits against an fp16 super-block scale, exactly as stored.
+* ``grid_codes`` / ``grid_dequant``: nearest code on that fixed grid, and the value ggml will decode for it. The
+  decode uses the same float32 operations in the same order as ggml's ``dequantize_row_*`` (fp16 → fp32 scale,
+  one product per scale, ``scale * level + offset``), so it is bit-identical to ggml.
+* ``pack``: integer codes + grid fields → ggml's exact block byte layout.
+
+``quantize_rtn`` ties them together (round-to-nearest on our grid). ``gptq.gptq_quantize`` uses the same grid with
+Hessian-aware error feedback. ``ggml_dequantize`` / ``ggml_quantize`` call the built libggml through ctypes and
+serve as independent references for tests and benchmarks.
+
+Layouts were derived from ggml-common.h / ggml-quants.c (pinned llama.cpp); nothing is copied from there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from .errors import McsharpError
+
+QUANT_TYPES: tuple[str, ...] = (
+    "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q1_0", "Q2_0",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+)
+
+QK_K = 256
+FP16_MAX = 65504.0
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Static description of one ggml type: dequantised value = scale[sub] * levels[code] + offset[sub]."""
+
+    block: int  # elements per packed ggml block (super-block for K-quants)
+    sub: int  # elements sharing one effective scale/offset
+    levels: tuple[int, ...]  # code -> integer multiplier, ascending
+    asym: bool  # blocks carry an additive min (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
+    sub_bits: int = 0  # K-quant/IQ4_XS quantised sub-block scale width (0: scale is plain fp16)
+
+
+def _rng(lo: int, hi: int) -> tuple[int, ...]:
+    return tuple(range(lo, hi + 1))
+
+
+_SPECS: dict[str, _Spec] = {
+    "Q8_0": _Spec(32, 32, _rng(-128, 127), False),
+    "Q4_0": _Spec(32, 32, _rng(-8, 7), False),
+    "Q4_1": _Spec(32, 32, _rng(0, 15), True),
+    "Q5_0": _Spec(32, 32, _rng(-16, 15), False),
+    "Q5_1": _Spec(32, 32, _rng(0, 31), True),
+    "Q1_0": _Spec(128, 128, (-1, 1), False),
+    "Q2_0": _Spec(64, 64, _rng(-1, 2), False),
+    "Q2_K": _Spec(QK_K, 16, _rng(0, 3), True, 4),
+    "Q3_K": _Spec(QK_K, 16, _rng(-4, 3), False, 6),
+    "Q4_K": _Spec(QK_K, 32, _rng(0, 15), True, 6),
+    "Q5_K": _Spec(QK_K, 32, _rng(0, 31), True, 6),
+    "Q6_K": _Spec(QK_K, 16, _rng(-32, 31), False, 8),
+    "IQ4_NL": _Spec(32, 32, KVALUES_IQ4NL, False),
+    "IQ4_XS": _Spec(QK_K, 32, KVALUES_IQ4NL, False, 6),
+}
+assert tuple(_SPECS) == QUANT_TYPES
+
+
+def _spec(type_name: str) -> _Spec:
+    try:
+        return _SPECS[type_name]
+    except KeyError:
+        raise McsharpError(f"unknown quant type {type_name!r}: use one of {', '.join(QUANT_TYPES)}") from None
+
+
+def ggml_type(type_name: str) -> gguf.GGMLQuantizationType:
+    """The gguf/ggml enum member of a type name (same numbering as ``enum ggml_type``)."""
+    _spec(type_name)
+    return gguf.GGMLQuantizationType[type_name]
+
+
+def block_size(type_name: str) -> int:
+    """Elements per ggml block; a row length must be a multiple of it."""
+    return _spec(type_name).block
+
+
+def type_size(type_name: str) -> int:
+    """Bytes per ggml block."""
+    return gguf.GGML_QUANT_SIZES[ggml_type(type_name)][1]
+
+
+def bits_per_weight(type_name: str) -> float:
+    """True storage cost in bits per weight, scales and mins included (e.g. Q4_K: 144·8/256 = 4.5)."""
+    return 8.0 * type_size(type_name) / block_size(type_name)
+
+
+def check_shape(shape: tuple[int, ...], type_name: str) -> None:
+    """Raise a one-line McsharpError unless a (rows, cols) matrix can be stored as ``type_name``."""
+    bs = block_size(type_name)
+    if len(shape) != 2 or shape[1] % bs != 0:
+        fits = [t for t in QUANT_TYPES if len(shape) == 2 and shape[1] % block_size(t) == 0]
+        raise McsharpError(
+            f"cannot store a {tuple(shape)} matrix as {type_name}: the row length (last dim) must be a multiple of "
+            f"its block size {bs}; pick a type with a smaller block ({', '.join(fits) or 'none fits'})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# grid: fitted block parameters
+
+
+@dataclass
+class Grid:
+    """Fitted parameters of a (rows, n) span of columns on one type's grid.
+
+    ``scale``/``offset`` (rows, n // sub) are the float32 numbers ggml multiplies/adds when it decodes (already the
+    product of fp16 super-scale and quantised sub-scale for K-quants); ``fields`` hold the raw stored fields per
+    ggml block for the packer.
+    """
+
+    type_name: str
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def cat(grids: list[Grid]) -> Grid:
+        """Concatenate grids of consecutive column spans (all block-aligned)."""
+        g0 = grids[0]
+        return Grid(
+            g0.type_name,
+            torch.cat([g.scale for g in grids], 1),
+            None if g0.offset is None else torch.cat([g.offset for g in grids], 1),
+            {k: torch.cat([g.fields[k] for g in grids], 1) for k in g0.fields},
+        )
+
+    def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-element (rows, n) scale and offset."""
+        sub = _spec(self.type_name).sub
+        s = self.scale.repeat_interleave(sub, dim=1)
+        o = None if self.offset is None else self.offset.repeat_interleave(sub, dim=1)
+        return s, o
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 → fp16 with round-to-nearest-even (as GGML_FP32_TO_FP16), clamped so huge blocks don't become inf."""
+    return x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+
+
+def _levels_t(sp: _Spec) -> torch.Tensor:
+    return torch.tensor(sp.levels, dtype=torch.float32)
+
+
+def _is_uniform(levels: tuple[int, ...]) -> bool:
+    return levels == _rng(levels[0], levels[-1])
+
+
+def nearest_code(t: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Index of the level nearest to ``t`` (= (w - offset) / scale), as int64."""
+    lv = _spec(type_name).levels
+    if _is_uniform(lv):  # contiguous integers: round and clamp
+        return (torch.round(t).clamp_(lv[0], lv[-1]) - lv[0]).long()
+    lt = torch.tensor(lv, dtype=torch.float32)
+    return torch.bucketize(t.contiguous(), (lt[1:] + lt[:-1]) * 0.5)
+
+
+def nearest_level(t: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The nearest level's value itself (float32); cheaper than codes for contiguous integer levels."""
+    lv = _spec(type_name).levels
+    if _is_uniform(lv):
+        return torch.round(t).clamp_(lv[0], lv[-1])
+    return _levels_t(_spec(type_name))[nearest_code(t, type_name)]
+
+
+def _inv(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s != 0, 1.0 / torch.where(s != 0, s, 1.0), 0.0)
+
+
+def codes_on(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, type_name: str) -> torch.Tensor:
+    """Nearest codes of x on per-element scale/offset (same shapes)."""
+    t = (x - offset) if offset is not None else x
+    return nearest_code(t * _inv(scale), type_name)
+
+
+def dequant_on(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, type_name: str) -> torch.Tensor:
+    """ggml's decode: one fp32 product scale*level, then one fp32 add of the offset (= ggml's ``- m``)."""
+    y = scale * _levels_t(_spec(type_name))[codes.long()]  # (uint8 would index as a mask)
+    return y + offset if offset is not None else y
+
+
+def _fit_sym(x: torch.Tensor, w: torch.Tensor, type_name: str, ntry: int = 4) -> torch.Tensor:
+    """Signed scale per group (last dim) for value = s * level, minimising sum w (s*level - x)^2.
+
+    Candidate assignments map the largest-|x| element to either extreme level, stretched by a few ratios (the
+    clipping trade-off); each assignment then gets its least-squares scale (as ggml's make_qx_quants does).
+    ``w`` may be a broadcastable per-column weight.
+    """
+    lv = _spec(type_name).levels
+    idx = x.abs().argmax(-1, keepdim=True)
+    xm = x.gather(-1, idx).squeeze(-1)  # signed max-|x|
+    wx = w * x
+    best_s = torch.zeros_like(xm)
+    best_g = torch.full_like(xm, -1.0)  # gain (sum wxl)^2 / sum wl^2: larger is a smaller error
+    ratios = [1.0 + 0.1 * (k - ntry // 2) for k in range(ntry)]
+    for e in sorted({lv[0], lv[-1]}):
+        for r in ratios:
+            q = nearest_level(x * _inv(xm / (e * r)).unsqueeze(-1), type_name)
+            sxl = (wx * q).sum(-1)
+            sll = (w * (q * q)).sum(-1)
+            g = torch.where(sll > 0, sxl * sxl / sll.clamp_min(1e-30), -1.0)
+            better = g > best_g
+            best_g = torch.where(better, g, best_g)
+            best_s = torch.where(better, sxl / sll.clamp_min(1e-30), best_s)
+    return torch.where(xm == 0, 0.0, best_s)
+
+
+def _fit_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, nonpos_min: bool, nstep: int = 6):
+    """(s >= 0, b) per group for value = s*q + b, q in 0..nmax, minimising sum w (s q + b - x)^2.
+
+    Candidate assignments from the min/max range stretched by a few amounts, then a weighted least-squares (s, b)
+    per assignment (ggml's make_qkx2_quants idea). ``nonpos_min``: K-quants store -b as an unsigned min, so b <= 0.
+    """
+    xmin = x.amin(-1)
+    if nonpos_min:
+        xmin = xmin.clamp(max=0.0)
+    rng = x.amax(-1) - xmin
+    xr = x - xmin.unsqueeze(-1)
+    wx = w * x
+    sw = torch.broadcast_to(w, x.shape).sum(-1)
+    swx = wx.sum(-1)
+    swxx = (wx * x).sum(-1)
+    best_s, best_b = rng / nmax, xmin
+    best_e = torch.full_like(xmin, float("inf"))
+    for k in range(nstep + 1):
+        delta = 0.0 if k == 0 else -0.5 + 1.0 * (k - 1) / max(nstep - 1, 1)
+        iscale = torch.where(rng > 0, (nmax + delta) / rng.clamp_min(1e-30), 0.0)
+        q = torch.round(xr * iscale.unsqueeze(-1)).clamp_(0, nmax)
+        wq = w * q
+        swq = wq.sum(-1)
+        swqq = (wq * q).sum(-1)
+        swqx = (wx * q).sum(-1)
+        det = sw * swqq - swq * swq
+        ok = det > 1e-12 * sw * swqq
+        dets = torch.where(ok, det, 1.0)
+        # all codes equal (e.g. a constant block) leaves (s, b) underdetermined: fit the free one alone
+        s = torch.where(ok, (sw * swqx - swq * swx) / dets, swqx / swqq.clamp_min(1e-30) if nonpos_min else 0.0)
+        b = torch.where(ok, (swqq * swx - swq * swqx) / dets, 0.0 if nonpos_min else swx / sw)
+        if nonpos_min:
+            fix = b > 0
+            s = torch.where(fix, swqx / swqq.clamp_min(1e-30), s)
+            b = torch.where(fix, 0.0, b)
+        s = s.clamp_min(0.0)
+        # weighted squared error of (s, b) on assignment q, from the sufficient statistics
+        e = swxx + s * s * swqq + b * b * sw - 2 * s * swqx - 2 * b * swx + 2 * s * b * swq
+        better = e < best_e
+        best_e = torch.where(better, e, best_e)
+        best_s = torch.where(better, s, best_s)
+        best_b = torch.where(better, b, best_b)
+    return best_s, best_b
+
+
+def _quant_sub_scales(s: torch.Tensor, lo: int, hi: int, div: float):
+    """Quantise per-sub-block scales (..., nsub) to integers in lo..hi times one fp16 super-scale per block.
+
+    The super-scale maps the largest-|s| sub-scale to ±div (sign chosen so the extreme integer lo is used for
+    signed types, as ggml does); integers are rounded against the fp16-rounded super-scale actually stored.
+    """
+    idx = s.abs().argmax(-1, keepdim=True)
+    smax = s.gather(-1, idx).squeeze(-1)
+    d = _f16(smax / div if lo >= 0 else -smax / div)
+    d32 = d.float()
+    ints = torch.round(s * _inv(d32).unsqueeze(-1)).clamp_(lo, hi)
+    return d, d32, ints
+
+
+def fit_grid(x: torch.Tensor, type_name: str, weights: torch.Tensor | None = None) -> Grid:
+    """Fit ``type_name``'s grid to x (rows, n), n a multiple of the block size.
+
+    ``weights`` (broadcastable to x, e.g. a per-column importance (n,)) weights the squared error of the fit;
+    None means plain MSE.
+    """
+    sp = _spec(type_name)
+    x = x.float().contiguous()  # GPTQ passes a transposed view: strided reductions are slow
+    rows, n = x.shape
+    nb, nsub = n // sp.block, n // sp.sub
+    xs = x.reshape(rows, nsub, sp.sub)
+    if weights is None:
+        ws = torch.ones(1, 1, 1)
+    else:
+        w = weights.float()
+        w = w + 1e-6 * w.mean().clamp_min(1e-30)  # never an all-zero weight group
+        # keep a per-column weight as a broadcast (1, nsub, sub) tensor: no (rows, n) copy
+        ws = w.reshape(1, nsub, sp.sub) if w.numel() == n else torch.broadcast_to(w, x.shape).reshape(xs.shape)
+    f: dict[str, torch.Tensor] = {}
+    offset = None
+    if not sp.sub_bits:  # legacy / IQ4_NL: one fp16 scale (and fp16 min) per block
+        if sp.asym:
+            s, b = _fit_asym(xs, ws, len(sp.levels) - 1, nonpos_min=False)
+            f["d"], f["m"] = _f16(s), _f16(b)
+            scale, offset = f["d"].float(), f["m"].float()
+        else:
+            f["d"] = _f16(_fit_sym(xs, ws, type_name))
+            scale = f["d"].float()
+    else:
+        per = sp.block // sp.sub
+        if sp.asym:  # Q2_K/Q4_K/Q5_K: unsigned sub-scales and sub-mins
+            s, b = _fit_asym(xs, ws, len(sp.levels) - 1, nonpos_min=True)
+            hi = (1 << sp.sub_bits) - 1
+            f["d"], d32, sc = _quant_sub_scales(s.reshape(rows, nb, per), 0, hi, hi)
+            f["dmin"], m32, mn = _quant_sub_scales((-b).reshape(rows, nb, per), 0, hi, hi)
+            f["sc"], f["mn"] = sc.to(torch.uint8), mn.to(torch.uint8)
+            scale = (d32.unsqueeze(-1) * sc).reshape(rows, nsub)
+            offset = -(m32.unsqueeze(-1) * mn).reshape(rows, nsub)
+        else:  # Q3_K/Q6_K/IQ4_XS: signed sub-scales
+            s = _fit_sym(xs, ws, type_name)
+            half = 1 << (sp.sub_bits - 1)
+            f["d"], d32, sc = _quant_sub_scales(s.reshape(rows, nb, per), -half, half - 1, half)
+            f["sc"] = sc.to(torch.int16)
+            scale = (d32.unsqueeze(-1) * sc).reshape(rows, nsub)
+    return Grid(type_name, scale, offset, {k: v.reshape(rows, nb, -1) for k, v in f.items()})
+
+
+def grid_codes(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Nearest codes (rows, n) of x on a fitted grid."""
+    s, o = grid.expand()
+    return codes_on(x.float(), s, o, grid.type_name)
+
+
+def grid_dequant(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Exactly the float32 values ggml decodes from these codes and grid."""
+    s, o = grid.expand()
+    return dequant_on(codes, s, o, grid.type_name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# packers: codes (rows, n) + grid fields -> ggml block bytes
+
+
+def _b16(t: torch.Tensor) -> np.ndarray:
+    """(rows, nb, 1) fp16 → (rows, nb, 2) little-endian bytes."""
+    a = t.contiguous().numpy().astype("<f2")
+    return a.view(np.uint8).reshape(*a.shape[:2], 2)
+
+
+def _nib(c: np.ndarray) -> np.ndarray:
+    """Pairs (…, 32) codes as in Q4_0: element j in the low nibble, element j+16 in the high nibble of byte j."""
+    return (c[..., :16] & 15) | ((c[..., 16:] & 15) << 4)
+
+
+def _crumbs(c: np.ndarray) -> np.ndarray:
+    """K-quant 2-bit planes (…, 256) → (…, 64): byte 32·(e//128) + e%32, shift 2·((e%128)//32)."""
+    r = c.reshape(*c.shape[:-1], 2, 4, 32) & 3
+    return (r[..., 0, :] | (r[..., 1, :] << 2) | (r[..., 2, :] << 4) | (r[..., 3, :] << 6)).reshape(*c.shape[:-1], 64)
+
+
+def _bitplane(bits: np.ndarray) -> np.ndarray:
+    """(…, 256) single bits → (…, 32): byte l holds bit (e//32) for element e with e%32 == l."""
+    r = bits.reshape(*bits.shape[:-1], 8, 32).astype(np.uint8)
+    out = np.zeros(r.shape[:-2] + (32,), np.uint8)
+    for k in range(8):
+        out |= r[..., k, :] << k
+    return out
+
+
+def _k4_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: 8 six-bit scales + 8 six-bit mins → 12 bytes (inverse of ggml's get_scale_min_k4)."""
+    out = np.zeros(sc.shape[:-1] + (12,), np.uint8)
+    out[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    out[..., 4:8] = (mn[..., 0:4] & 63) | ((mn[..., 4:8] >> 4) << 6)
+    out[..., 8:12] = (sc[..., 4:8] & 15) | ((mn[..., 4:8] & 15) << 4)
+    return out
+
+
+def _q3_scales(sc: np.ndarray) -> np.ndarray:
+    """Q3_K: 16 signed six-bit scales (stored +32) → 12 bytes: low nibbles in 0..7, high 2-bit pairs in 8..11."""
+    u = (sc + 32).astype(np.uint8)
+    out = np.zeros(sc.shape[:-1] + (12,), np.uint8)
+    out[..., 0:8] = (u[..., 0:8] & 15) | ((u[..., 8:16] & 15) << 4)
+    hi = u >> 4
+    for j in range(16):
+        out[..., 8 + j % 4] |= hi[..., j] << (2 * (j // 4))
+    return out
+
+
+def pack(codes: torch.Tensor, grid: Grid) -> np.ndarray:
+    """ggml bytes (rows, n // block * type_size) for codes (rows, n) on grid."""
+    t = grid.type_name
+    sp = _spec(t)
+    rows, n = codes.shape
+    nb = n // sp.block
+    c = codes.to(torch.uint8).numpy().reshape(rows, nb, sp.block)
+    f = grid.fields
+    if t == "Q8_0":
+        parts = [_b16(f["d"]), c ^ 0x80]  # code = q + 128; int8 byte of q
+    elif t in ("Q4_0", "IQ4_NL"):
+        parts = [_b16(f["d"]), _nib(c)]
+    elif t == "Q4_1":
+        parts = [_b16(f["d"]), _b16(f["m"]), _nib(c)]
+    elif t in ("Q5_0", "Q5_1"):
+        qh = np.packbits((c >> 4) & 1, axis=-1, bitorder="little")  # uint32 LE: bit j = high bit of element j
+        head = [_b16(f["d"])] + ([_b16(f["m"])] if t == "Q5_1" else [])
+        parts = head + [qh, _nib(c)]
+    elif t == "Q1_0":
+        parts = [_b16(f["d"]), np.packbits(c & 1, axis=-1, bitorder="little")]
+    elif t == "Q2_0":
+        r = c.reshape(rows, nb, 16, 4)
+        parts = [_b16(f["d"]), r[..., 0] | (r[..., 1] << 2) | (r[..., 2] << 4) | (r[..., 3] << 6)]
+    elif t == "Q2_K":
+        sc = f["sc"].numpy() | (f["mn"].numpy() << 4)
+        parts = [sc, _crumbs(c), _b16(f["d"]), _b16(f["dmin"])]
+    elif t == "Q3_K":
+        parts = [_bitplane(c >> 2), _crumbs(c), _q3_scales(f["sc"].numpy()), _b16(f["d"])]
+    elif t in ("Q4_K", "Q5_K"):
+        s12 = _k4_scales(f["sc"].numpy(), f["mn"].numpy())
+        lo = c.reshape(rows, nb, 4, 2, 32) & 15
+        qs = (lo[..., 0, :] | (lo[..., 1, :] << 4)).reshape(rows, nb, 128)
+        qh = [_bitplane(c >> 4)] if t == "Q5_K" else []
+        parts = [_b16(f["d"]), _b16(f["dmin"]), s12] + qh + [qs]
+    elif t == "Q6_K":
+        r = c.reshape(rows, nb, 2, 4, 32)
+        ql = np.concatenate(
+            [(r[:, :, :, 0] & 15) | ((r[:, :, :, 2] & 15) << 4), (r[:, :, :, 1] & 15) | ((r[:, :, :, 3] & 15) << 4)],
+            axis=-1,
+        ).reshape(rows, nb, 128)
+        h = r >> 4
+        qh = (h[:, :, :, 0] | (h[:, :, :, 1] << 2) | (h[:, :, :, 2] << 4) | (h[:, :, :, 3] << 6)).reshape(rows, nb, 64)
+        parts = [ql, qh, f["sc"].numpy().astype(np.int8).view(np.uint8), _b16(f["d"])]
+    elif t == "IQ4_XS":
+        u = (f["sc"].numpy() + 32).astype(np.uint16)  # 8 six-bit scales
+        sh = np.zeros(u.shape[:-1], np.uint16)
+        for ib in range(8):
+            sh |= (u[..., ib] >> 4) << (2 * ib)
+        sl = ((u[..., 0::2] & 15) | ((u[..., 1::2] & 15) << 4)).astype(np.uint8)
+        qs = _nib(c.reshape(rows, nb, 8, 32)).reshape(rows, nb, 128)
+        parts = [_b16(f["d"]), sh.astype("<u2").view(np.uint8).reshape(rows, nb, 2), sl, qs]
+    else:  # pragma: no cover - guarded by _spec
+        raise McsharpError(f"no packer for {t}")
+    out = np.concatenate([p.astype(np.uint8, copy=False) for p in parts], axis=-1)
+    assert out.shape[-1] == type_size(t), (t, out.shape)
+    return np.ascontiguousarray(out.reshape(rows, nb * out.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RTN
+
+
+@dataclass
+class QuantResult:
+    """A matrix quantised to one ggml type.
+
+    ``packed``: uint8 (rows, cols // block * type_size), ready for ``GGUFWriter.add_tensor(name, packed,
+    raw_dtype=ggml_type(type_name))``; ``dequant``: float32 (rows, cols), bit-identical to ggml's decode of
+    ``packed``; ``codes``/``grid``: what was packed.
+    """
+
+    type_name: str
+    packed: np.ndarray
+    dequant: torch.Tensor
+    codes: torch.Tensor | None = None
+    grid: Grid | None = None
+
+    @property
+    def bpw(self) -> float:
+        return bits_per_weight(self.type_name)
+
+
+def finish(codes: torch.Tensor, grid: Grid) -> QuantResult:
+    """Pack codes on grid and decode them the way ggml does."""
+    return QuantResult(grid.type_name, pack(codes, grid), grid_dequant(codes, grid), codes.to(torch.uint8), grid)
+
+
+def quantize_rtn(W: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = None,
+                 chunk_rows: int = 1024) -> QuantResult:
+    """Round-to-nearest on our grid: fit each block's scales/mins (weighted by ``imatrix``, per input column, if
+    given), then take the nearest code. Rows are processed in chunks to bound memory."""
+    check_shape(tuple(W.shape), type_name)
+    W = W.detach().float().cpu()
+    grids, codes = [], []
+    for r0 in range(0, W.shape[0], chunk_rows):
+        x = W[r0:r0 + chunk_rows]
+        g = fit_grid(x, type_name, None if imatrix is None else imatrix.float().reshape(1, -1))
+        grids.append(g)
+        codes.append(grid_codes(x, g))
+    grid = _cat_rows(grids)
+    return finish(torch.cat(codes, 0), grid)
+
+
+def _cat_rows(grids: list[Grid]) -> Grid:
+    g0 = grids[0]
+    return Grid(
+        g0.type_name,
+        torch.cat([g.scale for g in grids], 0),
+        None if g0.offset is None else torch.cat([g.offset for g in grids], 0),
+        {k: torch.cat([g.fields[k] for g in grids], 0) for k in g0.fields},
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# libggml references (ctypes)
+
+
+class _Traits(ctypes.Structure):
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+_LIB: ctypes.CDLL | None = None
+
+
+def _libggml() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        from .runtime import ensure_runtime
+
+        lib_dir = ensure_runtime(log=lambda *a, **k: None).lib_dir
+        lib = ctypes.CDLL(str(Path(lib_dir) / "libggml-base.so"))
+        lib.ggml_get_type_traits.restype = ctypes.POINTER(_Traits)
+        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        _LIB = lib
+    return _LIB
+
+
+def ggml_dequantize(packed: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+    """Decode packed bytes with libggml's own ``to_float`` (the CPU reference dequantiser)."""
+    tr = _libggml().ggml_get_type_traits(int(ggml_type(type_name))).contents
+    assert tr.blck_size == block_size(type_name) and tr.type_size == type_size(type_name)
+    src = np.ascontiguousarray(packed, dtype=np.uint8)
+    out = np.empty(shape, np.float32)
+    _TO_FLOAT(tr.to_float)(src.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
+    return out
+
+
+def ggml_quantize(W: torch.Tensor | np.ndarray, type_name: str, imatrix: torch.Tensor | np.ndarray | None = None
+                  ) -> np.ndarray:
+    """llama.cpp's own quantiser (``ggml_quantize_chunk``, optionally with an importance matrix per column)."""
+    check_shape(tuple(W.shape), type_name)
+    x = np.ascontiguousarray(np.asarray(W, dtype=np.float32))
+    rows, cols = x.shape
+    out = np.zeros((rows, cols // block_size(type_name) * type_size(type_name)), np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(np.asarray(imatrix, dtype=np.float32).reshape(cols))
+    _libggml().ggml_quantize_chunk(int(ggml_type(type_name)), x.ctypes.data, out.ctypes.data, 0, rows, cols,
+                                   None if im is None else im.ctypes.data)
+    return out
