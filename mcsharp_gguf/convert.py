@@ -132,15 +132,21 @@ def atomic_output(out: Path) -> Iterator[Path]:
 
 def _model_class(conversion, hf_arch: str, hook: TensorHook | None):
     base = conversion.get_model_class(hf_arch)
+    lazy_type = conversion.LazyTorchTensor
 
     class HookedModel(base):  # type: ignore[misc, valid-type]
         model_arch = base.model_arch  # the converter registry requires it on every subclass
 
         def modify_tensors(self, data_torch, name, bid):
             for new_name, tensor in super().modify_tensors(data_torch, name, bid):
-                replacement = hook(new_name, tensor, bid) if hook else None
-                if replacement is None:
+                if hook is None:
                     yield new_name, tensor
+                    continue
+                # The converter's tensors are lazy; a hook computes on real values.
+                eager = lazy_type.to_eager(tensor) if isinstance(tensor, lazy_type) else tensor
+                replacement = hook(new_name, eager, bid)
+                if replacement is None:
+                    yield new_name, eager
                     continue
                 for name_out, data, qtype in replacement:
                     self.gguf_writer.add_tensor(name_out, data, raw_dtype=qtype)
