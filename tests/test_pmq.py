@@ -1,0 +1,103 @@
+"""PMQ planning: the MILP finds the true optimum, respects the byte budget, and refuses the impossible."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from mcsharp_gguf.errors import McsharpError
+from mcsharp_gguf.formats import bits_per_weight
+from mcsharp_gguf.pmq import (
+    BitPlan,
+    LayerImportance,
+    Recipe,
+    expert_output_error,
+    format_plan_table,
+    solve_bit_plan,
+    storable_type,
+)
+
+TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
+
+
+def _layers(n_layer: int, n_expert: int, seed: int = 0, d_model: int = 256, d_ff: int = 256):
+    rng = np.random.default_rng(seed)
+    out = []
+    for layer in range(n_layer):
+        phi = rng.dirichlet(np.ones(n_expert))
+        w = rng.dirichlet(np.ones(n_expert))
+        base = rng.uniform(0.5, 2.0, n_expert)
+        # error falls ~4x per extra bit, as for real weights
+        eps = {t: list(base * 4.0 ** -bits_per_weight(t)) for t in TARGETS}
+        out.append(LayerImportance(layer, d_model, d_ff, list(phi), list(w), eps))
+    return out
+
+
+def test_milp_matches_exhaustive_search():
+    layers = _layers(2, 3, seed=1)
+    plan = solve_bit_plan(layers, bpw=3.6, targets=TARGETS)
+    items = [(imp, e) for imp in layers for e in range(imp.n_expert)]
+    nbytes = {t: Recipe.for_shapes(t, 256, 256).n_bytes(256, 256) for t in TARGETS}
+    budget = 3.6 * plan.expert_weights / 8
+    best = None
+    for combo in itertools.product(TARGETS, repeat=len(items)):
+        if sum(nbytes[t] for t in combo) > budget:
+            continue
+        cost = sum(imp.phi[e] * imp.w[e] ** 1.5 * imp.eps[t][e] for (imp, e), t in zip(items, combo, strict=True))
+        if best is None or cost < best[0] - 1e-15:
+            best = (cost, combo)
+    got = tuple(plan.layers[imp.layer][e] for imp, e in items)
+    got_cost = sum(imp.phi[e] * imp.w[e] ** 1.5 * imp.eps[t][e] for (imp, e), t in zip(items, got, strict=True))
+    assert got_cost <= best[0] * (1 + 1e-9)
+    assert plan.achieved_bpw <= 3.6
+
+
+@pytest.mark.parametrize("bpw", [2.8, 3.2, 4.0, 5.0])
+def test_budget_is_respected_and_nearly_used(bpw):
+    plan = solve_bit_plan(_layers(4, 8), bpw=bpw, targets=TARGETS)
+    assert plan.achieved_bpw <= bpw + 1e-9
+    assert plan.achieved_bpw >= bpw - 0.25  # small instances cannot always land closer
+    assert "layer" in format_plan_table(plan)
+    assert BitPlan.from_json(plan.to_json()) == plan
+
+
+def test_stock_mode_gives_one_type_per_layer():
+    plan = solve_bit_plan(_layers(4, 8), bpw=3.5, mode="stock", targets=TARGETS)
+    assert all(len(set(v)) == 1 for v in plan.layers.values())
+    assert plan.achieved_bpw <= 3.5
+
+
+def test_more_important_experts_get_at_least_as_many_bits():
+    layer = _layers(1, 8)[0]
+    layer.eps = {t: [4.0 ** -bits_per_weight(t)] * 8 for t in TARGETS}  # same error curve for all
+    layer.phi = list(np.linspace(0.01, 0.3, 8) / np.linspace(0.01, 0.3, 8).sum())
+    layer.w = list(layer.phi)
+    plan = solve_bit_plan([layer], bpw=3.5, targets=TARGETS)
+    bits = [bits_per_weight(t) for t in plan.layers[0]]
+    assert bits == sorted(bits)
+
+
+def test_infeasible_budget_names_the_minimum():
+    with pytest.raises(McsharpError, match=r"minimum achievable is 2\.6\d* bpw"):
+        solve_bit_plan(_layers(2, 4), bpw=2.0, targets=TARGETS)
+    with pytest.raises(McsharpError, match="no MoE layers"):
+        solve_bit_plan([], bpw=3.0)
+
+
+def test_fallback_types_fit_odd_expert_widths():
+    r = Recipe.for_shapes("Q4_K", d_model=768, d_ff=128)  # the fixture's routed experts
+    assert (r.gate, r.up) == ("Q4_K", "Q4_K")
+    assert r.down != "Q4_K" and 128 % 32 == 0 and abs(bits_per_weight(r.down) - 4.5) < 0.6
+    assert storable_type("Q2_K", 1408) in ("Q2_0",)  # Qwen1.5-MoE's expert width
+
+
+def test_expert_error_is_zero_for_unused_and_falls_with_bits():
+    g = torch.Generator().manual_seed(0)
+    gate_up, down = torch.randn(512, 256, generator=g) * 0.05, torch.randn(256, 256, generator=g) * 0.05
+    x, w = torch.randn(64, 256, generator=g), torch.rand(64, generator=g)
+    errs = [expert_output_error(gate_up, down, x, w, Recipe.for_shapes(t, 256, 256)) for t in TARGETS]
+    assert all(a > b for a, b in itertools.pairwise(errs))
+    assert expert_output_error(gate_up, down, x[:0], w[:0], Recipe.for_shapes("Q2_K", 256, 256)) == 0.0
