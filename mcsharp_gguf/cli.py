@@ -70,6 +70,34 @@ def convert(model_dir: Path, out: Path, outtype: str, verbose: bool) -> None:
 
 
 @cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--bpw", type=float, required=True, help="Budget: true bits per expert weight (scales included).")
+@click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True)
+@click.option("--calib", default="self", show_default=True,
+              help="Calibration text file, or 'self' for text sampled from the model itself.")
+@click.option("--calib-seqs", default=8, show_default=True, help="Calibration sequences.")
+@click.option("--calib-len", default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
+def plan(model_dir: Path, bpw: float, mode: str, calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
+    """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
+    from .calib import calibration_token_ids, self_generated_text
+    from .convert import check_output_path, validate_model_dir
+    from .pmq import format_plan_table, measure_importance, plot_plan, solve_bit_plan
+    from .text import read_text_file
+
+    validate_model_dir(model_dir)
+    check_output_path(out)
+    text = (self_generated_text(model_dir, calib_seqs * calib_len * 2) if calib == "self"
+            else read_text_file(calib, what="--calib"))
+    ids = calibration_token_ids(model_dir, text, calib_seqs, calib_len)
+    result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode)
+    out.write_text(result.to_json())
+    plot_plan(result, out.with_suffix(".png"))
+    click.echo(format_plan_table(result))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@cli.command()
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-tensors", is_flag=True, help="Only the summary, not every tensor.")

@@ -218,3 +218,41 @@ def plot_plan(plan: BitPlan, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, ...] = EXPERT_TYPES,
+                       progress: bool = True) -> list[LayerImportance]:
+    """Stream the model layer by layer over ``token_ids`` and measure phi, w and eps(e, r) for every
+    MoE layer (eps with the fast RTN proxy on each recipe)."""
+    from tqdm import tqdm
+
+    from .calib import LayerStream, capture_moe
+
+    stream = LayerStream.open(model_dir)
+    hidden = stream.embed(token_ids)
+    out: list[LayerImportance] = []
+    bar = tqdm(total=stream.n_layer, desc="importance", unit="layer", disable=not progress)
+    for i, layer, run in stream.layers(hidden):
+        block = stream.moe_block(layer)
+        if block is None:
+            hidden = run(hidden)
+            bar.update()
+            continue
+        cap, hidden = capture_moe(block, stream.arch, stream.n_expert, run, hidden)
+        experts = getattr(block, stream.arch.experts)
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        d_model, d_ff = gate_up.shape[2], down.shape[2]
+        eps: dict[str, list[float]] = {t: [] for t in targets}
+        for e in range(stream.n_expert):
+            tok, slot = torch.where(cap.top_k_index == e)
+            x, w = cap.x[tok], cap.top_k_weights[tok, slot]
+            for t in targets:
+                eps[t].append(expert_output_error(gate_up[e], down[e], x, w, Recipe.for_shapes(t, d_model, d_ff),
+                                                  act=experts.act_fn))
+        phi, wmass = cap.stats.normalised()
+        out.append(LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps))
+        bar.update()
+    bar.close()
+    if not out:
+        raise McsharpError(f"{model_dir} has no MoE layers; PMQ needs a Mixture-of-Experts checkpoint")
+    return out

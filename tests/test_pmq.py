@@ -101,3 +101,29 @@ def test_expert_error_is_zero_for_unused_and_falls_with_bits():
     errs = [expert_output_error(gate_up, down, x, w, Recipe.for_shapes(t, 256, 256)) for t in TARGETS]
     assert all(a > b for a, b in itertools.pairwise(errs))
     assert expert_output_error(gate_up, down, x[:0], w[:0], Recipe.for_shapes("Q2_K", 256, 256)) == 0.0
+
+
+def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path):
+    """`mcsharp plan` end to end: calibration text → importance → MILP → JSON, table, heatmap."""
+    import subprocess
+    import sys
+
+    from mcsharp_gguf.text import calibration_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text(20_000))
+    out = tmp_path / "plan.json"
+    res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "plan", str(tiny_model("qwen2moe")),
+                          "--bpw", "4.0", "--calib", str(calib), "--calib-seqs", "2", "--calib-len", "128",
+                          "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    plan = BitPlan.from_json(out.read_text())
+    assert sorted(plan.layers) == [0, 1] and all(len(v) == 8 for v in plan.layers.values())
+    assert 3.5 <= plan.achieved_bpw <= 4.0
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "mixed plan" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "plan", str(tiny_model("qwen2moe")),
+                          "--bpw", "0.5", "--calib", str(calib), "--calib-seqs", "2", "--calib-len", "128",
+                          "-o", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "minimum achievable" in res.stderr
+    assert not (tmp_path / "bad.json").exists()
