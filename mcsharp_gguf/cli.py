@@ -56,16 +56,64 @@ def fixture(out_dir: Path) -> None:
     click.echo(str(out_dir))
 
 
+def _calibration_ids(model_dir: Path, calib: str, calib_seqs: int, calib_len: int):
+    from .calib import calibration_token_ids, self_generated_text
+    from .text import read_text_file
+
+    text = (self_generated_text(model_dir, calib_seqs * calib_len * 2) if calib == "self"
+            else read_text_file(calib, what="--calib"))
+    return calibration_token_ids(model_dir, text, calib_seqs, calib_len)
+
+
+_calib_options = [
+    click.option("--calib", default="self", show_default=True,
+                 help="Calibration text file, or 'self' for text sampled from the model itself."),
+    click.option("--calib-seqs", default=8, show_default=True, help="Calibration sequences."),
+    click.option("--calib-len", default=512, show_default=True, help="Tokens per calibration sequence."),
+]
+
+
+def calib_options(fn):
+    for opt in reversed(_calib_options):
+        fn = opt(fn)
+    return fn
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True)
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the tensors the plan does not cover (all tensors without --bpw).")
+@click.option("--bpw", type=float, default=None, help="PMQ: budget in true bits per expert weight.")
+@click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True)
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
+              help="Use this plan.json (from `mcsharp plan`) instead of planning now.")
+@calib_options
 @click.option("-v", "--verbose", is_flag=True)
-def convert(model_dir: Path, out: Path, outtype: str, verbose: bool) -> None:
-    """Convert a Hugging Face MoE checkpoint to GGUF."""
-    from .convert import convert_checkpoint
+def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, plan_file: Path | None,
+            calib: str, calib_seqs: int, calib_len: int, verbose: bool) -> None:
+    """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan)."""
+    from .convert import check_output_path, convert_checkpoint, validate_model_dir
 
-    convert_checkpoint(model_dir, out, outtype=outtype, verbose=verbose)
+    if bpw is None and plan_file is None:
+        convert_checkpoint(model_dir, out, outtype=outtype, verbose=verbose)
+        click.echo(str(out))
+        return
+    from .pack import plan_hook, plan_metadata
+    from .pmq import BitPlan, format_plan_table, measure_importance, solve_bit_plan
+
+    validate_model_dir(model_dir)
+    check_output_path(out)
+    if plan_file is not None:
+        if not plan_file.is_file():
+            raise McsharpError(f"--plan {plan_file} does not exist; write one with `mcsharp plan`")
+        result = BitPlan.from_json(plan_file.read_text())
+    else:
+        ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
+        result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode)
+    _log(format_plan_table(result))
+    convert_checkpoint(model_dir, out, outtype=outtype, hook=plan_hook(result), extra_kv=plan_metadata(result),
+                       verbose=verbose)
     click.echo(str(out))
 
 
@@ -73,23 +121,16 @@ def convert(model_dir: Path, out: Path, outtype: str, verbose: bool) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--bpw", type=float, required=True, help="Budget: true bits per expert weight (scales included).")
 @click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True)
-@click.option("--calib", default="self", show_default=True,
-              help="Calibration text file, or 'self' for text sampled from the model itself.")
-@click.option("--calib-seqs", default=8, show_default=True, help="Calibration sequences.")
-@click.option("--calib-len", default=512, show_default=True, help="Tokens per calibration sequence.")
+@calib_options
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
 def plan(model_dir: Path, bpw: float, mode: str, calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
-    from .calib import calibration_token_ids, self_generated_text
     from .convert import check_output_path, validate_model_dir
     from .pmq import format_plan_table, measure_importance, plot_plan, solve_bit_plan
-    from .text import read_text_file
 
     validate_model_dir(model_dir)
     check_output_path(out)
-    text = (self_generated_text(model_dir, calib_seqs * calib_len * 2) if calib == "self"
-            else read_text_file(calib, what="--calib"))
-    ids = calibration_token_ids(model_dir, text, calib_seqs, calib_len)
+    ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
     result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode)
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))

@@ -122,6 +122,15 @@ def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path):
     assert 3.5 <= plan.achieved_bpw <= 4.0
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "mixed plan" in res.stdout
+    gguf_out = tmp_path / "pmq.gguf"
+    res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "convert", str(tiny_model("qwen2moe")),
+                          "--plan", str(out), "-o", str(gguf_out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    from mcsharp_gguf import runtime
+    from mcsharp_gguf.inspect_gguf import read_report
+
+    assert read_report(gguf_out).classes["experts"].n_bytes == plan.expert_bytes
+    assert runtime.logits_for(runtime.load_model(gguf_out, n_ctx=32), [1, 2, 3]).shape == (3, 49152)
     res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "plan", str(tiny_model("qwen2moe")),
                           "--bpw", "0.5", "--calib", str(calib), "--calib-seqs", "2", "--calib-len", "128",
                           "-o", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=600)

@@ -1,0 +1,94 @@
+"""GGUF assembly of a PMQ plan: quantise every expert tensor as planned and lay it out for llama.cpp.
+
+``stock``: one type per layer tensor, standard ``blk.N.ffn_{gate,up,down}_exps.weight`` (any llama.cpp).
+``mixed``: experts permuted so experts of one recipe are contiguous, each group written as
+``blk.N.ffn_{gate,up,down}_exps.gG.weight``; the router rows are permuted identically, so routing is
+unchanged (needs the patched runtime, which reads group sizes from the tensors).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .formats import ggml_type, quantize_rtn
+from .pmq import EXPERT_TYPES, BitPlan
+
+EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+ROUTER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
+
+# quantise(W (rows, cols), type, layer, expert, projection) -> QuantResult; RTN unless a caller passes GPTQ.
+Quantiser = Callable[[torch.Tensor, str, int, int, str], object]
+
+
+def rtn_quantiser(w: torch.Tensor, type_name: str, layer: int, expert: int, proj: str):
+    return quantize_rtn(w, type_name)
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Expert order and group boundaries of one layer in the file."""
+
+    order: list[int]  # file position → original expert index
+    groups: list[tuple[str, int]]  # (recipe target, n experts) in file order
+
+
+def layer_layout(targets: list[str], mode: str) -> LayerLayout:
+    """Stock keeps the original order in one group; mixed sorts experts by recipe (stable)."""
+    if mode == "stock":
+        if len(set(targets)) != 1:
+            raise ValueError("a stock plan has one recipe per layer")
+        return LayerLayout(list(range(len(targets))), [(targets[0], len(targets))])
+    rank = {t: i for i, t in enumerate(EXPERT_TYPES)}
+    order = sorted(range(len(targets)), key=lambda e: (rank.get(targets[e], len(rank)), e))
+    groups: list[tuple[str, int]] = []
+    for e in order:
+        if groups and groups[-1][0] == targets[e]:
+            groups[-1] = (targets[e], groups[-1][1] + 1)
+        else:
+            groups.append((targets[e], 1))
+    return LayerLayout(order, groups)
+
+
+def plan_hook(plan: BitPlan, quantise: Quantiser = rtn_quantiser):
+    """A ``convert_checkpoint`` hook that writes the planned expert tensors (and permutes routers)."""
+    layouts = {layer: layer_layout(t, plan.mode) for layer, t in plan.layers.items()}
+
+    def hook(name: str, tensor, bid):
+        m = ROUTER_RE.match(name)
+        if m and plan.mode == "mixed" and int(m.group(1)) in layouts:
+            order = layouts[int(m.group(1))].order
+            return [(name, tensor.float().numpy()[order], None)]
+        m = EXPS_RE.match(name)
+        if not m or int(m.group(1)) not in layouts:
+            return None
+        layer, proj = int(m.group(1)), m.group(2)
+        lay = layouts[layer]
+        w = tensor.float()
+        out, pos = [], 0
+        for g, (target, n) in enumerate(lay.groups):
+            qtype = plan.recipes[f"{layer}:{target}"][proj]
+            packed = np.stack([np.asarray(quantise(w[e], qtype, layer, e, proj).packed)
+                               for e in lay.order[pos:pos + n]])
+            pos += n
+            gname = name if plan.mode == "stock" else name.replace("_exps.weight", f"_exps.g{g}.weight")
+            out.append((gname, packed, ggml_type(qtype)))
+        return out
+
+    return hook
+
+
+def plan_metadata(plan: BitPlan):
+    """``extra_kv`` for convert_checkpoint: record the plan in the file."""
+
+    def add(writer) -> None:
+        writer.add_string("mcsharp.pmq.mode", plan.mode)
+        writer.add_float32("mcsharp.pmq.target_bpw", float(plan.target_bpw))
+        writer.add_float32("mcsharp.pmq.expert_bpw", float(plan.achieved_bpw))
+        writer.add_string("mcsharp.pmq.plan", plan.to_json())
+
+    return add
