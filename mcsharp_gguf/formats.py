@@ -131,14 +131,14 @@ class Grid:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
-    def cat(grids: list[Grid]) -> Grid:
-        """Concatenate grids of consecutive column spans (all block-aligned)."""
+    def cat(grids: list[Grid], dim: int = 1) -> Grid:
+        """Concatenate grids of consecutive column spans (dim=1, block-aligned) or row chunks (dim=0)."""
         g0 = grids[0]
         return Grid(
             g0.type_name,
-            torch.cat([g.scale for g in grids], 1),
-            None if g0.offset is None else torch.cat([g.offset for g in grids], 1),
-            {k: torch.cat([g.fields[k] for g in grids], 1) for k in g0.fields},
+            torch.cat([g.scale for g in grids], dim),
+            None if g0.offset is None else torch.cat([g.offset for g in grids], dim),
+            {k: torch.cat([g.fields[k] for g in grids], dim) for k in g0.fields},
         )
 
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -488,18 +488,8 @@ def quantize_rtn(W: torch.Tensor, type_name: str, imatrix: torch.Tensor | None =
         g = fit_grid(x, type_name, None if imatrix is None else imatrix.float().reshape(1, -1))
         grids.append(g)
         codes.append(grid_codes(x, g))
-    grid = _cat_rows(grids)
+    grid = Grid.cat(grids, dim=0)
     return finish(torch.cat(codes, 0), grid)
-
-
-def _cat_rows(grids: list[Grid]) -> Grid:
-    g0 = grids[0]
-    return Grid(
-        g0.type_name,
-        torch.cat([g.scale for g in grids], 0),
-        None if g0.offset is None else torch.cat([g.offset for g in grids], 0),
-        {k: torch.cat([g.fields[k] for g in grids], 0) for k in g0.fields},
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------
