@@ -19,6 +19,9 @@ import numpy as np
 from .errors import McsharpError
 from .native import build as native_build
 
+_LOG_LINES: deque[str] = deque(maxlen=64)
+_LOG_STATE: dict[str, Any] = {"callback": None, "verbose": False}
+
 
 def ensure_runtime(build_if_missing: bool = True, log=print) -> native_build.BuildInfo:
     """The cached patched build for this machine, building it first if allowed."""
@@ -32,6 +35,8 @@ def ensure_runtime(build_if_missing: bool = True, log=print) -> native_build.Bui
 
 def llama_cpp_module(log=print) -> ModuleType:
     """Import ``llama_cpp`` bound to the patched libraries (built on first use)."""
+    if _LOG_STATE["callback"] is not None:  # already bound in this process
+        return sys.modules["llama_cpp"]
     info = ensure_runtime(log=log)
     current = os.environ.get("LLAMA_CPP_LIB_PATH")
     if "llama_cpp" in sys.modules and current != info.lib_dir:
@@ -42,10 +47,6 @@ def llama_cpp_module(log=print) -> ModuleType:
 
     _install_log_capture(llama_cpp)
     return llama_cpp
-
-
-_LOG_LINES: deque[str] = deque(maxlen=64)
-_LOG_STATE: dict[str, Any] = {"callback": None, "verbose": False}
 
 
 def _install_log_capture(llama_cpp: ModuleType) -> None:
