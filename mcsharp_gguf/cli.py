@@ -89,9 +89,15 @@ def calib_options(fn):
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Use this plan.json (from `mcsharp plan`) instead of planning now.")
 @calib_options
+@click.option("--gptq/--rtn", "use_gptq", default=True, show_default=True,
+              help="GPTQ on calibration Hessians (sequential, layer-streamed) or plain round-to-nearest.")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Keeps finished layers so an interrupted conversion resumes (default: OUT.work, removed "
+                   "after success).")
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, plan_file: Path | None,
-            calib: str, calib_seqs: int, calib_len: int, verbose: bool) -> None:
+            calib: str, calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None,
+            verbose: bool) -> None:
     """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan)."""
     from .convert import check_output_path, convert_checkpoint, validate_model_dir
 
@@ -99,11 +105,15 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
         convert_checkpoint(model_dir, out, outtype=outtype, verbose=verbose)
         click.echo(str(out))
         return
-    from .pack import plan_hook, plan_metadata
+    import shutil
+
+    from .pack import plan_hook, plan_metadata, rtn_quantiser
     from .pmq import BitPlan, format_plan_table, measure_importance, solve_bit_plan
+    from .quantize import WorkDirQuantiser, quantize_experts
 
     validate_model_dir(model_dir)
     check_output_path(out)
+    ids = None
     if plan_file is not None:
         if not plan_file.is_file():
             raise McsharpError(f"--plan {plan_file} does not exist; write one with `mcsharp plan`")
@@ -112,8 +122,16 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
         ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
         result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode)
     _log(format_plan_table(result))
-    convert_checkpoint(model_dir, out, outtype=outtype, hook=plan_hook(result), extra_kv=plan_metadata(result),
-                       verbose=verbose)
+    quantiser = rtn_quantiser
+    work = work_dir or out.with_name(out.name + ".work")
+    if use_gptq:
+        if ids is None:
+            ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
+        quantiser = WorkDirQuantiser(quantize_experts(model_dir, result, ids, work))
+    convert_checkpoint(model_dir, out, outtype=outtype, hook=plan_hook(result, quantiser),
+                       extra_kv=plan_metadata(result), verbose=verbose)
+    if use_gptq and work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
     click.echo(str(out))
 
 

@@ -21,12 +21,13 @@ from .pmq import EXPERT_TYPES, BitPlan
 EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 ROUTER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
 
-# quantise(W (rows, cols), type, layer, expert, projection) -> QuantResult; RTN unless a caller passes GPTQ.
-Quantiser = Callable[[torch.Tensor, str, int, int, str], object]
+# quantise(W (rows, cols), type, layer, expert, projection) -> packed uint8 (rows, bytes per row).
+Quantiser = Callable[[torch.Tensor, str, int, int, str], np.ndarray]
 
 
-def rtn_quantiser(w: torch.Tensor, type_name: str, layer: int, expert: int, proj: str):
-    return quantize_rtn(w, type_name)
+def rtn_quantiser(w: torch.Tensor, type_name: str, layer: int, expert: int, proj: str) -> np.ndarray:
+    """Round-to-nearest on the ggml grid (no calibration needed)."""
+    return quantize_rtn(w, type_name).packed
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,7 @@ def plan_hook(plan: BitPlan, quantise: Quantiser = rtn_quantiser):
         out, pos = [], 0
         for g, (target, n) in enumerate(lay.groups):
             qtype = plan.recipes[f"{layer}:{target}"][proj]
-            packed = np.stack([np.asarray(quantise(w[e], qtype, layer, e, proj).packed)
-                               for e in lay.order[pos:pos + n]])
+            packed = np.stack([np.asarray(quantise(w[e], qtype, layer, e, proj)) for e in lay.order[pos:pos + n]])
             pos += n
             gname = name if plan.mode == "stock" else name.replace("_exps.weight", f"_exps.g{g}.weight")
             out.append((gname, packed, ggml_type(qtype)))
