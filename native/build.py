@@ -116,8 +116,9 @@ class BuildOptions:
             f"-DLLAMA_BUILD_TOOLS={'ON' if self.tools else 'OFF'}",
             f"-DLLAMA_BUILD_TESTS={'ON' if self.tests else 'OFF'}",
             f"-DLLAMA_BUILD_COMMON={'ON' if (self.tools or self.tests) else 'OFF'}",
-            # Libraries find each other next to themselves once copied out of the build tree.
-            "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+            # Once copied out of the build tree, libraries find each other next to themselves and the
+            # tools (in bin/) find them one level up.
+            "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN:$ORIGIN/..",
         ]
         if self.backend == "cuda":
             args += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={self.cuda_arch}"]
@@ -229,8 +230,9 @@ def build(opts: BuildOptions | None = None, jobs: int | None = None, log=print) 
     """Build (or reuse) the patched runtime for ``opts`` and return where it lives."""
     opts = opts or BuildOptions()
     out = lib_dir_for(opts)
-    if (out / "build-info.json").exists():
-        return BuildInfo(**json.loads((out / "build-info.json").read_text()))
+    existing = find_build(opts)  # the exact build, or one that also has the tools
+    if existing is not None:
+        return existing
     if shutil.which("cmake") is None:
         raise NativeBuildError("cmake not found; install it (pip install cmake, or apt install cmake)")
     pristine = pristine_source()

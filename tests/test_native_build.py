@@ -78,3 +78,19 @@ def test_second_setup_compiles_nothing():
     assert os.path.isfile(os.path.join(info["lib_dir"], "libllama.so"))
     assert len(info["llama_cpp_commit"]) == 40
     assert time.time() - t0 < 60
+
+
+def test_tools_build_and_run(tiny_gguf, tmp_path):
+    """`mcsharp setup --tools`: llama-quantize from the same patched build runs and its output loads."""
+    from mcsharp_gguf import runtime
+
+    res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "setup", "--tools", "--json"],
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["tools"] == ["llama-quantize", "llama-imatrix", "llama-perplexity"]
+    out = tmp_path / "q4_0.gguf"
+    q = subprocess.run([os.path.join(info["lib_dir"], "bin", "llama-quantize"), str(tiny_gguf("qwen2moe", "f16")),
+                        str(out), "Q4_0"], capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert runtime.logits_for(runtime.load_model(out, n_ctx=32), [1, 2, 3]).shape == (3, 49152)
