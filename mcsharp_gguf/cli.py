@@ -79,6 +79,55 @@ def calib_options(fn):
     return fn
 
 
+_otp_train_options = [
+    click.option("--otp-target-frac", default=0.75, show_default=True,
+                 help="OTP: fraction of the top-k expert slots to execute (on the calibration tokens)."),
+    click.option("--otp-hidden", default=32, show_default=True, help="OTP: hidden width of each layer's router."),
+]
+
+
+def otp_train_options(fn):
+    for opt in reversed(_otp_train_options):
+        fn = opt(fn)
+    return fn
+
+
+def otp_options(fn):
+    fn = otp_train_options(fn)
+    return click.option("--otp/--no-otp", default=False, show_default=True,
+                        help="Train OTP expert-pruning routers and store them in the GGUF (patched runtime).")(fn)
+
+
+def _check_otp_options(target_frac: float, hidden: int) -> None:
+    # checked before the (long) calibration, so a typo fails at once
+    if not 0.0 < target_frac <= 1.0:
+        raise McsharpError(f"--otp-target-frac {target_frac} must be in (0, 1]")
+    if hidden < 1:
+        raise McsharpError(f"--otp-hidden {hidden} must be at least 1")
+
+
+def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int):
+    from .otp import train_otp
+
+    return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, log=_log)
+
+
+def _otp_extra_kv(routers, other=None):
+    """Chain ``other`` (e.g. the PMQ plan metadata) with the OTP tensors/metadata when there are routers."""
+    from .otp import otp_metadata
+
+    if routers is None:
+        return other
+    add_otp = otp_metadata(routers)
+
+    def add(writer) -> None:
+        if other is not None:
+            other(writer)
+        add_otp(writer)
+
+    return add
+
+
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
@@ -94,15 +143,28 @@ def calib_options(fn):
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Keeps finished layers so an interrupted conversion resumes (default: OUT.work, removed "
                    "after success).")
+@otp_options
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, plan_file: Path | None,
-            calib: str, calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None,
-            verbose: bool) -> None:
-    """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan)."""
+            calib: str, calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, otp: bool,
+            otp_target_frac: float, otp_hidden: int, verbose: bool) -> None:
+    """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
+
+    With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
+    """
     from .convert import check_output_path, convert_checkpoint, validate_model_dir
 
+    routers = None
+    if otp:
+        _check_otp_options(otp_target_frac, otp_hidden)
+        validate_model_dir(model_dir)
+        check_output_path(out)
     if bpw is None and plan_file is None:
-        convert_checkpoint(model_dir, out, outtype=outtype, verbose=verbose)
+        if otp:
+            routers = _train_routers(model_dir, _calibration_ids(model_dir, calib, calib_seqs, calib_len),
+                                     otp_target_frac, otp_hidden)
+        convert_checkpoint(model_dir, out, outtype=outtype, verbose=verbose,
+                           extra_kv=_otp_extra_kv(routers))
         click.echo(str(out))
         return
     import shutil
@@ -124,12 +186,14 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
     _log(format_plan_table(result))
     quantiser = rtn_quantiser
     work = work_dir or out.with_name(out.name + ".work")
+    if (use_gptq or otp) and ids is None:
+        ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
     if use_gptq:
-        if ids is None:
-            ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
         quantiser = WorkDirQuantiser(quantize_experts(model_dir, result, ids, work))
+    if otp:
+        routers = _train_routers(model_dir, ids, otp_target_frac, otp_hidden)
     convert_checkpoint(model_dir, out, outtype=outtype, hook=plan_hook(result, quantiser),
-                       extra_kv=plan_metadata(result), verbose=verbose)
+                       extra_kv=_otp_extra_kv(routers, plan_metadata(result)), verbose=verbose)
     if use_gptq and work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     click.echo(str(out))
@@ -168,6 +232,21 @@ def inspect(gguf_file: Path, as_json: bool, no_tensors: bool) -> None:
     click.echo(json.dumps(rep.to_json(), indent=2) if as_json else format_report(rep, not no_tensors))
 
 
+_prune_options = [
+    click.option("--otp", default=None, metavar="on|off|threshold=T",
+                 help="OTP routers in the file: on (default when present), off, or on with keep-logit threshold T."),
+    click.option("--top-k", type=int, default=None, help="Static pruning: execute only the first K top-k slots."),
+    click.option("--prune-mu", type=float, default=None,
+                 help="Threshold rule: execute slot j iff its weight >= MU x the top-1 weight."),
+]
+
+
+def prune_options(fn):
+    for opt in reversed(_prune_options):
+        fn = opt(fn)
+    return fn
+
+
 @cli.command(name="eval")
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
@@ -175,23 +254,132 @@ def inspect(gguf_file: Path, as_json: bool, no_tensors: bool) -> None:
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="Reference GGUF for KLD / top-1.")
 @click.option("--ctx", default=512, show_default=True, help="Chunk length in tokens.")
 @click.option("--max-tokens", default=4096, show_default=True, help="Evaluate at most this many tokens (0 = all).")
+@prune_options
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(gguf_file: Path, text_file: Path | None, base: Path | None, ctx: int, max_tokens: int,
-             as_json: bool) -> None:
-    """Perplexity, and with --base: mean / p99 KLD and top-1 agreement."""
+             otp: str | None, top_k: int | None, prune_mu: float | None, as_json: bool) -> None:
+    """Perplexity, and with --base: mean / p99 KLD and top-1 agreement (and the executed expert-slot
+    fraction when a pruning rule is active)."""
     from .evaluate import evaluate_gguf
+    from .otp import prune_overrides
     from .text import heldout_text, read_text_file
 
+    kv = prune_overrides(otp, top_k, prune_mu)
     text = read_text_file(text_file) if text_file is not None else heldout_text()
     if base is not None and not base.is_file():
         raise McsharpError(f"--base {base}: no such GGUF file")
     res = evaluate_gguf(gguf_file, text, base_path=base, ctx=ctx, max_tokens=max_tokens or None,
-                        progress=not as_json)
+                        kv_overrides=kv or None, progress=not as_json)
     if as_json:
         click.echo(json.dumps(res.to_json(), indent=2))
     else:
         for k, v in res.to_json().items():
             click.echo(f"{k:<20} {v}")
+
+
+@cli.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", default=256, show_default=True, help="Prompt length for prefill speed.")
+@click.option("--tokens", "decode_tokens", default=64, show_default=True, help="Tokens decoded one at a time.")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds; the best is reported.")
+@prune_options
+@click.option("--compare/--no-compare", default=True, show_default=True,
+              help="Also time the unpruned file (all pruning off) in the same run and report the ratio.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(gguf_file: Path, prompt_tokens: int, decode_tokens: int, rounds: int, otp: str | None,
+          top_k: int | None, prune_mu: float | None, compare: bool, as_json: bool) -> None:
+    """Prefill / decode tokens per second (and executed expert-slot fraction), side by side with unpruned."""
+    from .bench import bench_gguf
+    from .otp import prune_overrides
+
+    kv = prune_overrides(otp, top_k, prune_mu)
+    configs = {"run": kv}
+    if compare:
+        configs["unpruned"] = {"mcsharp.moe.prune_mode": 0}
+    res = {r.name: r.to_json() for r in bench_gguf(gguf_file, configs, prompt_tokens, decode_tokens, rounds,
+                                                   progress=not as_json)}
+    if compare:
+        res["ratio_vs_unpruned"] = {
+            "prefill": res["run"]["prefill_tok_s"] / res["unpruned"]["prefill_tok_s"],
+            "decode": res["run"]["decode_tok_s"] / res["unpruned"]["decode_tok_s"]}
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    for name, r in res.items():
+        click.echo(f"{name:<18} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in r.items() if k != "name"))
+
+
+@cli.group()
+def otp() -> None:
+    """OTP expert-pruning routers: train them, add them to a GGUF, strip them from one."""
+
+
+@otp.command(name="train")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Router file (.npz).")
+@otp_train_options
+@calib_options
+def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: int, calib: str, calib_seqs: int,
+              calib_len: int) -> None:
+    """Train the routers of every MoE layer of MODEL_DIR into a router file for `mcsharp otp add`."""
+    from .convert import atomic_output, check_output_path, validate_model_dir
+
+    _check_otp_options(otp_target_frac, otp_hidden)
+    validate_model_dir(model_dir)
+    out = check_output_path(out)
+    routers = _train_routers(model_dir, _calibration_ids(model_dir, calib, calib_seqs, calib_len),
+                             otp_target_frac, otp_hidden)
+    with atomic_output(out) as tmp:
+        routers.save(tmp)
+    click.echo(str(out))
+
+
+@otp.command(name="add")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
+@otp_train_options
+@calib_options
+def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, otp_hidden: int, calib: str,
+            calib_seqs: int, calib_len: int) -> None:
+    """Add OTP routers to GGUF_FILE: SOURCE is the HF checkpoint it came from (routers are trained now)
+    or a router file from `mcsharp otp train`."""
+    from .convert import check_output_path, validate_model_dir
+    from .gguf_edit import open_gguf
+    from .otp import OtpRouters, add_otp_to_gguf, check_routers_fit, gguf_moe_shape, model_moe_shape
+
+    shape = gguf_moe_shape(open_gguf(gguf_file))
+    arch, n_embd, k, _ = shape
+    check_output_path(out)
+    if source.is_dir():
+        _check_otp_options(otp_target_frac, otp_hidden)
+        validate_model_dir(source)
+        if model_moe_shape(source) != (arch, n_embd, k):  # refuse before the long calibration
+            src_arch, d, src_k = model_moe_shape(source)
+            raise McsharpError(f"{source} is a {src_arch or 'non-MoE'} model with hidden size {d} and top-{src_k} "
+                               f"routing, {gguf_file} is {arch} with {n_embd} and top-{k}; pass the checkpoint "
+                               "this GGUF was converted from")
+        routers = _train_routers(source, _calibration_ids(source, calib, calib_seqs, calib_len), otp_target_frac,
+                                 otp_hidden)
+    elif source.is_file():
+        routers = OtpRouters.load(source)
+    else:
+        raise McsharpError(f"{source} does not exist; pass the HF checkpoint directory or a router file")
+    check_routers_fit(routers, gguf_file, *shape)
+    add_otp_to_gguf(gguf_file, routers, out)
+    click.echo(str(out))
+
+
+@otp.command(name="strip")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
+def otp_strip(gguf_file: Path, out: Path) -> None:
+    """Copy GGUF_FILE without its OTP routers (then any llama.cpp loads it)."""
+    from .otp import strip_otp
+
+    strip_otp(gguf_file, out)
+    click.echo(str(out))
 
 
 @cli.command()

@@ -81,12 +81,25 @@ def chunk_tokens(tokens: list[int], ctx: int, max_tokens: int | None = None) -> 
     return [np.asarray(tokens[i * ctx:(i + 1) * ctx]) for i in range(n)]
 
 
+def reference_logits(base_path: str | Path, text: str, ctx: int = 512, max_tokens: int | None = 4096,
+                     progress: bool = True) -> list[np.ndarray]:
+    """The base model's logits for every chunk of ``text`` (to score many variants against one reference)."""
+    from tqdm import tqdm
+
+    from . import runtime
+
+    base = runtime.load_model(base_path, n_ctx=ctx)
+    chunks = chunk_tokens(base.tokenize(text.encode("utf-8"), add_bos=False, special=False), ctx, max_tokens)
+    return [runtime.logits_for(base, c) for c in tqdm(chunks, desc="reference chunks", disable=not progress)]
+
+
 def evaluate_gguf(model_path: str | Path, text: str, base_path: str | Path | None = None, ctx: int = 512,
-                  max_tokens: int | None = 4096, kv_overrides: dict | None = None, progress: bool = True
-                  ) -> EvalResult:
+                  max_tokens: int | None = 4096, kv_overrides: dict | None = None, progress: bool = True,
+                  base_logits: list[np.ndarray] | None = None) -> EvalResult:
     """PPL of ``model_path`` on ``text``; with ``base_path`` also KLD and top-1 agreement vs the base.
 
     Both models see the same token ids (from the evaluated model's tokenizer), one chunk at a time.
+    ``base_logits`` (from :func:`reference_logits` on the same text and ctx) replaces ``base_path``.
     """
     from tqdm import tqdm
 
@@ -99,15 +112,17 @@ def evaluate_gguf(model_path: str | Path, text: str, base_path: str | Path | Non
     if base is not None and base.n_vocab() != llm.n_vocab():
         raise McsharpError(f"--base {base_path} has {base.n_vocab()} tokens in its vocabulary, {model_path} has "
                            f"{llm.n_vocab()}; compare files converted from the same model")
+    if base_logits is not None and (len(base_logits) != len(chunks) or base_logits[0].shape[1] != llm.n_vocab()):
+        raise McsharpError(f"the reference logits do not match {model_path}'s chunks or vocabulary")
     scores = []
     selected = executed = 0
-    for chunk in tqdm(chunks, desc="eval chunks", unit="chunk", disable=not progress):
+    for i, chunk in enumerate(tqdm(chunks, desc="eval chunks", unit="chunk", disable=not progress)):
         runtime.reset_slot_counter()
         logits = runtime.logits_for(llm, chunk)
         sel, exe = runtime.read_slot_counter()
         selected, executed = selected + sel, executed + exe
-        base_logits = runtime.logits_for(base, chunk) if base is not None else None
-        scores.append(score_chunk(logits, chunk, base_logits))
+        ref = runtime.logits_for(base, chunk) if base is not None else None
+        scores.append(score_chunk(logits, chunk, base_logits[i] if base_logits is not None else ref))
     res = summarize(scores, ctx)
     if selected:
         res.executed_slot_frac = executed / selected

@@ -195,37 +195,74 @@ def dequant_on(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | 
     return y + offset if offset is not None else y
 
 
+def _nearest_level_(t: torch.Tensor, type_name: str) -> torch.Tensor:
+    """``nearest_level`` computed in place in ``t`` where the levels are contiguous integers (else a new tensor).
+
+    The grid fits below reuse scratch buffers: fresh multi-MB temporaries cost more than the arithmetic here.
+    """
+    lv = _spec(type_name).levels
+    if _is_uniform(lv):
+        return t.round_().clamp_(lv[0], lv[-1])
+    return nearest_level(t, type_name)
+
+
 def _fit_sym(x: torch.Tensor, w: torch.Tensor, type_name: str, ntry: int = 4) -> torch.Tensor:
     """Signed scale per group (last dim) for value = s * level, minimising sum w (s*level - x)^2.
 
-    Candidate assignments map the largest-|x| element to either extreme level, stretched by a few ratios (the
-    clipping trade-off); each assignment then gets its least-squares scale (as ggml's make_qx_quants does).
-    ``w`` may be a broadcastable per-column weight.
+    Candidate assignments map the largest-|x| element to either extreme level, stretched by ``ntry`` ratios
+    spanning 0.8…1.2 (the clipping trade-off); each assignment then gets its least-squares scale (as ggml's
+    make_qx_quants does). ``w`` may be a broadcastable per-column weight.
     """
     lv = _spec(type_name).levels
     idx = x.abs().argmax(-1, keepdim=True)
     xm = x.gather(-1, idx).squeeze(-1)  # signed max-|x|
     wx = w * x
-    best_s = torch.zeros_like(xm)
-    best_g = torch.full_like(xm, -1.0)  # gain (sum wxl)^2 / sum wl^2: larger is a smaller error
-    ratios = [1.0 + 0.1 * (k - ntry // 2) for k in range(ntry)]
-    for e in sorted({lv[0], lv[-1]}):
-        for r in ratios:
-            q = nearest_level(x * _inv(xm / (e * r)).unsqueeze(-1), type_name)
-            sxl = (wx * q).sum(-1)
-            sll = (w * (q * q)).sum(-1)
-            g = torch.where(sll > 0, sxl * sxl / sll.clamp_min(1e-30), -1.0)
-            better = g > best_g
-            best_g = torch.where(better, g, best_g)
-            best_s = torch.where(better, sxl / sll.clamp_min(1e-30), best_s)
+    step = 0.4 / ntry
+    ratios = [1.0 + step * (k - ntry // 2) for k in range(ntry)]
+    invs = [_inv(xm / (e * r)) for e in sorted({lv[0], lv[-1]}) for r in ratios]
+    qb, tb = torch.empty_like(x), torch.empty_like(x)
+    sxl, sll = torch.empty((len(invs),) + xm.shape), torch.empty((len(invs),) + xm.shape)
+    for k, iv in enumerate(invs):  # only the big per-element work in the loop; the choice is batched below
+        q = _nearest_level_(torch.mul(x, iv.unsqueeze(-1), out=qb), type_name)
+        torch.sum(torch.mul(q, wx, out=tb), -1, out=sxl[k])
+        torch.sum(torch.mul(q, w, out=tb).mul_(q), -1, out=sll[k])
+    g = torch.where(sll > 0, sxl * sxl / sll.clamp_min(1e-30), -1.0)  # gain (Σwxl)² / Σwl²: larger is better
+    k = g.movedim(0, -1).contiguous().argmax(-1).unsqueeze(0)  # (a reduction over dim 0 is slow)
+    best_s = (sxl.gather(0, k) / sll.gather(0, k).clamp_min(1e-30)).squeeze(0)
     return torch.where(xm == 0, 0.0, best_s)
 
 
-def _fit_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, nonpos_min: bool, nstep: int = 6):
-    """(s >= 0, b) per group for value = s*q + b, q in 0..nmax, minimising sum w (s q + b - x)^2.
+def _solve_sb(sw: torch.Tensor, swq: torch.Tensor, swqq: torch.Tensor, swx: torch.Tensor, swqx: torch.Tensor,
+              nonpos_min: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least-squares (s >= 0, b) of x ≈ s·q + b from the sufficient statistics of fixed codes q.
 
-    Candidate assignments from the min/max range stretched by a few amounts, then a weighted least-squares (s, b)
-    per assignment (ggml's make_qkx2_quants idea). ``nonpos_min``: K-quants store -b as an unsigned min, so b <= 0.
+    ``nonpos_min``: K-quants store -b as an unsigned min, so b <= 0 is enforced (then s is refitted alone).
+    """
+    det = sw * swqq - swq * swq
+    ok = det > 1e-12 * sw * swqq
+    dets = torch.where(ok, det, 1.0)
+    # all codes equal (e.g. a constant block): (s, b) is underdetermined, the mean goes into b where allowed
+    b0 = torch.where(sw > 0, swx / sw.clamp_min(1e-38), 0.0)
+    if nonpos_min:
+        b0 = b0.clamp(max=0.0)
+    s0 = torch.where(swqq > 0, (swqx - b0 * swq) / swqq.clamp_min(1e-30), 0.0)
+    s = torch.where(ok, (sw * swqx - swq * swx) / dets, s0)
+    b = torch.where(ok, (swqq * swx - swq * swqx) / dets, b0)
+    if nonpos_min:
+        fix = b > 0
+        s = torch.where(fix, swqx / swqq.clamp_min(1e-30), s)
+        b = torch.where(fix, 0.0, b)
+    return s.clamp_min(0.0), b
+
+
+def _fit_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, nonpos_min: bool, nstep: int = 6, span: float = 0.5
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s >= 0, b, q) per group for value = s*q + b, q in 0..nmax, minimising sum w (s q + b - x)^2.
+
+    Candidate assignments map the min..max range onto nmax + δ steps, δ in {0} ∪ ``nstep`` values spanning
+    ±``span`` (ggml's make_qkx3_quants idea; δ = -1 also finds a grid of half the resolution, e.g. Q4 data in
+    Q5), then a weighted least-squares (s, b) per assignment. Returns the best (s, b) and its codes q (float).
+    ``nonpos_min``: K-quants store -b as an unsigned min, so b <= 0.
     """
     xmin = x.amin(-1)
     if nonpos_min:
@@ -236,48 +273,171 @@ def _fit_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, nonpos_min: bool, nst
     sw = torch.broadcast_to(w, x.shape).sum(-1)
     swx = wx.sum(-1)
     swxx = (wx * x).sum(-1)
-    best_s, best_b = rng / nmax, xmin
-    best_e = torch.full_like(xmin, float("inf"))
-    for k in range(nstep + 1):
-        delta = 0.0 if k == 0 else -0.5 + 1.0 * (k - 1) / max(nstep - 1, 1)
-        iscale = torch.where(rng > 0, (nmax + delta) / rng.clamp_min(1e-30), 0.0)
-        q = torch.round(xr * iscale.unsqueeze(-1)).clamp_(0, nmax)
-        wq = w * q
-        swq = wq.sum(-1)
-        swqq = (wq * q).sum(-1)
-        swqx = (wx * q).sum(-1)
-        det = sw * swqq - swq * swq
-        ok = det > 1e-12 * sw * swqq
-        dets = torch.where(ok, det, 1.0)
-        # all codes equal (e.g. a constant block) leaves (s, b) underdetermined: fit the free one alone
-        s = torch.where(ok, (sw * swqx - swq * swx) / dets, swqx / swqq.clamp_min(1e-30) if nonpos_min else 0.0)
-        b = torch.where(ok, (swqq * swx - swq * swqx) / dets, 0.0 if nonpos_min else swx / sw)
-        if nonpos_min:
-            fix = b > 0
-            s = torch.where(fix, swqx / swqq.clamp_min(1e-30), s)
-            b = torch.where(fix, 0.0, b)
-        s = s.clamp_min(0.0)
-        # weighted squared error of (s, b) on assignment q, from the sufficient statistics
-        e = swxx + s * s * swqq + b * b * sw - 2 * s * swqx - 2 * b * swx + 2 * s * b * swq
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s, best_s)
-        best_b = torch.where(better, b, best_b)
-    return best_s, best_b
+    irng = torch.where(rng > 0, 1.0 / rng.clamp_min(1e-30), 0.0)
+    deltas = sorted({0.0} | {span * (2.0 * k / (nstep - 1) - 1.0) for k in range(nstep)} if nstep > 1 else {0.0})
+    iscales = torch.stack([(nmax + d) * irng for d in deltas])
+    qb, tb = torch.empty_like(x), torch.empty_like(x)
+    swq, swqq, swqx = (torch.empty_like(iscales) for _ in range(3))
+    for k in range(len(deltas)):  # only the big per-element work in the loop; the choice is batched below
+        q = torch.mul(xr, iscales[k].unsqueeze(-1), out=qb).round_().clamp_(0, nmax)
+        wq = torch.mul(q, w, out=tb)
+        torch.sum(wq, -1, out=swq[k])
+        torch.sum(wq.mul_(q), -1, out=swqq[k])
+        torch.sum(q.mul_(wx), -1, out=swqx[k])
+    s, b = _solve_sb(sw, swq, swqq, swx, swqx, nonpos_min)
+    # weighted squared error of (s, b) on each assignment, from the sufficient statistics
+    e = swxx + s * (s * swqq - 2 * swqx + 2 * b * swq) + b * (b * sw - 2 * swx)
+    k = e.movedim(0, -1).contiguous().argmin(-1).unsqueeze(0)  # (a reduction over dim 0 is slow)
+    s, b, iscale = s.gather(0, k).squeeze(0), b.gather(0, k).squeeze(0), iscales.gather(0, k).squeeze(0)
+    q = xr.mul_(iscale.unsqueeze(-1)).round_().clamp_(0, nmax)
+    return s, b, q
 
 
-def _quant_sub_scales(s: torch.Tensor, lo: int, hi: int, div: float):
-    """Quantise per-sub-block scales (..., nsub) to integers in lo..hi times one fp16 super-scale per block.
+# K-quant sub-block scales. With a sub-block's codes fixed, its weighted error is a quadratic in its effective
+# (scale s, offset b): E(s, b) = A s² + C b² + 2 Bq s b - 2 P s - 2 S b + const, with A = Σwq², Bq = Σwq, C = Σw,
+# P = Σwqx, S = Σwx. The stored s = d·sc and b = -dmin·mn (fp16 super-scales, 4/6/8-bit integers) are chosen to
+# minimise Σ E over the super-block by alternating exact integer choices and a 2×2 least-squares for (d, dmin);
+# ggml's make_qp_quants instead fits the integers to the sub-scales alone, weighted by Σw. Then the codes are
+# re-chosen on the stored grid and the whole thing repeats (each round keeps the better grid per super-block).
 
-    The super-scale maps the largest-|s| sub-scale to ±div (sign chosen so the extreme integer lo is used for
-    signed types, as ggml does); integers are rounded against the fp16-rounded super-scale actually stored.
-    """
+
+def _k_ints_asym(st: tuple[torch.Tensor, ...], s: torch.Tensor, D: torch.Tensor, M: torch.Tensor, hi: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best (sc, mn) in 0..hi per sub-block (…, per) for super-scale D and super-min M (…,): for sc around the
+    continuous optimum s/D, the exactly best mn; returns (sc, mn, E summed over the super-block)."""
+    Dx, Mx = D.unsqueeze(-1), M.unsqueeze(-1)
+    A, Bq, C, P, S = st
+    # candidates sc = round(s/D) + (-1, 0, 1) along a leading dim (a short last dim would make every op slow)
+    a = (torch.round(s * _inv(Dx)) + torch.tensor([-1.0, 0.0, 1.0]).reshape(3, *[1] * s.dim())).clamp_(0, hi)
+    sv = Dx * a  # the fp32 products ggml decodes with
+    mn = torch.round((Bq * sv - S) * _inv(C * Mx)).clamp_(0, hi)
+    bv = -(Mx * mn)
+    E = sv * (A * sv + 2 * Bq * bv - 2 * P) + bv * (C * bv - 2 * S)
+    ba, bm, be = a[0], mn[0], E[0]
+    for k in (1, 2):
+        bt = E[k] < be
+        ba, bm, be = torch.where(bt, a[k], ba), torch.where(bt, mn[k], bm), torch.where(bt, E[k], be)
+    return ba, bm, be.sum(-1)
+
+
+def _k_lsq_asym(st: tuple[torch.Tensor, ...], a: torch.Tensor, mn: torch.Tensor, D: torch.Tensor, M: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16-rounded (D >= 0, M >= 0) minimising Σ E(D·a, -M·mn) for fixed integers (old values where
+    undetermined)."""
+    A, Bq, C, P, S = st
+    a11, a22, a12 = (A * a * a).sum(-1), (C * mn * mn).sum(-1), -(Bq * a * mn).sum(-1)
+    r1, r2 = (P * a).sum(-1), -(S * mn).sum(-1)
+    det = a11 * a22 - a12 * a12
+    ok = det > 1e-6 * a11 * a22
+    dets = torch.where(ok, det, 1.0)
+    D1 = torch.where(a11 > 0, r1 / a11.clamp_min(1e-38), D)  # independent fits where the 2×2 is singular
+    M1 = torch.where(a22 > 0, r2 / a22.clamp_min(1e-38), M)
+    Dn = torch.where(ok, (r1 * a22 - a12 * r2) / dets, D1)
+    Mn = torch.where(ok, (a11 * r2 - a12 * r1) / dets, M1)
+    neg_m = Mn < 0
+    Dn, Mn = torch.where(neg_m, D1, Dn), torch.where(neg_m, 0.0, Mn)
+    neg_d = Dn < 0
+    Dn, Mn = torch.where(neg_d, 0.0, Dn), torch.where(neg_d, M1.clamp_min(0.0), Mn)
+    return _f16(Dn).float(), _f16(Mn).float()
+
+
+def _k_quant_asym(st: tuple[torch.Tensor, ...], s: torch.Tensor, b: torch.Tensor, hi: int, n_alt: int = 2):
+    """(d fp16, dmin fp16, sc, mn) for sub-blocks (…, per) with continuous optima (s, b) and statistics st."""
+    D = _f16(s.amax(-1) / hi).float()  # ggml's start: the largest sub-scale/min maps to the top integer
+    M = _f16((-b).amax(-1) / hi).float()
+    best = None
+    for it in range(n_alt + 1):
+        a, mn, E = _k_ints_asym(st, s, D, M, hi)
+        if best is None:
+            best = (D, M, a, mn, E)
+        else:
+            bt = E < best[4]
+            bt1 = bt.unsqueeze(-1)
+            best = (torch.where(bt, D, best[0]), torch.where(bt, M, best[1]), torch.where(bt1, a, best[2]),
+                    torch.where(bt1, mn, best[3]), torch.where(bt, E, best[4]))
+        if it < n_alt:
+            D, M = _k_lsq_asym(st, a, mn, D, M)
+    D, M, a, mn, _ = best
+    return _f16(D), _f16(M), a, mn
+
+
+def _k_quant_sym(A: torch.Tensor, P: torch.Tensor, lo: int, hi: int, n_alt: int = 2):
+    """(d fp16, sc) for signed sub-scales: s = d·sc, sc in lo..hi, minimising Σ (A s² - 2 P s) per super-block."""
+    s = torch.where(A > 0, P / A.clamp_min(1e-38), 0.0)
     idx = s.abs().argmax(-1, keepdim=True)
     smax = s.gather(-1, idx).squeeze(-1)
-    d = _f16(smax / div if lo >= 0 else -smax / div)
-    d32 = d.float()
-    ints = torch.round(s * _inv(d32).unsqueeze(-1)).clamp_(lo, hi)
-    return d, d32, ints
+    best = None
+    # two starts: the largest-|s| sub-scale at the extra negative integer (as ggml does) or at the positive end
+    for D in (_f16(smax / lo).float(), _f16(smax / hi).float()):
+        for it in range(n_alt + 1):
+            a = torch.round(s * _inv(D).unsqueeze(-1)).clamp_(lo, hi)  # exact: E is a 1-D quadratic per sub-block
+            sv = D.unsqueeze(-1) * a
+            E = (A * sv * sv - 2 * P * sv).sum(-1)
+            if best is None:
+                best = (D, a, E)
+            else:
+                bt = E < best[2]
+                best = (torch.where(bt, D, best[0]), torch.where(bt.unsqueeze(-1), a, best[1]),
+                        torch.where(bt, E, best[2]))
+            if it < n_alt:
+                den = (A * a * a).sum(-1)
+                D = torch.where(den > 0, _f16((P * a).sum(-1) / den.clamp_min(1e-38)).float(), D)
+    return _f16(best[0]), best[1]
+
+
+def _fit_kquant(xs: torch.Tensor, ws: torch.Tensor, sp: _Spec, type_name: str, rounds: int = 2, nstep: int = 12,
+                ntry: int = 8) -> dict[str, torch.Tensor]:
+    """Stored fields (d, sc[, dmin, mn]) of K-quant/IQ4_XS super-blocks for x (rows, nsub, sub), weights ws.
+
+    Per-sub-block codes from a candidate search (``nstep``/``ntry`` candidates), sub-scales quantised against the
+    full per-sub-block error (see above), codes re-chosen on the stored grid; ``rounds`` times, keeping per
+    super-block the grid with the smallest weighted error.
+    """
+    rows, nsub, sub = xs.shape
+    per = sp.block // sp.sub
+    nb = nsub // per
+    sh = (rows, nb, per)
+    if sp.asym:
+        nmax, hi = len(sp.levels) - 1, (1 << sp.sub_bits) - 1
+        s, b, q = _fit_asym(xs, ws, nmax, nonpos_min=True, nstep=nstep, span=1.0)
+        C = torch.broadcast_to(ws, xs.shape).sum(-1).reshape(sh)
+        S = (ws * xs).sum(-1).reshape(sh)
+    else:
+        lo, hi = -(1 << (sp.sub_bits - 1)), (1 << (sp.sub_bits - 1)) - 1
+        s = _fit_sym(xs, ws, type_name, ntry=ntry)
+        q = nearest_level(xs * _inv(s).unsqueeze(-1), type_name)
+    f: dict[str, torch.Tensor] = {}
+    best_err = None
+    tb = torch.empty_like(xs)
+    for r in range(rounds):
+        wq = torch.mul(q, ws, out=tb)
+        Bq = wq.sum(-1).reshape(sh)
+        P = (wq * xs).sum(-1).reshape(sh)
+        A = wq.mul_(q).sum(-1).reshape(sh)
+        if sp.asym:
+            if r:
+                s, b = _solve_sb(C, Bq, A, S, P, True)
+            d, dmin, sc, mn = _k_quant_asym((A, Bq, C, P, S), s.reshape(sh), b.reshape(sh), hi)
+            scale = (d.float().unsqueeze(-1) * sc).reshape(rows, nsub, 1)
+            off = -(dmin.float().unsqueeze(-1) * mn).reshape(rows, nsub, 1)
+            q = _nearest_level_(torch.sub(xs, off, out=q).mul_(_inv(scale)), type_name)
+            cand = {"d": d.unsqueeze(-1), "dmin": dmin.unsqueeze(-1), "sc": sc.to(torch.uint8),
+                    "mn": mn.to(torch.uint8)}
+            res = torch.mul(q, scale, out=tb).add_(off).sub_(xs)
+        else:
+            d, sc = _k_quant_sym(A, P, lo, hi)
+            scale = (d.float().unsqueeze(-1) * sc).reshape(rows, nsub, 1)
+            q = _nearest_level_(torch.mul(xs, _inv(scale), out=q), type_name)
+            cand = {"d": d.unsqueeze(-1), "sc": sc.to(torch.int16)}
+            res = torch.mul(q, scale, out=tb).sub_(xs)
+        err = res.mul_(res).mul_(ws).reshape(rows, nb, -1).sum(-1)  # the exact weighted error of this grid
+        if best_err is None:
+            f, best_err = cand, err
+        else:
+            bt = (err < best_err).unsqueeze(-1)
+            f = {k: torch.where(bt, v, f[k]) for k, v in cand.items()}
+            best_err = torch.minimum(err, best_err)
+    return f
 
 
 def fit_grid(x: torch.Tensor, type_name: str, weights: torch.Tensor | None = None) -> Grid:
@@ -302,28 +462,17 @@ def fit_grid(x: torch.Tensor, type_name: str, weights: torch.Tensor | None = Non
     offset = None
     if not sp.sub_bits:  # legacy / IQ4_NL: one fp16 scale (and fp16 min) per block
         if sp.asym:
-            s, b = _fit_asym(xs, ws, len(sp.levels) - 1, nonpos_min=False)
+            s, b, _ = _fit_asym(xs, ws, len(sp.levels) - 1, nonpos_min=False, nstep=12, span=1.0)
             f["d"], f["m"] = _f16(s), _f16(b)
             scale, offset = f["d"].float(), f["m"].float()
         else:
             f["d"] = _f16(_fit_sym(xs, ws, type_name))
             scale = f["d"].float()
     else:
-        per = sp.block // sp.sub
-        if sp.asym:  # Q2_K/Q4_K/Q5_K: unsigned sub-scales and sub-mins
-            s, b = _fit_asym(xs, ws, len(sp.levels) - 1, nonpos_min=True)
-            hi = (1 << sp.sub_bits) - 1
-            f["d"], d32, sc = _quant_sub_scales(s.reshape(rows, nb, per), 0, hi, hi)
-            f["dmin"], m32, mn = _quant_sub_scales((-b).reshape(rows, nb, per), 0, hi, hi)
-            f["sc"], f["mn"] = sc.to(torch.uint8), mn.to(torch.uint8)
-            scale = (d32.unsqueeze(-1) * sc).reshape(rows, nsub)
-            offset = -(m32.unsqueeze(-1) * mn).reshape(rows, nsub)
-        else:  # Q3_K/Q6_K/IQ4_XS: signed sub-scales
-            s = _fit_sym(xs, ws, type_name)
-            half = 1 << (sp.sub_bits - 1)
-            f["d"], d32, sc = _quant_sub_scales(s.reshape(rows, nb, per), -half, half - 1, half)
-            f["sc"] = sc.to(torch.int16)
-            scale = (d32.unsqueeze(-1) * sc).reshape(rows, nsub)
+        f = _fit_kquant(xs, ws, sp, type_name)
+        scale = (f["d"].float() * f["sc"]).reshape(rows, nsub)
+        if sp.asym:
+            offset = -(f["dmin"].float() * f["mn"]).reshape(rows, nsub)
     return Grid(type_name, scale, offset, {k: v.reshape(rows, nb, -1) for k, v in f.items()})
 
 

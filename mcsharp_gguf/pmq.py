@@ -124,6 +124,34 @@ def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: fl
     return (phi ** alpha * w ** beta)[:, None] * eps
 
 
+def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_bytes: list[np.ndarray],
+                    budget: float) -> np.ndarray:
+    """Give the bytes the MILP left unused to items whose cost is zero for every recipe.
+
+    An expert no calibration token reached has phi = 0 and eps = 0, so every recipe costs it nothing and the
+    solver leaves it at an arbitrary (often the smallest) type even when the budget would allow more, yet
+    inference will route tokens to it. Upgrading such items one size step at a time, round-robin, while the
+    budget holds leaves the optimal cost unchanged and stops unseen experts from being starved for nothing.
+    """
+    choice = choice.copy()
+    spent = float(sum(b[k] for b, k in zip(items_bytes, choice, strict=True)))
+    free = [i for i, c in enumerate(items_cost) if not np.any(c)]
+    upgraded = True
+    while upgraded:
+        upgraded = False
+        for i in free:
+            b, k = items_bytes[i], choice[i]
+            bigger = np.flatnonzero(b > b[k])
+            if bigger.size == 0:
+                continue
+            nxt = int(bigger[np.argmin(b[bigger])])  # the next size up
+            if spent + b[nxt] - b[k] <= budget:
+                spent += b[nxt] - b[k]
+                choice[i] = nxt
+                upgraded = True
+    return choice
+
+
 def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed",
                    targets: tuple[str, ...] = EXPERT_TYPES, alpha: float = 1.0, beta: float = 1.5) -> BitPlan:
     """Choose one recipe per expert (``mixed``) or per layer (``stock``) minimising total cost under a
@@ -169,7 +197,7 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
                options={"disp": False})
     if res.x is None:
         raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
-    choice = np.round(res.x).reshape(n_items, n_t).argmax(1)
+    choice = _spend_leftover(np.round(res.x).reshape(n_items, n_t).argmax(1), items_cost, items_bytes, budget)
     plan_layers: dict[int, list[str]] = {}
     recipes: dict[str, dict[str, str]] = {}
     spent = 0.0

@@ -57,7 +57,7 @@ def _install_log_capture(llama_cpp: ModuleType) -> None:
     @llama_cpp.llama_log_callback
     def _callback(level: int, text: bytes, user_data) -> None:
         line = text.decode("utf-8", errors="replace")
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
             _LOG_LINES.append(line.strip())
         if _LOG_STATE["verbose"]:
             sys.stderr.write(line)
@@ -89,8 +89,9 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
                                kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
     except ValueError:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
         reason = last_llama_error() or "no reason logged"
-        raise McsharpError(f"{path}: llama.cpp cannot load it: {reason}; re-convert it with this version "
-                           "of mcsharp") from None
+        fix = ("choose a pruning option the file supports (--otp / --top-k / --prune-mu)" if "mcsharp." in reason
+               else "re-convert it with this version of mcsharp")
+        raise McsharpError(f"{path}: llama.cpp cannot load it: {reason}; {fix}") from None
 
 
 def logits_for(llm, tokens: list[int] | np.ndarray) -> np.ndarray:

@@ -226,8 +226,13 @@ def find_build(opts: BuildOptions | None = None) -> BuildInfo | None:
     return None
 
 
-def build(opts: BuildOptions | None = None, jobs: int | None = None, log=print) -> BuildInfo:
-    """Build (or reuse) the patched runtime for ``opts`` and return where it lives."""
+def build(opts: BuildOptions | None = None, jobs: int | None = None, log=print, work_name: str | None = None
+          ) -> BuildInfo:
+    """Build (or reuse) the patched runtime for ``opts`` and return where it lives.
+
+    ``work_name`` names the source/build work tree (default: the backend), so another patch set can build
+    without recompiling this one's tree.
+    """
     opts = opts or BuildOptions()
     out = lib_dir_for(opts)
     existing = find_build(opts)  # the exact build, or one that also has the tools
@@ -236,8 +241,7 @@ def build(opts: BuildOptions | None = None, jobs: int | None = None, log=print) 
     if shutil.which("cmake") is None:
         raise NativeBuildError("cmake not found; install it (pip install cmake, or apt install cmake)")
     pristine = pristine_source()
-    flavour = opts.backend
-    work = cache_root() / "work" / flavour
+    work = cache_root() / "work" / (work_name or opts.backend)
     src, bld = work / "src", work / "build"
     log(f"[setup] syncing patched llama.cpp source in {src}")
     _sync_patched_tree(pristine, src)
@@ -274,6 +278,21 @@ def build(opts: BuildOptions | None = None, jobs: int | None = None, log=print) 
     os.replace(tmp_out, out)
     info.built_now = True
     return info
+
+
+def build_stock(log=print) -> BuildInfo:
+    """The same recipe with no patches: the unpatched llama.cpp that tests and benchmarks compare against.
+
+    Built in its own work tree, so it never forces a recompile of the patched one.
+    """
+    global PATCH_DIR
+    saved = PATCH_DIR
+    with tempfile.TemporaryDirectory() as empty:
+        PATCH_DIR = Path(empty)  # every key/hash helper reads the patch set from here
+        try:
+            return build(BuildOptions(), log=log, work_name="cpu-stock")
+        finally:
+            PATCH_DIR = saved
 
 
 def _mk(p: Path) -> Path:

@@ -135,14 +135,26 @@ def test_every_subscale_value_exact(t):
     assert_exact(F.finish(codes, grid), (64, 256))
 
 
-def test_rtn_quality_close_to_ggml():
-    """Our RTN grid fit is no worse than llama.cpp's own quantiser by more than a few percent (plain MSE)."""
-    W = torch.randn(64, 1024, generator=torch.Generator().manual_seed(7))
+def test_rtn_quality_vs_ggml():
+    """Our RTN grid fit is at most 1% worse than llama.cpp's own quantiser in the error it minimises (plain MSE,
+    or MSE weighted by the same importance matrix), on Gaussian, heavy-tailed and already-quantised (Q4_1-grid)
+    weights; the K-quants (whose sub-block scale search used to be coarser than llama.cpp's: up to 1.4x with an
+    imatrix) are strictly better."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(64, 1024, generator=g)
+    im = torch.rand(1024, generator=g) ** 2 + 0.01
+    data = {"gauss": W, "heavy": W**3, "q4_1 grid": F.quantize_rtn(W, "Q4_1").dequant}
     for t in F.QUANT_TYPES:
-        ours = float(((F.quantize_rtn(W, t).dequant - W) ** 2).mean())
-        ref = F.ggml_dequantize(F.ggml_quantize(W, t), t, tuple(W.shape))
-        theirs = float(((torch.from_numpy(ref) - W) ** 2).mean())
-        assert ours <= 1.05 * theirs, (t, ours, theirs)
+        for kind, X in data.items():
+            for imx in (None, im):
+                w = 1.0 if imx is None else imx
+                ours = float((((F.quantize_rtn(X, t, imx).dequant - X) ** 2) * w).sum())
+                ref = torch.from_numpy(F.ggml_dequantize(F.ggml_quantize(X, t, imx), t, tuple(X.shape)))
+                theirs = float((((ref - X) ** 2) * w).sum())
+                what = (t, kind, imx is not None, ours / max(theirs, 1e-30))
+                assert ours <= 1.01 * theirs, what
+                if F._spec(t).sub_bits and theirs > 0:
+                    assert ours < theirs, what
 
 
 @pytest.mark.parametrize("t", ["Q2_K", "Q4_K", "IQ4_XS", "Q1_0"])

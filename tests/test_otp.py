@@ -1,0 +1,239 @@
+"""OTP: router training learns what to drop, the runtime executes exactly the slots the trained router keeps,
+and the GGUF round trip (convert --otp, otp add / strip, eval / bench knobs) behaves as the CLI promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mcsharp_gguf.errors import McsharpError
+from mcsharp_gguf.otp import (
+    OtpLayerData,
+    OtpRouters,
+    fit_otp,
+    hard_keep,
+    layer_logits,
+    mask_error,
+    prune_overrides,
+)
+
+TOP_K = 4
+
+
+def _cli(*args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def synthetic_layer(n: int, d: int = 32, k: int = TOP_K, seed: int = 0, layer: int = 0) -> OtpLayerData:
+    """Slots with orthogonal outputs whose sizes |a_j·x| depend on the input: the best slots to drop change
+    from token to token, and the routing weights (uniform) say nothing about it."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, d, generator=torch.Generator().manual_seed(123))
+    x = torch.randn(n, d, generator=g)
+    size = (x @ a.T).abs() + 0.05
+    weights = torch.full((n, k), 1.0 / k)
+    gram = torch.diag_embed(size ** 2)
+    ref_sq = ((weights * size) ** 2).sum(-1)
+    return OtpLayerData(layer=layer, x=x, weights=weights, gram=gram, ref_sq=ref_sq, renorm=False)
+
+
+def test_router_learns_which_slots_to_drop():
+    train, held = synthetic_layer(4096), synthetic_layer(2048, seed=1)
+    res = fit_otp([train], target_frac=0.75, hidden=32, steps=600)
+    logits = layer_logits(res.layers[0], held.x)
+    frac = hard_keep(logits).mean().item()
+    assert abs(frac - 0.75) < 0.05
+    err_otp = mask_error(held, hard_keep(logits)).item()
+    # static pruning at the same executed fraction: keep the first 3 of 4 slots
+    err_static = mask_error(held, (torch.arange(TOP_K) < 3).float().expand(len(held.x), TOP_K)).item()
+    # the oracle: drop the smallest slots over all tokens (errors add up: slot outputs are orthogonal and the
+    # weights are not renormalised), as many as the router drops
+    n_drop = int(round((1 - frac) * TOP_K * len(held.x)))
+    size = held.gram.diagonal(dim1=1, dim2=2)[:, 1:].flatten()
+    drop = torch.zeros_like(size)
+    drop[torch.argsort(size)[:n_drop]] = 1
+    oracle = torch.cat([torch.ones(len(held.x), 1), 1 - drop.reshape(len(held.x), TOP_K - 1)], dim=1)
+    err_oracle = mask_error(held, oracle).item()
+    print(f"held-out error at executed fraction {frac:.3f}: otp {err_otp:.4f}, static {err_static:.4f}, "
+          f"oracle {err_oracle:.4f}")
+    assert err_otp < 0.5 * err_static, (err_otp, err_static)
+    assert err_otp < 3 * err_oracle + 1e-3, (err_otp, err_oracle)
+
+
+def test_fit_hits_the_target_fraction_and_refuses_impossible_targets():
+    data = [synthetic_layer(2048, seed=s, layer=s) for s in range(2)]
+    res = fit_otp(data, target_frac=0.7, hidden=16, steps=200)
+    assert abs(res.calib_frac - 0.7) < 0.02
+    assert sorted(res.layers) == [0, 1] and res.layers[0]["w1"].shape == (16, 32) and res.layers[0]["b2"].shape == (4,)
+    with pytest.raises(McsharpError, match="outside"):
+        fit_otp(data, target_frac=0.2)  # below 1/k: slot 0 is always kept
+    with pytest.raises(McsharpError, match="no MoE layers"):
+        fit_otp([], target_frac=0.7)
+
+
+def test_router_file_round_trip(tmp_path):
+    data = [synthetic_layer(512, layer=3)]
+    res = fit_otp(data, target_frac=0.8, hidden=8, steps=50)
+    res.save(tmp_path / "r.npz")
+    back = OtpRouters.load(tmp_path / "r.npz")
+    assert back.top_k == 4 and back.hidden == 8 and sorted(back.layers) == [3]
+    assert all(np.array_equal(back.layers[3][k], res.layers[3][k]) for k in ("w1", "b1", "w2", "b2"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(McsharpError, match="not an OTP router file"):
+        OtpRouters.load(tmp_path / "junk.npz")
+
+
+def test_prune_overrides():
+    assert prune_overrides() == {}
+    assert prune_overrides(otp="off") == {"mcsharp.otp.enable": False}
+    assert prune_overrides(otp="threshold=0.5") == {"mcsharp.moe.prune_mode": 1, "mcsharp.otp.threshold": 0.5}
+    assert prune_overrides(top_k=2) == {"mcsharp.moe.prune_mode": 2, "mcsharp.moe.static_k": 2}
+    assert prune_overrides(prune_mu=0.9)["mcsharp.moe.threshold_mu"] == 0.9
+    with pytest.raises(McsharpError, match="choose one"):
+        prune_overrides(otp="on", top_k=2)
+    with pytest.raises(McsharpError, match="threshold=T"):
+        prune_overrides(otp="maybe")
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    from mcsharp_gguf.text import calibration_text
+
+    path = tmp_path_factory.mktemp("otp-calib") / "calib.txt"
+    path.write_text(calibration_text(20_000))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
+def test_runtime_executes_exactly_what_the_router_keeps(arch, tiny_model, calib_file, tmp_path):
+    """convert --otp, then compare the runtime's executed-slot counter with the router evaluated in numpy
+    on transformers' MoE inputs for the same tokens (mixtral also renormalises the kept weights)."""
+    from mcsharp_gguf import runtime
+    from mcsharp_gguf.otp import capture_otp_data
+    from mcsharp_gguf.tiny_models import load_hf, pick_tokens
+
+    model = tiny_model(arch, top_k=TOP_K)
+    out = tmp_path / "otp.gguf"
+    res = _cli("convert", model, "-o", out, "--outtype", "f32", "--otp", "--otp-target-frac", "0.7",
+               "--calib", calib_file, "--calib-seqs", "4", "--calib-len", "128")
+    assert res.returncode == 0, res.stderr
+    from mcsharp_gguf.gguf_edit import open_gguf
+
+    reader = open_gguf(out)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors if ".ffn_otp_" in t.name}
+    assert len(tensors) == 8
+    ids = pick_tokens(load_hf(model), TOP_K, n=96)
+    data = capture_otp_data(model, torch.tensor(ids)[None], progress=False)
+    expected = near = 0
+    for dat in data:
+        lay = {k: tensors[f"blk.{dat.layer}.ffn_otp_{k}.{s}"] for k, s in
+               (("w1", "weight"), ("b1", "bias"), ("w2", "weight"), ("b2", "bias"))}
+        logits = layer_logits(lay, dat.x)
+        near += (logits[:, 1:].abs() < 1e-4).sum().item()  # float noise may flip a logit this close to 0
+        expected += hard_keep(logits).sum().item()
+    llm = runtime.load_model(out, n_ctx=128)
+    runtime.reset_slot_counter()
+    runtime.logits_for(llm, ids)
+    selected, executed = runtime.read_slot_counter()
+    assert selected == len(ids) * TOP_K * len(data)
+    assert abs(executed - expected) <= near, (executed, expected)
+    assert executed < selected  # the router does drop slots on these tokens
+    # the same file with OTP off runs every slot and counts nothing
+    off = runtime.load_model(out, n_ctx=128, kv_overrides=prune_overrides(otp="off"))
+    runtime.reset_slot_counter()
+    runtime.logits_for(off, ids)
+    assert runtime.read_slot_counter() == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def plain_and_routers(tiny_model, tmp_path_factory, calib_file):
+    """A plain F32 GGUF of a tiny qwen2moe and a router file trained on its checkpoint."""
+    from mcsharp_gguf.convert import convert_checkpoint
+
+    work = tmp_path_factory.mktemp("otp-add")
+    model = tiny_model("qwen2moe", top_k=TOP_K)
+    plain = convert_checkpoint(model, work / "plain.gguf", outtype="f32")
+    res = _cli("otp", "train", model, "-o", work / "r.npz", "--otp-target-frac", "0.75", "--calib", calib_file,
+               "--calib-seqs", "4", "--calib-len", "128")
+    assert res.returncode == 0, res.stderr
+    return model, plain, work / "r.npz"
+
+
+def test_otp_add_then_strip_restores_the_file_byte_for_byte(plain_and_routers, tmp_path):
+    from mcsharp_gguf.inspect_gguf import read_report
+
+    _, plain, routers = plain_and_routers
+    with_otp = tmp_path / "otp.gguf"
+    assert _cli("otp", "add", plain, routers, "-o", with_otp).returncode == 0
+    rep = read_report(with_otp)
+    assert rep.to_json()["otp"] and rep.metadata["mcsharp.otp.version"] == 1
+    res = _cli("eval", with_otp, "--json", "--ctx", "128", "--max-tokens", "512")
+    assert res.returncode == 0, res.stderr
+    assert 0.25 < json.loads(res.stdout)["executed_slot_frac"] < 1.0
+    stripped = tmp_path / "stripped.gguf"
+    assert _cli("otp", "strip", with_otp, "-o", stripped).returncode == 0
+    assert stripped.read_bytes() == plain.read_bytes()
+    res = _cli("otp", "strip", plain, "-o", tmp_path / "x.gguf")
+    assert res.returncode == 2 and "no OTP tensors" in res.stderr and not (tmp_path / "x.gguf").exists()
+
+
+def test_otp_add_refuses_routers_for_another_model(plain_and_routers, tiny_model, tmp_path):
+    _, plain, routers = plain_and_routers
+    good = OtpRouters.load(routers)
+    cases = {
+        "top-2": OtpRouters(**{**good.__dict__, "top_k": 2}),
+        "hidden size 32": OtpRouters(**{**good.__dict__, "n_embd": 32}),
+        "layers": OtpRouters(**{**good.__dict__, "layers": {0: good.layers[0]}}),
+    }
+    out = tmp_path / "out.gguf"
+    for needle, bad in cases.items():
+        bad.save(tmp_path / "bad.npz")
+        res = _cli("otp", "add", plain, tmp_path / "bad.npz", "-o", out)
+        assert res.returncode == 2 and needle in res.stderr and res.stderr.count("\n") == 1, res.stderr
+        assert not out.exists()
+    # a checkpoint of another architecture (same hidden size and k) is refused before any training
+    res = _cli("otp", "add", plain, tiny_model("mixtral", top_k=TOP_K), "-o", out, timeout=120)
+    assert res.returncode == 2 and "is a llama model" in res.stderr and not out.exists(), res.stderr
+
+
+def test_eval_and_bench_pruning_knobs(plain_and_routers, tmp_path):
+    _, plain, routers = plain_and_routers
+    common = ("--json", "--ctx", "128", "--max-tokens", "512")
+    res = _cli("eval", plain, "--top-k", "2", *common)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["executed_slot_frac"] == 0.5
+    mu = json.loads(_cli("eval", plain, "--prune-mu", "0.9", *common).stdout)["executed_slot_frac"]
+    assert 0.25 <= mu < 1.0
+    assert "executed_slot_frac" not in json.loads(_cli("eval", plain, *common).stdout)
+    res = _cli("eval", plain, "--otp", "on", *common)  # no routers in this file
+    assert res.returncode == 2 and "ffn_otp" in res.stderr
+    res = _cli("eval", plain, "--top-k", "2", "--prune-mu", "0.5", *common)
+    assert res.returncode == 2 and "choose one" in res.stderr
+    res = _cli("bench", plain, "--top-k", "2", "--json", "--rounds", "1", "--tokens", "8", "--prompt-tokens", "32")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["run"]["executed_slot_frac"] == 0.5 and "executed_slot_frac" not in out["unpruned"]
+    assert out["ratio_vs_unpruned"]["decode"] > 0 and out["run"]["decode_tok_s"] > 0
+
+
+def test_pmq_mixed_with_otp(tiny_model, calib_file, tmp_path):
+    """PMQ × OTP in one conversion: grouped mixed-type experts and routers in one file, both active."""
+    from mcsharp_gguf.inspect_gguf import read_report
+
+    out = tmp_path / "mixed-otp.gguf"
+    res = _cli("convert", tiny_model("qwen2moe", top_k=TOP_K), "-o", out, "--bpw", "4.5", "--mode", "mixed", "--rtn",
+               "--otp", "--otp-target-frac", "0.75", "--calib", calib_file, "--calib-seqs", "4", "--calib-len", "128")
+    assert res.returncode == 0, res.stderr
+    rep = read_report(out).to_json()
+    assert rep["otp"] and rep["metadata"]["mcsharp.pmq.mode"] == "mixed"
+    assert any(".ffn_up_exps.g1.weight" in t["name"] for t in rep["tensors"])
+    res = _cli("eval", out, "--json", "--ctx", "128", "--max-tokens", "512")
+    assert res.returncode == 0, res.stderr
+    assert 0.25 < json.loads(res.stdout)["executed_slot_frac"] < 1.0
