@@ -152,13 +152,23 @@ class LayerStream:
             yield i, layer, run
             self.unload_layer(i)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head on the last hidden states."""
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm applied to the last hidden states (the LM head's input)."""
         norm = type(self.model.model.norm)(self.config.hidden_size, eps=self.config.rms_norm_eps)
         norm.weight.data = self.tensors["model.norm.weight"]
-        head = self.tensors.names.get("lm_head.weight") or self.tensors.names["model.embed_tokens.weight"]
         with torch.no_grad():
-            return norm(hidden) @ head().T
+            return norm(hidden)
+
+    def lm_head_name(self) -> str:
+        """Checkpoint key of the LM head (the token embedding when they are tied)."""
+        return "lm_head.weight" if "lm_head.weight" in self.tensors.names else "model.embed_tokens.weight"
+
+    def lm_head(self) -> torch.Tensor:
+        return self.tensors[self.lm_head_name()].float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on the last hidden states."""
+        return self.final_norm(hidden) @ self.lm_head().T
 
 
 @dataclass

@@ -98,6 +98,23 @@ def otp_options(fn):
                         help="Train OTP expert-pruning routers and store them in the GGUF (patched runtime).")(fn)
 
 
+def _dense_type_option(flag: str, what: str):
+    from .formats import QUANT_TYPES
+
+    return click.option(flag, type=click.Choice(QUANT_TYPES, case_sensitive=False), default=None,
+                        callback=lambda ctx, p, v: v.upper() if v else v,
+                        help=f"PMQ: ggml type for {what} (default: --outtype).")
+
+
+def dense_type_options(fn):
+    for flag, what in reversed([("--attn-type", "attention linears (GPTQ)"),
+                                ("--ffn-type", "shared-expert / dense-FFN linears (GPTQ)"),
+                                ("--embd-type", "the token embedding (RTN)"),
+                                ("--output-type", "the LM head (GPTQ on the final-norm input)")]):
+        fn = _dense_type_option(flag, what)(fn)
+    return fn
+
+
 def _check_otp_options(target_frac: float, hidden: int) -> None:
     # checked before the (long) calibration, so a typo fails at once
     if not 0.0 < target_frac <= 1.0:
@@ -110,22 +127,6 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int):
     from .otp import train_otp
 
     return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, log=_log)
-
-
-def _otp_extra_kv(routers, other=None):
-    """Chain ``other`` (e.g. the PMQ plan metadata) with the OTP tensors/metadata when there are routers."""
-    from .otp import otp_metadata
-
-    if routers is None:
-        return other
-    add_otp = otp_metadata(routers)
-
-    def add(writer) -> None:
-        if other is not None:
-            other(writer)
-        add_otp(writer)
-
-    return add
 
 
 @cli.command()
@@ -143,59 +144,43 @@ def _otp_extra_kv(routers, other=None):
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Keeps finished layers so an interrupted conversion resumes (default: OUT.work, removed "
                    "after success).")
+@dense_type_options
 @otp_options
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, plan_file: Path | None,
-            calib: str, calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, otp: bool,
+            calib: str, calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None,
+            ffn_type: str | None, embd_type: str | None, output_type: str | None, otp: bool,
             otp_target_frac: float, otp_hidden: int, verbose: bool) -> None:
     """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
 
     With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
     """
-    from .convert import check_output_path, convert_checkpoint, validate_model_dir
+    from .compress import compress_checkpoint
+    from .convert import check_output_path, validate_model_dir
+    from .pmq import BitPlan
+    from .quantize import DenseTypes
 
-    routers = None
     if otp:
         _check_otp_options(otp_target_frac, otp_hidden)
-        validate_model_dir(model_dir)
-        check_output_path(out)
-    if bpw is None and plan_file is None:
-        if otp:
-            routers = _train_routers(model_dir, _calibration_ids(model_dir, calib, calib_seqs, calib_len),
-                                     otp_target_frac, otp_hidden)
-        convert_checkpoint(model_dir, out, outtype=outtype, verbose=verbose,
-                           extra_kv=_otp_extra_kv(routers))
-        click.echo(str(out))
-        return
-    import shutil
-
-    from .pack import plan_hook, plan_metadata, rtn_quantiser
-    from .pmq import BitPlan, format_plan_table, measure_importance, solve_bit_plan
-    from .quantize import WorkDirQuantiser, quantize_experts
-
     validate_model_dir(model_dir)
     check_output_path(out)
-    ids = None
+    plan = None
     if plan_file is not None:
         if not plan_file.is_file():
             raise McsharpError(f"--plan {plan_file} does not exist; write one with `mcsharp plan`")
-        result = BitPlan.from_json(plan_file.read_text())
-    else:
-        ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-        result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode)
-    _log(format_plan_table(result))
-    quantiser = rtn_quantiser
-    work = work_dir or out.with_name(out.name + ".work")
-    if (use_gptq or otp) and ids is None:
-        ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-    if use_gptq:
-        quantiser = WorkDirQuantiser(quantize_experts(model_dir, result, ids, work))
-    if otp:
-        routers = _train_routers(model_dir, ids, otp_target_frac, otp_hidden)
-    convert_checkpoint(model_dir, out, outtype=outtype, hook=plan_hook(result, quantiser),
-                       extra_kv=_otp_extra_kv(routers, plan_metadata(result)), verbose=verbose)
-    if use_gptq and work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
+        plan = BitPlan.from_json(plan_file.read_text())
+    planned = bpw is not None or plan is not None
+    # calibration feeds planning, GPTQ and OTP training; a given plan packed with RTN needs none
+    needs_calib = otp or bpw is not None and plan is None or planned and use_gptq
+    ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len) if needs_calib else None
+    dense = DenseTypes(attn=attn_type, ffn=ffn_type, embd=embd_type, output=output_type)
+    if dense.any() and not planned:
+        raise McsharpError("--attn-type/--ffn-type/--embd-type/--output-type quantise alongside a PMQ plan; "
+                           "add --bpw X (or --plan plan.json)")
+    compress_checkpoint(model_dir, out, ids, bpw=bpw if plan is None else None, plan=plan, mode=mode,
+                        outtype=outtype, dense=dense, gptq=use_gptq, work_dir=work_dir,
+                        otp_target_frac=otp_target_frac if otp else None, otp_hidden=otp_hidden, log=_log,
+                        verbose=verbose)
     click.echo(str(out))
 
 

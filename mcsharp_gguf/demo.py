@@ -1,21 +1,33 @@
-"""``mcsharp demo``: the main job end to end on the embedded fixture."""
+"""``mcsharp demo``: the main job end to end on the embedded fixture.
+
+fixture → F16 reference → PMQ (mixed per-expert types, ~3 bpw, sequential GPTQ) + OTP routers in one GGUF →
+held-out evaluation against the reference, OTP on and off → one chat turn with OTP on.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .calib import calibration_token_ids
 from .chat import open_chat_model, reply
+from .compress import compress_checkpoint
 from .convert import convert_checkpoint
-from .evaluate import evaluate_gguf
+from .evaluate import evaluate_gguf, reference_logits
 from .fixture import cached_fixture
 from .inspect_gguf import read_report
+from .otp import prune_overrides
 from .runtime import ensure_runtime
-from .text import heldout_text
+from .text import calibration_text, heldout_text
+
+DEMO_BPW = 3.0
+DEMO_OTP_FRAC = 0.75
+DEMO_CALIB = (8, 512)  # sequences × tokens of pydoc calibration text (disjoint from the held-out text)
 
 
-def run_demo(work_dir: Path, prompt: str, log=print) -> dict:
-    """fixture → F16 reference + converted file → eval against the reference → one chat turn."""
+def run_demo(work_dir: Path, prompt: str, bpw: float = DEMO_BPW, otp_frac: float = DEMO_OTP_FRAC,
+             log=print) -> dict:
+    """Build, compress, evaluate and chat; prints (and returns) a JSON summary."""
     work_dir.mkdir(parents=True, exist_ok=True)
     info = ensure_runtime(log=log)
     log(f"[demo] runtime {info.lib_dir} (patch {info.patch_hash})")
@@ -24,16 +36,23 @@ def run_demo(work_dir: Path, prompt: str, log=print) -> dict:
     if not ref.exists():
         log("[demo] converting the fixture to F16 (reference)")
         convert_checkpoint(model_dir, ref, outtype="f16")
-    out = work_dir / "fixture-q8_0.gguf"
-    log("[demo] converting the fixture to Q8_0")
-    convert_checkpoint(model_dir, out, outtype="q8_0")
+    out = work_dir / f"fixture-pmq{bpw:g}-otp.gguf"
+    log(f"[demo] PMQ mixed {bpw:g} bpw experts (GPTQ) + OTP at executed fraction {otp_frac} → {out}")
+    ids = calibration_token_ids(model_dir, calibration_text(120_000), *DEMO_CALIB)
+    res = compress_checkpoint(model_dir, out, ids, bpw=bpw, mode="mixed", outtype="q8_0", gptq=True,
+                              otp_target_frac=otp_frac, log=log)
     rep = read_report(out)
-    log(f"[demo] {out}: {rep.file_bytes / 1e6:.1f} MB, experts {rep.classes['experts'].bpw:.3f} bpw")
-    log("[demo] evaluating on held-out text against the F16 reference")
-    res = evaluate_gguf(out, heldout_text(), base_path=ref)
+    log(f"[demo] {out}: {rep.file_bytes / 1e6:.1f} MB, experts {rep.classes['experts'].bpw:.3f} bpw "
+        f"(plan {res.plan.achieved_bpw:.3f})")
+    log("[demo] evaluating on held-out text against the F16 reference (OTP on, then off)")
+    text = heldout_text()
+    base = reference_logits(ref, text)
+    ev_on = evaluate_gguf(out, text, base_logits=base)
+    ev_off = evaluate_gguf(out, text, base_logits=base, kv_overrides=prune_overrides(otp="off"))
     llm = open_chat_model(out)
     answer = reply(llm, [{"role": "user", "content": prompt}], max_tokens=64)
-    summary = {"model": str(out), "file_mb": rep.file_bytes / 1e6, "eval": res.to_json(),
+    summary = {"model": str(out), "file_mb": rep.file_bytes / 1e6, "expert_bpw": rep.classes["experts"].bpw,
+               "eval_otp_on": ev_on.to_json(), "eval_otp_off": ev_off.to_json(),
                "prompt": prompt, "reply": answer}
     print(json.dumps(summary, indent=2))
     return summary

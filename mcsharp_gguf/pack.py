@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .formats import ggml_type, quantize_rtn
-from .pmq import EXPERT_TYPES, BitPlan
+from .pmq import EXPERT_TYPES, BitPlan, storable_type
 
 EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 ROUTER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
@@ -92,3 +92,90 @@ def plan_metadata(plan: BitPlan):
         writer.add_string("mcsharp.pmq.plan", plan.to_json())
 
     return add
+
+
+ATTN_RE = re.compile(r"^blk\.\d+\.attn_[a-z_]+\.weight$")
+FFN_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)(_shexp)?\.weight$")
+MIN_ROWS = 32  # smaller matrices (e.g. a 1-row shared-expert gate) stay at --outtype
+
+
+def dense_class(name: str, shape: tuple[int, ...]) -> str | None:
+    """attn / ffn / embd / output for GGUF tensors outside the routed experts that a DenseTypes may quantise."""
+    if name == "token_embd.weight":
+        return "embd"
+    if name == "output.weight":
+        return "output"
+    if len(shape) != 2 or shape[0] < MIN_ROWS:
+        return None
+    if ATTN_RE.match(name):
+        return "attn"
+    if FFN_RE.match(name):
+        return "ffn"
+    return None
+
+
+def dense_hook(types, work_dir=None, arch: str | None = None, n_layer: int = 0, log=print):
+    """A ``convert_checkpoint`` hook writing the non-expert tensors at ``types`` (a quantize.DenseTypes).
+
+    Tensors GPTQ'd in ``work_dir`` (by ``quantize_experts(..., dense=types)``) are served from it, with their
+    rows reordered if the converter reordered them (llama.cpp permutes llama's q/k rows for RoPE); any other
+    tensor of a chosen class (the token embedding, a tensor the converter reshaped) gets RTN on its type.
+    """
+    from .llama_src import import_gguf
+    from .quantize import load_dense_entries, row_keys
+
+    by_name: dict[str, dict] = {}
+    loaded: set = set()
+    if work_dir is not None:
+        gguf = import_gguf()
+        arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+        name_map = gguf.get_tensor_name_map(arch_enum, n_layer)
+
+    def entries(bid):
+        if work_dir is None or bid in loaded:
+            return
+        loaded.add(bid)
+        for ck, entry in load_dense_entries(work_dir, bid).items():
+            gname = name_map.get_name(ck, try_suffixes=(".weight",))
+            if gname is not None:
+                by_name[gname] = entry
+
+    def hook(name: str, tensor, bid):
+        cls = dense_class(name, tuple(tensor.shape))
+        t = getattr(types, cls) if cls is not None else None
+        if t is None:
+            return None
+        entries(bid)
+        entries(None)
+        w = tensor.float()
+        entry = by_name.get(name)
+        if entry is not None and tuple(entry["dequant"].shape) == tuple(w.shape):
+            keys = row_keys(w)
+            if keys == entry["row_keys"]:
+                return [(name, entry["packed"], ggml_type(entry["type"]))]
+            pos = {k: r for r, k in enumerate(entry["row_keys"])}
+            if all(k in pos for k in keys):  # the same rows, reordered by the converter
+                return [(name, entry["packed"][[pos[k] for k in keys]], ggml_type(entry["type"]))]
+            log(f"[pmq] {name}: the converter changed this tensor; RTN on {t} instead of its GPTQ result")
+        rows = w.reshape(-1, w.shape[-1])
+        tt = storable_type(t, rows.shape[1])
+        packed = quantize_rtn(rows, tt).packed
+        return [(name, np.asarray(packed).reshape(*w.shape[:-1], -1), ggml_type(tt))]
+
+    return hook
+
+
+def chain_hooks(*hooks):
+    """One hook trying each of ``hooks`` in turn (the first that returns a replacement wins)."""
+    hooks = [h for h in hooks if h is not None]
+    if not hooks:
+        return None
+
+    def hook(name: str, tensor, bid):
+        for h in hooks:
+            out = h(name, tensor, bid)
+            if out is not None:
+                return out
+        return None
+
+    return hook

@@ -87,6 +87,7 @@ class LayerImportance:
     phi: list[float]  # normalised activation frequency per expert
     w: list[float]  # normalised routing-weight mass per expert
     eps: dict[str, list[float]]  # recipe target → eps per expert
+    out_norm: float = 0.0  # ||residual stream after the layer||_F over the calibration tokens (0 = unknown)
 
     @property
     def n_expert(self) -> int:
@@ -278,7 +279,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                 eps[t].append(expert_output_error(gate_up[e], down[e], x, w, Recipe.for_shapes(t, d_model, d_ff),
                                                   act=experts.act_fn))
         phi, wmass = cap.stats.normalised()
-        out.append(LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps))
+        out.append(LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps,
+                                   out_norm=float(hidden.float().norm())))
         bar.update()
     bar.close()
     if not out:

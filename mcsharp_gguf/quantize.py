@@ -1,15 +1,23 @@
-"""Sequential, layer-streamed GPTQ of every planned expert, resumable from a work directory.
+"""Sequential, layer-streamed GPTQ of every planned expert (and optionally every other linear), resumable
+from a work directory.
 
 Layer by layer (one decoder layer resident): run it on the carried hidden states, capture each expert's
 routed inputs, GPTQ its gate/up (Hessian of the MoE input) and down (Hessian of its own activations) on the
 planned ggml types, then load the dequantised experts back and re-run the layer, so the next layer
-calibrates on what the quantised model really produces. Each finished layer is one ``layer-NNNN.pt`` file
-(written atomically); a re-run skips finished layers and produces the same bytes.
+calibrates on what the quantised model really produces. With :class:`DenseTypes`, the attention linears are
+quantised first (the FFN side then sees their quantised output), then the shared-expert / dense-FFN linears
+with the experts, and the LM head at the end on the final-norm Hessian. Each finished layer is one
+``layer-NNNN.pt`` file (written atomically); a re-run skips finished layers and produces the same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +27,7 @@ from .calib import LayerStream, capture_moe
 from .errors import McsharpError
 from .formats import quantize_rtn
 from .gptq import HessianAccumulator, gptq_quantize
-from .pmq import BitPlan
+from .pmq import BitPlan, storable_type
 
 PROJS = ("gate", "up", "down")
 
@@ -57,41 +65,165 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     return {"packed": packed, "dequant": dequant, "tokens": tokens, "types": types}
 
 
+@dataclass(frozen=True)
+class DenseTypes:
+    """ggml types of the tensors outside the routed experts; None leaves a class at ``--outtype``.
+
+    ``attn``: attention linears; ``ffn``: shared-expert and dense-FFN linears (both GPTQ on their own input
+    Hessians, in the same layer stream as the experts); ``output``: the LM head (GPTQ on the final-norm
+    Hessian); ``embd``: the token embedding (RTN: a lookup table has no input Hessian).
+    """
+
+    attn: str | None = None
+    ffn: str | None = None
+    embd: str | None = None
+    output: str | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def dense_linears(layer: torch.nn.Module, arch) -> dict[str, tuple[str, torch.nn.Linear]]:
+    """The quantisable linears of a decoder layer outside the routed experts: local name → (class, module).
+
+    The router, tiny gates (e.g. Qwen2-MoE's 1-row shared-expert gate) and anything inside the expert container
+    stay unquantised; ``self_attn.*`` is "attn", the rest (shared experts, dense MLPs) "ffn".
+    """
+    skip = (f"{arch.moe_block}.{arch.router}", f"{arch.moe_block}.{arch.experts}")
+    out = {}
+    for name, mod in layer.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if mod.out_features < 32:
+            continue
+        out[name] = ("attn" if name.startswith("self_attn.") else "ffn", mod)
+    return out
+
+
+def checkpoint_name(arch, layer: int, local: str) -> str:
+    """The checkpoint key of a layer-local module weight (the MoE block may be named differently there)."""
+    if local.startswith(arch.moe_block + "."):
+        local = arch.checkpoint_moe_block + local[len(arch.moe_block):]
+    return f"model.layers.{layer}.{local}.weight"
+
+
+def row_keys(w: torch.Tensor) -> list[bytes]:
+    """A digest per row of ``w`` as float32: tells whether the converter reordered rows (e.g. llama's q/k)."""
+    a = np.ascontiguousarray(w.detach().float().numpy())
+    return [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in a]
+
+
+def _quantize_linear(w: torch.Tensor, h: HessianAccumulator | None, type_name: str) -> dict:
+    t = storable_type(type_name, w.shape[1])
+    res = gptq_quantize(w, h.H, t) if h is not None and h.n > 0 else quantize_rtn(w, t)
+    return {"type": t, "packed": np.asarray(res.packed), "dequant": res.dequant, "row_keys": row_keys(w)}
+
+
+def _dense_class_types(types: DenseTypes) -> dict[str, str]:
+    return {c: t for c, t in (("attn", types.attn), ("ffn", types.ffn)) if t is not None}
+
+
+def quantize_dense(mods: dict[str, torch.nn.Linear], hess: dict[str, HessianAccumulator], arch, layer: int,
+                   cls_types: dict[str, str], gptq: bool = True) -> dict[str, dict]:
+    """GPTQ (RTN without calibration) of a layer's dense linears; keyed by checkpoint name."""
+    return {checkpoint_name(arch, layer, n): {**_quantize_linear(m.weight.detach(), hess.get(n) if gptq else None,
+                                                                 cls_types[c]), "local": n}
+            for n, (c, m) in mods.items()}
+
+
+def _apply_dense(layer: torch.nn.Module, done: dict[str, dict]) -> None:
+    with torch.no_grad():
+        for entry in done.values():
+            layer.get_submodule(entry["local"]).weight.copy_(entry["dequant"])
+
+
 def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir: Path, gptq: bool = True,
-                     progress: bool = True) -> Path:
-    """Quantise every planned MoE layer into ``work_dir`` (finished layers are reused)."""
+                     progress: bool = True, dense: DenseTypes | None = None) -> Path:
+    """Quantise every planned MoE layer (and, with ``dense``, the other linears and the LM head) into
+    ``work_dir``, one layer at a time on the outputs of the already-quantised layers (finished layers are
+    reused). Within a layer the attention is quantised first and the FFN side calibrates on its output."""
     from tqdm import tqdm
 
-    check_work_dir(work_dir, plan)
+    dense = dense or DenseTypes()
+    check_work_dir(work_dir, plan, dense)
+    cls_types = _dense_class_types(dense)
     stream = LayerStream.open(model_dir)
     hidden = stream.embed(token_ids)
     bar = tqdm(total=stream.n_layer, desc="gptq layers", unit="layer", disable=not progress)
     for i, layer, run in stream.layers(hidden):
         block = stream.moe_block(layer)
-        if block is None or i not in plan.layers:
+        planned = block is not None and i in plan.layers
+        mods = {n: cm for n, cm in dense_linears(layer, stream.arch).items() if cm[0] in cls_types}
+        if not planned and not mods:
             hidden = run(hidden)
             bar.update()
             continue
-        experts = getattr(block, stream.arch.experts)
         path = _layer_file(work_dir, i)
         if path.exists():
             done = torch.load(path, weights_only=False)
         else:
-            cap, _ = capture_moe(block, stream.arch, stream.n_expert, run, hidden)
-            types = [plan.recipes[f"{i}:{t}"] for t in plan.layers[i]]
-            done = quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(), cap.x,
-                                          cap.top_k_index, types, experts.act_fn, gptq=gptq)
+            done = {"dense": {}}
+            attn = {n: cm for n, cm in mods.items() if cm[0] == "attn"}
+            if attn:  # attention first: the FFN side then sees what the quantised attention produces
+                _, hess = _with_hessians({n: m for n, (_, m) in attn.items()}, run, hidden)
+                done["dense"].update(quantize_dense(attn, hess, stream.arch, i, cls_types, gptq))
+                _apply_dense(layer, done["dense"])
+            ffn = {n: cm for n, cm in mods.items() if cm[0] == "ffn"}
+            hooks_for = {n: m for n, (_, m) in ffn.items()}
+            if planned:
+                experts = getattr(block, stream.arch.experts)
+                (cap, _), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch,
+                                                                   stream.n_expert, run), hidden)
+                types = [plan.recipes[f"{i}:{t}"] for t in plan.layers[i]]
+                done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(),
+                                                   cap.x, cap.top_k_index, types, experts.act_fn, gptq=gptq))
+            elif ffn:
+                _, hess = _with_hessians(hooks_for, run, hidden)
+            if ffn:
+                done["dense"].update(quantize_dense(ffn, hess, stream.arch, i, cls_types, gptq))
             tmp = path.with_suffix(".tmp")
             torch.save(done, tmp)
             os.replace(tmp, path)
-        with torch.no_grad():  # the next layer calibrates on the quantised experts' outputs
-            for e in range(stream.n_expert):
-                experts.gate_up_proj[e].copy_(torch.cat([done["dequant"][(e, "gate")], done["dequant"][(e, "up")]]))
-                experts.down_proj[e].copy_(done["dequant"][(e, "down")])
+        _apply_dense(layer, done["dense"])
+        if planned:
+            experts = getattr(block, stream.arch.experts)
+            with torch.no_grad():  # the next layer calibrates on the quantised experts' outputs
+                for e in range(stream.n_expert):
+                    experts.gate_up_proj[e].copy_(torch.cat([done["dequant"][(e, "gate")],
+                                                             done["dequant"][(e, "up")]]))
+                    experts.down_proj[e].copy_(done["dequant"][(e, "down")])
         hidden = run(hidden)
         bar.update()
     bar.close()
+    if dense.output is not None and not _output_file(work_dir).exists():
+        head = stream.lm_head()
+        h = HessianAccumulator(head.shape[1])
+        if gptq:
+            h.add(stream.final_norm(hidden))
+        res = _quantize_linear(head, h if gptq else None, dense.output)
+        tmp = _output_file(work_dir).with_suffix(".tmp")
+        torch.save({stream.lm_head_name(): res}, tmp)
+        os.replace(tmp, _output_file(work_dir))
     return work_dir
+
+
+def _with_hessians(mods: dict[str, torch.nn.Linear], fn: Callable, hidden: torch.Tensor):
+    """``fn(hidden)`` with input-Hessian hooks on ``mods``; returns (fn's result, the Hessians)."""
+    acc = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc[n].add(args[0])) for n, m in mods.items()]
+    try:
+        out = fn(hidden)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, acc
+
+
+def _output_file(work_dir: Path) -> Path:
+    return work_dir / "output.pt"
 
 
 class WorkDirQuantiser:
@@ -111,10 +243,20 @@ class WorkDirQuantiser:
         return done["packed"][(expert, proj)]
 
 
-def check_work_dir(work_dir: Path, plan: BitPlan) -> None:
-    """A work dir belongs to one plan: record it, and refuse a dir made for another."""
+def check_work_dir(work_dir: Path, plan: BitPlan, dense: DenseTypes | None = None) -> None:
+    """A work dir belongs to one plan (and set of dense types): record it, and refuse a dir made for another."""
     work_dir.mkdir(parents=True, exist_ok=True)
     stamp = work_dir / "plan.json"
-    if stamp.exists() and stamp.read_text() != plan.to_json():
+    want = plan.to_json() if dense is None or not dense.any() else f"{plan.to_json()}\n{dense.to_json()}"
+    if stamp.exists() and stamp.read_text() != want:
         raise McsharpError(f"--work-dir {work_dir} holds layers of a different plan; pass a fresh --work-dir")
-    stamp.write_text(plan.to_json())
+    stamp.write_text(want)
+
+
+def load_dense_entries(work_dir: Path, layer: int | None) -> dict[str, dict]:
+    """The dense tensors a work dir holds for decoder layer ``layer`` (None: the LM head), by checkpoint name."""
+    path = _output_file(work_dir) if layer is None else _layer_file(work_dir, layer)
+    if not path.exists():
+        return {}
+    done = torch.load(path, weights_only=False)
+    return done if layer is None else done.get("dense", {})
