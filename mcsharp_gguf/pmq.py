@@ -19,6 +19,9 @@ from .errors import McsharpError
 from .formats import QUANT_TYPES, bits_per_weight, block_size, quantize_rtn
 
 # Expert candidates (DESIGN §3): scalar grids with CPU/CUDA mul_mat_id support, ascending size.
+# Cost exponents and budget scope (see solve_bit_plan): measured on the fixture, scripts/bench_quality.py.
+ALPHA, BETA, GAMMA, SCOPE = 1.0, 1.5, 2.0, "layer"
+
 EXPERT_TYPES: tuple[str, ...] = ("Q1_0", "Q2_0", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
 
@@ -107,6 +110,8 @@ class BitPlan:
     recipes: dict[str, dict[str, str]] = field(default_factory=dict)  # "layer:target" → projection types
     alpha: float = 1.0
     beta: float = 1.5
+    gamma: float = 1.0
+    scope: str = "global"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -118,15 +123,16 @@ class BitPlan:
         return cls(**d)
 
 
-def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: float) -> np.ndarray:
-    """c(e, r) = phi^alpha · w^beta · eps, shape (n_expert, n_targets)."""
+def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: float, gamma: float = 1.0
+          ) -> np.ndarray:
+    """c(e, r) = phi^alpha · w^beta · eps^gamma, shape (n_expert, n_targets)."""
     phi, w = np.asarray(imp.phi), np.asarray(imp.w)
     eps = np.array([imp.eps[t] for t in targets]).T
-    return (phi ** alpha * w ** beta)[:, None] * eps
+    return (phi ** alpha * w ** beta)[:, None] * eps ** gamma
 
 
 def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_bytes: list[np.ndarray],
-                    budget: float) -> np.ndarray:
+                    budget: float, members: list[int] | None = None) -> np.ndarray:
     """Give the bytes the MILP left unused to items whose cost is zero for every recipe.
 
     An expert no calibration token reached has phi = 0 and eps = 0, so every recipe costs it nothing and the
@@ -135,8 +141,9 @@ def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_byte
     budget holds leaves the optimal cost unchanged and stops unseen experts from being starved for nothing.
     """
     choice = choice.copy()
-    spent = float(sum(b[k] for b, k in zip(items_bytes, choice, strict=True)))
-    free = [i for i, c in enumerate(items_cost) if not np.any(c)]
+    members = list(range(len(items_cost))) if members is None else members
+    spent = float(sum(items_bytes[i][choice[i]] for i in members))
+    free = [i for i in members if not np.any(items_cost[i])]
     upgraded = True
     while upgraded:
         upgraded = False
@@ -153,26 +160,61 @@ def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_byte
     return choice
 
 
+def _spend_global_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_bytes: list[np.ndarray],
+                           budget: float) -> np.ndarray:
+    """Per-layer budgets each leave up to one recipe step unspent; give the summed leftover back greedily, to the
+    upgrade with the largest cost reduction per byte that still fits the overall budget, until none fits."""
+    choice = choice.copy()
+    left = budget - float(sum(b[k] for b, k in zip(items_bytes, choice, strict=True)))
+    while True:
+        best = None
+        for i, (c, b) in enumerate(zip(items_cost, items_bytes, strict=True)):
+            k = choice[i]
+            for k2 in np.flatnonzero((b > b[k]) & (b - b[k] <= left) & (c <= c[k])):  # more bits never hurt
+                gain = (c[k] - c[k2]) / (b[k2] - b[k])
+                if best is None or gain > best[0]:
+                    best = (gain, i, int(k2))
+        if best is None:
+            return choice
+        _, i, k2 = best
+        left -= items_bytes[i][k2] - items_bytes[i][choice[i]]
+        choice[i] = k2
+
+
 def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed",
-                   targets: tuple[str, ...] = EXPERT_TYPES, alpha: float = 1.0, beta: float = 1.5) -> BitPlan:
-    """Choose one recipe per expert (``mixed``) or per layer (``stock``) minimising total cost under a
-    global budget of ``bpw`` true bits per expert weight (all layers share it)."""
+                   targets: tuple[str, ...] = EXPERT_TYPES, alpha: float = ALPHA, beta: float = BETA,
+                   gamma: float = GAMMA, scope: str = SCOPE) -> BitPlan:
+    """Choose one recipe per expert (``mixed``) or per layer (``stock``) minimising total cost under a budget
+    of ``bpw`` true bits per expert weight: one budget all layers share (``scope="global"``) or one per layer
+    (``"layer"``, MC's formulation; what the layers leave unspent is then handed out greedily, so the file
+    still uses the whole budget).
+
+    A global budget trades error between layers on the strength of eps alone, but eps is measured at each layer's
+    own output and says nothing about how an error there grows or fades downstream: on the fixture a global plan
+    (absolute or layer-normalised eps) sent whole layers to Q1_0 and doubled the KLD of the per-layer plan at the
+    same size. ``gamma`` = 2 makes costs additive in squared output error (errors of different experts add
+    like independent vectors), so one huge error is never bought with many small savings.
+    """
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if mode not in ("mixed", "stock"):
         raise McsharpError(f"--mode {mode} is not one of mixed, stock")
+    if scope not in ("global", "layer"):
+        raise McsharpError(f"budget scope {scope} is not one of global, layer")
     if not layers:
         raise McsharpError("the model has no MoE layers to plan; PMQ needs a Mixture-of-Experts checkpoint")
     targets = tuple(targets)
     n_t = len(targets)
     items_cost, items_bytes, owners = [], [], []  # one item = an expert (mixed) or a layer (stock)
     n_weights = 0
+    layer_weights: list[int] = []
     for imp in layers:
         rec_bytes = np.array([Recipe.for_shapes(t, imp.d_model, imp.d_ff).n_bytes(imp.d_model, imp.d_ff)
                               for t in targets], dtype=np.float64)
-        c = costs(imp, targets, alpha, beta)
-        n_weights += imp.n_expert * 3 * imp.d_model * imp.d_ff
+        c = costs(imp, targets, alpha, beta, gamma)
+        layer_weights.append(imp.n_expert * 3 * imp.d_model * imp.d_ff)
+        n_weights += layer_weights[-1]
         if mode == "mixed":
             for e in range(imp.n_expert):
                 items_cost.append(c[e])
@@ -183,22 +225,38 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
             items_bytes.append(rec_bytes * imp.n_expert)
             owners.append((imp.layer, -1))
     cost = np.concatenate(items_cost)
-    nbytes = np.concatenate(items_bytes)
     n_items = len(owners)
     budget = bpw * n_weights / 8.0
-    min_bytes = sum(b.min() for b in items_bytes)
-    if min_bytes > budget:
+    # budget groups: all items (global) or each layer's items
+    if scope == "global":
+        groups = [(list(range(n_items)), budget)]
+    else:
+        by_layer: dict[int, list[int]] = {}
+        for i, (layer, _) in enumerate(owners):
+            by_layer.setdefault(layer, []).append(i)
+        groups = [(by_layer[imp.layer], bpw * nw / 8.0) for imp, nw in zip(layers, layer_weights, strict=True)]
+    min_bpw = max(bpw * sum(items_bytes[i].min() for i in members) / b for members, b in groups)
+    if min_bpw > bpw + 1e-9:
         raise McsharpError(f"--bpw {bpw} is below what the candidate types can reach; the minimum achievable "
-                           f"is {8 * min_bytes / n_weights:.3f} bpw over the expert weights")
+                           f"is {min_bpw:.3f} bpw over the expert weights")
     # Scale costs so HiGHS sees O(1) numbers; the argmin is unchanged.
     scale = cost.max() if cost.max() > 0 else 1.0
     one_each = sparse.kron(sparse.identity(n_items), np.ones((1, n_t)), format="csr")  # DeepSeek: 10^4 items
+    rows = sparse.lil_matrix((len(groups), n_items * n_t))
+    for g, (members, _) in enumerate(groups):
+        for i in members:
+            rows[g, i * n_t:(i + 1) * n_t] = items_bytes[i]
     res = milp(c=cost / scale, integrality=np.ones_like(cost), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(nbytes[None], 0, budget)],
+               constraints=[LinearConstraint(one_each, 1, 1),
+                            LinearConstraint(rows.tocsr(), 0, [b for _, b in groups])],
                options={"disp": False})
     if res.x is None:
         raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
-    choice = _spend_leftover(np.round(res.x).reshape(n_items, n_t).argmax(1), items_cost, items_bytes, budget)
+    choice = np.round(res.x).reshape(n_items, n_t).argmax(1)
+    for members, b in groups:
+        choice = _spend_leftover(choice, items_cost, items_bytes, b, members)
+    if scope == "layer":
+        choice = _spend_global_leftover(choice, items_cost, items_bytes, budget)
     plan_layers: dict[int, list[str]] = {}
     recipes: dict[str, dict[str, str]] = {}
     spent = 0.0
@@ -214,7 +272,8 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
         recipes[f"{layer}:{targets[k]}"] = {"gate": r.gate, "up": r.up, "down": r.down}
         spent += items_bytes[i][k]
     return BitPlan(mode=mode, target_bpw=bpw, achieved_bpw=8 * spent / n_weights, expert_bytes=int(spent),
-                   expert_weights=n_weights, layers=plan_layers, recipes=recipes, alpha=alpha, beta=beta)
+                   expert_weights=n_weights, layers=plan_layers, recipes=recipes, alpha=alpha, beta=beta,
+                   gamma=gamma, scope=scope)
 
 
 def format_plan_table(plan: BitPlan) -> str:

@@ -36,22 +36,27 @@ def _layers(n_layer: int, n_expert: int, seed: int = 0, d_model: int = 256, d_ff
     return out
 
 
-def test_milp_matches_exhaustive_search():
+@pytest.mark.parametrize("scope,gamma", [("global", 1.0), ("layer", 2.0)])
+def test_milp_matches_exhaustive_search(scope, gamma):
     layers = _layers(2, 3, seed=1)
-    plan = solve_bit_plan(layers, bpw=3.6, targets=TARGETS)
+    plan = solve_bit_plan(layers, bpw=3.6, targets=TARGETS, scope=scope, gamma=gamma)
     items = [(imp, e) for imp in layers for e in range(imp.n_expert)]
     nbytes = {t: Recipe.for_shapes(t, 256, 256).n_bytes(256, 256) for t in TARGETS}
-    budget = 3.6 * plan.expert_weights / 8
-    best = None
-    for combo in itertools.product(TARGETS, repeat=len(items)):
-        if sum(nbytes[t] for t in combo) > budget:
-            continue
-        cost = sum(imp.phi[e] * imp.w[e] ** 1.5 * imp.eps[t][e] for (imp, e), t in zip(items, combo, strict=True))
-        if best is None or cost < best[0] - 1e-15:
-            best = (cost, combo)
+    per_layer = 3.6 * plan.expert_weights / 8 / len(layers)
+
+    def feasible(combo) -> bool:
+        if scope == "global":
+            return sum(nbytes[t] for t in combo) <= per_layer * len(layers)
+        return all(sum(nbytes[t] for (imp, _), t in zip(items, combo, strict=True) if imp.layer == lay.layer)
+                   <= per_layer for lay in layers)
+
+    def cost(combo) -> float:
+        return sum(imp.phi[e] * imp.w[e] ** 1.5 * imp.eps[t][e] ** gamma
+                   for (imp, e), t in zip(items, combo, strict=True))
+
+    best = min((cost(c), c) for c in itertools.product(TARGETS, repeat=len(items)) if feasible(c))
     got = tuple(plan.layers[imp.layer][e] for imp, e in items)
-    got_cost = sum(imp.phi[e] * imp.w[e] ** 1.5 * imp.eps[t][e] for (imp, e), t in zip(items, got, strict=True))
-    assert got_cost <= best[0] * (1 + 1e-9)
+    assert feasible(got) and cost(got) <= best[0] * (1 + 1e-9)
     assert plan.achieved_bpw <= 3.6
 
 
