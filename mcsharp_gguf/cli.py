@@ -83,6 +83,9 @@ _otp_train_options = [
     click.option("--otp-target-frac", default=0.75, show_default=True,
                  help="OTP: fraction of the top-k expert slots to execute (on the calibration tokens)."),
     click.option("--otp-hidden", default=32, show_default=True, help="OTP: hidden width of each layer's router."),
+    click.option("--otp-refine-steps", default=0, show_default=True,
+                 help="OTP: then refine all routers end to end on the logits' KL for this many steps (loads the "
+                      "whole model in fp32; 0 = layer-wise training only)."),
 ]
 
 
@@ -106,7 +109,29 @@ def _dense_type_option(flag: str, what: str):
                         help=f"PMQ: ggml type for {what} (default: --outtype).")
 
 
+def _parse_tensor_types(ctx, param, values) -> tuple[tuple[str, str], ...]:
+    import re
+
+    from .formats import QUANT_TYPES
+
+    out = []
+    for v in values:
+        pattern, _, t = v.rpartition("=")
+        if not pattern or t.upper() not in QUANT_TYPES:
+            raise click.BadParameter(f"{v!r}: expected PATTERN=TYPE with TYPE one of {', '.join(QUANT_TYPES)}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise click.BadParameter(f"{v!r}: {pattern!r} is not a regular expression ({e})") from None
+        out.append((pattern, t.upper()))
+    return tuple(out)
+
+
 def dense_type_options(fn):
+    fn = click.option("--tensor-type", "tensor_types", multiple=True, callback=_parse_tensor_types,
+                      metavar="PATTERN=TYPE",
+                      help="PMQ: type for the non-expert GGUF tensors whose name matches the regex PATTERN (first "
+                           "match wins over --attn-type etc.; repeatable, as llama-quantize's --tensor-type).")(fn)
     for flag, what in reversed([("--attn-type", "attention linears (GPTQ)"),
                                 ("--ffn-type", "shared-expert / dense-FFN linears (GPTQ)"),
                                 ("--embd-type", "the token embedding (RTN)"),
@@ -123,10 +148,10 @@ def _check_otp_options(target_frac: float, hidden: int) -> None:
         raise McsharpError(f"--otp-hidden {hidden} must be at least 1")
 
 
-def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int):
+def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine_steps: int = 0):
     from .otp import train_otp
 
-    return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, log=_log)
+    return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, refine_steps=refine_steps, log=_log)
 
 
 @cli.command()
@@ -136,6 +161,8 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int):
               help="Type of the tensors the plan does not cover (all tensors without --bpw).")
 @click.option("--bpw", type=float, default=None, help="PMQ: budget in true bits per expert weight.")
 @click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True)
+@click.option("--budget-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="PMQ: one bit budget per MoE layer, or one shared by all layers (see README).")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Use this plan.json (from `mcsharp plan`) instead of planning now.")
 @calib_options
@@ -147,10 +174,12 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int):
 @dense_type_options
 @otp_options
 @click.option("-v", "--verbose", is_flag=True)
-def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, plan_file: Path | None,
+def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, budget_scope: str,
+            plan_file: Path | None,
             calib: str, calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None,
-            ffn_type: str | None, embd_type: str | None, output_type: str | None, otp: bool,
-            otp_target_frac: float, otp_hidden: int, verbose: bool) -> None:
+            ffn_type: str | None, embd_type: str | None, output_type: str | None,
+            tensor_types: tuple[tuple[str, str], ...], otp: bool,
+            otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, verbose: bool) -> None:
     """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
 
     With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
@@ -173,13 +202,14 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
     # calibration feeds planning, GPTQ and OTP training; a given plan packed with RTN needs none
     needs_calib = otp or bpw is not None and plan is None or planned and use_gptq
     ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len) if needs_calib else None
-    dense = DenseTypes(attn=attn_type, ffn=ffn_type, embd=embd_type, output=output_type)
+    dense = DenseTypes(attn=attn_type, ffn=ffn_type, embd=embd_type, output=output_type, tensor_types=tensor_types)
     if dense.any() and not planned:
-        raise McsharpError("--attn-type/--ffn-type/--embd-type/--output-type quantise alongside a PMQ plan; "
-                           "add --bpw X (or --plan plan.json)")
+        raise McsharpError("--attn-type/--ffn-type/--embd-type/--output-type/--tensor-type quantise alongside a PMQ "
+                           "plan; add --bpw X (or --plan plan.json)")
     compress_checkpoint(model_dir, out, ids, bpw=bpw if plan is None else None, plan=plan, mode=mode,
-                        outtype=outtype, dense=dense, gptq=use_gptq, work_dir=work_dir,
-                        otp_target_frac=otp_target_frac if otp else None, otp_hidden=otp_hidden, log=_log,
+                        scope=budget_scope, outtype=outtype, dense=dense, gptq=use_gptq, work_dir=work_dir,
+                        otp_target_frac=otp_target_frac if otp else None, otp_hidden=otp_hidden,
+                        otp_refine_steps=otp_refine_steps, log=_log,
                         verbose=verbose)
     click.echo(str(out))
 
@@ -188,9 +218,12 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--bpw", type=float, required=True, help="Budget: true bits per expert weight (scales included).")
 @click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True)
+@click.option("--budget-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="PMQ: one bit budget per MoE layer, or one shared by all layers (see README).")
 @calib_options
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
-def plan(model_dir: Path, bpw: float, mode: str, calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
+def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, calib: str, calib_seqs: int, calib_len: int,
+         out: Path) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .convert import check_output_path, validate_model_dir
     from .pmq import format_plan_table, measure_importance, plot_plan, solve_bit_plan
@@ -198,7 +231,7 @@ def plan(model_dir: Path, bpw: float, mode: str, calib: str, calib_seqs: int, ca
     validate_model_dir(model_dir)
     check_output_path(out)
     ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-    result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode)
+    result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode, scope=budget_scope)
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))
@@ -305,8 +338,8 @@ def otp() -> None:
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Router file (.npz).")
 @otp_train_options
 @calib_options
-def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: int, calib: str, calib_seqs: int,
-              calib_len: int) -> None:
+def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, calib: str,
+              calib_seqs: int, calib_len: int) -> None:
     """Train the routers of every MoE layer of MODEL_DIR into a router file for `mcsharp otp add`."""
     from .convert import atomic_output, check_output_path, validate_model_dir
 
@@ -314,7 +347,7 @@ def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: in
     validate_model_dir(model_dir)
     out = check_output_path(out)
     routers = _train_routers(model_dir, _calibration_ids(model_dir, calib, calib_seqs, calib_len),
-                             otp_target_frac, otp_hidden)
+                             otp_target_frac, otp_hidden, otp_refine_steps)
     with atomic_output(out) as tmp:
         routers.save(tmp)
     click.echo(str(out))
@@ -326,8 +359,8 @@ def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: in
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
 @otp_train_options
 @calib_options
-def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, otp_hidden: int, calib: str,
-            calib_seqs: int, calib_len: int) -> None:
+def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, otp_hidden: int,
+            otp_refine_steps: int, calib: str, calib_seqs: int, calib_len: int) -> None:
     """Add OTP routers to GGUF_FILE: SOURCE is the HF checkpoint it came from (routers are trained now)
     or a router file from `mcsharp otp train`."""
     from .convert import check_output_path, validate_model_dir
@@ -346,7 +379,7 @@ def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, ot
                                f"routing, {gguf_file} is {arch} with {n_embd} and top-{k}; pass the checkpoint "
                                "this GGUF was converted from")
         routers = _train_routers(source, _calibration_ids(source, calib, calib_seqs, calib_len), otp_target_frac,
-                                 otp_hidden)
+                                 otp_hidden, otp_refine_steps)
     elif source.is_file():
         routers = OtpRouters.load(source)
     else:

@@ -21,15 +21,14 @@ from .pmq import BitPlan
 from .quantize import DenseTypes
 
 
-def _arch_and_layers(model_dir) -> tuple[str, int]:
-    """(llama.cpp architecture, decoder layer count) of a checkpoint, for GGUF tensor names."""
+def _arch_and_layers(model_dir):
+    """(architecture adapter, decoder layer count) of a checkpoint, for GGUF tensor names."""
     import json
 
     from .converters import get_architecture
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    arch = get_architecture(cfg["architectures"][0])
-    return arch.llama_arch, int(cfg.get("text_config", cfg)["num_hidden_layers"])
+    return get_architecture(cfg["architectures"][0]), int(cfg.get("text_config", cfg)["num_hidden_layers"])
 
 
 @dataclass
@@ -63,9 +62,9 @@ def _dense_metadata(dense: DenseTypes):
 
 def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tensor | None, *,
                         bpw: float | None = None, plan: BitPlan | None = None, mode: str = "mixed",
-                        outtype: str = "f16", dense: DenseTypes | None = None, gptq: bool = True,
+                        scope: str = "layer", outtype: str = "f16", dense: DenseTypes | None = None, gptq: bool = True,
                         work_dir: Path | None = None,
-                        otp_target_frac: float | None = None, otp_hidden: int = 32,
+                        otp_target_frac: float | None = None, otp_hidden: int = 32, otp_refine_steps: int = 0,
                         log: Callable[[str], None] = print, verbose: bool = False) -> CompressResult:
     """Convert ``model_dir`` to ``out`` with PMQ experts (``bpw`` budget or a given ``plan``) and/or OTP routers
     (``otp_target_frac`` set).
@@ -83,7 +82,7 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     out = Path(out)
     if plan is None and bpw is not None:
         log(f"[pmq] measuring expert importance on {ids.numel()} calibration tokens")
-        plan = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode)
+        plan = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode, scope=scope)
     hook = None
     dense = dense if dense is not None and dense.any() else None
     work = work_dir or out.with_name(out.name + ".work")
@@ -104,7 +103,8 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     routers = None
     if otp_target_frac is not None:
         log(f"[otp] training routers for executed fraction {otp_target_frac}")
-        routers = train_otp(model_dir, ids, target_frac=otp_target_frac, hidden=otp_hidden, log=log)
+        routers = train_otp(model_dir, ids, target_frac=otp_target_frac, hidden=otp_hidden,
+                            refine_steps=otp_refine_steps, log=log)
     convert_checkpoint(model_dir, out, outtype=outtype, hook=hook, verbose=verbose,
                        extra_kv=_chain_kv(plan_metadata(plan) if plan is not None else None,
                                           _dense_metadata(dense) if dense is not None else None,

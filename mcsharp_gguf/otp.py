@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -468,10 +469,124 @@ def prune_overrides(otp: str | None = None, top_k: int | None = None, prune_mu: 
 
 
 def train_otp(model_dir: str | Path, token_ids: torch.Tensor, target_frac: float = DEFAULT_TARGET_FRAC,
-              hidden: int = DEFAULT_HIDDEN, log: Callable[[str], None] | None = None,
+              hidden: int = DEFAULT_HIDDEN, refine_steps: int = 0, log: Callable[[str], None] | None = None,
               progress: bool = True) -> OtpRouters:
-    """Calibrate (layer-streamed) and train the routers of every MoE layer of a checkpoint."""
+    """Calibrate (layer-streamed) and train the routers of every MoE layer of a checkpoint; with
+    ``refine_steps`` > 0, then refine them end to end on the logits' KL (:func:`refine_otp_kl`)."""
     routers = fit_otp(capture_otp_data(model_dir, token_ids, progress=progress), target_frac=target_frac,
                       hidden=hidden, log=log)
     routers.arch = model_moe_shape(model_dir)[0]
+    if refine_steps > 0:
+        routers = refine_otp_kl(model_dir, token_ids, routers, steps=refine_steps, log=log, progress=progress)
     return routers
+
+
+def _router_from_arrays(lay: dict[str, np.ndarray]) -> OtpRouter:
+    r = OtpRouter(lay["w1"].shape[1], lay["w1"].shape[0], lay["w2"].shape[0])
+    keys = {"w1": "fc1.weight", "b1": "fc1.bias", "w2": "fc2.weight", "b2": "fc2.bias"}
+    r.load_state_dict({keys[k]: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in lay.items()})
+    return r
+
+
+def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRouters, steps: int = 40,
+                  lr: float = 1e-3, batch: int = 2, tau: tuple[float, float] = (1.0, 0.2), rho: float = 10.0,
+                  seed: int = 0, log: Callable[[str], None] | None = None, progress: bool = True) -> OtpRouters:
+    """Fine-tune every layer's router jointly on KL(full model ‖ pruned model) of the next-token distribution.
+
+    The layer-wise training sees one block's output error at a time, with the full model's inputs; here the
+    pruned model runs end to end (each router sees what upstream pruning produced) and the loss is what the
+    evaluation measures. Keep masks are straight-through Gumbel-sigmoid samples as in training, plus
+    ρ·Σ(layer executed fraction − target)² to hold each layer at the target; afterwards each layer's keep logits
+    are shifted (into b2) so that, with every router active, it executes exactly the target fraction of its
+    calibration slots. Needs the whole model in memory in fp32 (the layer-wise stage streams): for models that
+    fit, e.g. the fixture.
+    """
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from .calib import LayerStream
+
+    stream = LayerStream.open(model_dir)  # the adapter: where blocks / experts live, how weights renormalise
+    arch, renorm = stream.arch, renormalises(stream.arch, stream.config)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mods = {n: _router_from_arrays(lay) for n, lay in routers.layers.items()}
+    state: dict = {"mode": "off", "tau": tau[0], "x": {}, "keep": {}}
+
+    def save_x(n, mod, args):
+        state["x"][n] = args[0].reshape(-1, args[0].shape[-1])
+
+    def mask(n, mod, args):
+        if state["mode"] == "off":
+            return None
+        x, idx, w = args[0], args[1], args[2]
+        order = torch.argsort(w.detach(), dim=1, descending=True, stable=True)  # the runtime's slot order
+        ws = w.gather(1, order)
+        logits = mods[n](state["x"][n])
+        if state["mode"] == "soft":
+            u = torch.rand(logits.shape, generator=g).clamp(1e-6, 1 - 1e-6)
+            soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / state["tau"])
+            keep = (soft > 0.5).float() + soft - soft.detach()
+        else:
+            keep = (logits > 0).float()
+        keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
+        state["keep"][n] = keep
+        kept = pruned_weights(ws, keep, renorm)
+        return x, idx, torch.zeros_like(w).scatter(1, order, kept)
+
+    hooks = []
+    for n, layer in enumerate(model.model.layers):
+        if n in mods:
+            block = getattr(layer, arch.moe_block)
+            hooks.append(block.register_forward_pre_hook(partial(save_x, n)))
+            hooks.append(getattr(block, arch.experts).register_forward_pre_hook(partial(mask, n)))
+    params = [p for r in mods.values() for p in r.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    target = routers.target_frac
+    n_seq = token_ids.shape[0]
+    try:
+        for step in tqdm(range(steps), desc="otp kl refine", unit="step", disable=not progress):
+            state["tau"] = tau[0] * (tau[1] / tau[0]) ** (step / max(steps - 1, 1))
+            rows = token_ids[torch.arange(step * batch, (step + 1) * batch) % n_seq]
+            with torch.no_grad():
+                state["mode"] = "off"
+                teacher = torch.log_softmax(model(rows, use_cache=False).logits.float(), -1)
+            state["mode"] = "soft"
+            student = torch.log_softmax(model(rows, use_cache=False).logits.float(), -1)
+            kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+            pen = sum((k.mean() - target) ** 2 for k in state["keep"].values()) / len(mods)
+            loss = kl + rho * pen
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if log and (step == 0 or step == steps - 1):
+                log(f"[otp] kl refine step {step}: KL {kl.item():.4f}, fraction penalty {pen.item():.5f}")
+        # shift each layer to the target on the calibration tokens, every router active (as at run time)
+        state["mode"], xs = "hard", {n: [] for n in mods}
+        with torch.no_grad():
+            for s in range(n_seq):
+                model(token_ids[s:s + 1], use_cache=False)
+                for n in mods:
+                    xs[n].append(state["x"][n])
+    finally:
+        for h in hooks:
+            h.remove()
+    out = OtpRouters(**{**routers.__dict__, "layers": {}})
+    fracs = []
+    with torch.no_grad():
+        for n, r in mods.items():
+            lg = r(torch.cat(xs[n]))
+            shift = shift_for_frac([lg], target)
+            fracs.append(executed_frac([lg], shift))
+            st = r.state_dict()
+            out.layers[n] = {"w1": st["fc1.weight"].numpy().astype(np.float32),
+                             "b1": st["fc1.bias"].numpy().astype(np.float32),
+                             "w2": st["fc2.weight"].numpy().astype(np.float32),
+                             "b2": (st["fc2.bias"] + shift).numpy().astype(np.float32)}
+    out.calib_frac = float(np.mean(fracs))
+    if log:
+        log(f"[otp] after KL refinement: calibration executed fraction {out.calib_frac:.3f}")
+    return out

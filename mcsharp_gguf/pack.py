@@ -114,22 +114,20 @@ def dense_class(name: str, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def dense_hook(types, work_dir=None, arch: str | None = None, n_layer: int = 0, log=print):
-    """A ``convert_checkpoint`` hook writing the non-expert tensors at ``types`` (a quantize.DenseTypes).
+def dense_hook(types, work_dir=None, arch=None, n_layer: int = 0, log=print):
+    """A ``convert_checkpoint`` hook writing the non-expert tensors at ``types`` (a quantize.DenseTypes); ``arch``
+    is the architecture adapter and ``n_layer`` its decoder layer count.
 
     Tensors GPTQ'd in ``work_dir`` (by ``quantize_experts(..., dense=types)``) are served from it, with their
     rows reordered if the converter reordered them (llama.cpp permutes llama's q/k rows for RoPE); any other
     tensor of a chosen class (the token embedding, a tensor the converter reshaped) gets RTN on its type.
     """
-    from .llama_src import import_gguf
-    from .quantize import load_dense_entries, row_keys
+    from .quantize import gguf_name_map, load_dense_entries, row_keys
 
     by_name: dict[str, dict] = {}
     loaded: set = set()
     if work_dir is not None:
-        gguf = import_gguf()
-        arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
-        name_map = gguf.get_tensor_name_map(arch_enum, n_layer)
+        name_map = gguf_name_map(arch, n_layer)
 
     def entries(bid):
         if work_dir is None or bid in loaded:
@@ -142,14 +140,14 @@ def dense_hook(types, work_dir=None, arch: str | None = None, n_layer: int = 0, 
 
     def hook(name: str, tensor, bid):
         cls = dense_class(name, tuple(tensor.shape))
-        t = getattr(types, cls) if cls is not None else None
+        t = types.type_for(name, cls) if cls is not None else None
         if t is None:
             return None
         entries(bid)
         entries(None)
         w = tensor.float()
         entry = by_name.get(name)
-        if entry is not None and tuple(entry["dequant"].shape) == tuple(w.shape):
+        if entry is not None and tuple(entry["shape"]) == tuple(w.shape):
             keys = row_keys(w)
             if keys == entry["row_keys"]:
                 return [(name, entry["packed"], ggml_type(entry["type"]))]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -71,19 +72,41 @@ class DenseTypes:
 
     ``attn``: attention linears; ``ffn``: shared-expert and dense-FFN linears (both GPTQ on their own input
     Hessians, in the same layer stream as the experts); ``output``: the LM head (GPTQ on the final-norm
-    Hessian); ``embd``: the token embedding (RTN: a lookup table has no input Hessian).
+    Hessian); ``embd``: the token embedding (RTN: a lookup table has no input Hessian). ``tensor_types``:
+    (regex, type) rules on GGUF tensor names, first match wins over the class type (llama-quantize's
+    ``--tensor-type``), e.g. ``(r"attn_v", "Q8_0")``.
     """
 
     attn: str | None = None
     ffn: str | None = None
     embd: str | None = None
     output: str | None = None
+    tensor_types: tuple[tuple[str, str], ...] = ()
 
     def any(self) -> bool:
-        return any(v is not None for v in asdict(self).values())
+        return bool(self.tensor_types) or any(getattr(self, c) is not None for c in DENSE_CLASSES)
+
+    def type_for(self, gguf_name: str, cls: str) -> str | None:
+        """The type of GGUF tensor ``gguf_name`` of class ``cls`` (None: left at --outtype)."""
+        for pattern, t in self.tensor_types:
+            if re.search(pattern, gguf_name):
+                return t
+        return getattr(self, cls)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+DENSE_CLASSES = ("attn", "ffn", "embd", "output")
+
+
+def gguf_name_map(arch, n_layer: int):
+    """llama.cpp's checkpoint → GGUF tensor-name map for an adapter's architecture."""
+    from .llama_src import import_gguf
+
+    gguf = import_gguf()
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch.llama_arch]
+    return gguf.get_tensor_name_map(arch_enum, n_layer)
 
 
 def dense_linears(layer: torch.nn.Module, arch) -> dict[str, tuple[str, torch.nn.Linear]]:
@@ -119,19 +142,17 @@ def row_keys(w: torch.Tensor) -> list[bytes]:
 def _quantize_linear(w: torch.Tensor, h: HessianAccumulator | None, type_name: str) -> dict:
     t = storable_type(type_name, w.shape[1])
     res = gptq_quantize(w, h.H, t) if h is not None and h.n > 0 else quantize_rtn(w, t)
-    return {"type": t, "packed": np.asarray(res.packed), "dequant": res.dequant, "row_keys": row_keys(w)}
+    return {"type": t, "packed": np.asarray(res.packed), "dequant": res.dequant, "row_keys": row_keys(w),
+            "shape": tuple(w.shape)}
 
 
-def _dense_class_types(types: DenseTypes) -> dict[str, str]:
-    return {c: t for c, t in (("attn", types.attn), ("ffn", types.ffn)) if t is not None}
-
-
-def quantize_dense(mods: dict[str, torch.nn.Linear], hess: dict[str, HessianAccumulator], arch, layer: int,
-                   cls_types: dict[str, str], gptq: bool = True) -> dict[str, dict]:
-    """GPTQ (RTN without calibration) of a layer's dense linears; keyed by checkpoint name."""
+def quantize_dense(mods: dict[str, tuple[str, torch.nn.Linear]], hess: dict[str, HessianAccumulator], arch,
+                   layer: int, gptq: bool = True) -> dict[str, dict]:
+    """GPTQ (RTN without calibration) of a layer's dense linears, ``mods``: local name → (type, module); keyed
+    by checkpoint name."""
     return {checkpoint_name(arch, layer, n): {**_quantize_linear(m.weight.detach(), hess.get(n) if gptq else None,
-                                                                 cls_types[c]), "local": n}
-            for n, (c, m) in mods.items()}
+                                                                 t), "local": n}
+            for n, (t, m) in mods.items()}
 
 
 def _apply_dense(layer: torch.nn.Module, done: dict[str, dict]) -> None:
@@ -149,14 +170,19 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
 
     dense = dense or DenseTypes()
     check_work_dir(work_dir, plan, dense)
-    cls_types = _dense_class_types(dense)
     stream = LayerStream.open(model_dir)
+    names = gguf_name_map(stream.arch, stream.n_layer)
     hidden = stream.embed(token_ids)
     bar = tqdm(total=stream.n_layer, desc="gptq layers", unit="layer", disable=not progress)
     for i, layer, run in stream.layers(hidden):
         block = stream.moe_block(layer)
         planned = block is not None and i in plan.layers
-        mods = {n: cm for n, cm in dense_linears(layer, stream.arch).items() if cm[0] in cls_types}
+        mods = {}  # local name → (class, type, module) of the linears this layer quantises
+        for n, (c, m) in dense_linears(layer, stream.arch).items():
+            gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
+            t = dense.type_for(gname, c) if gname is not None else None
+            if t is not None:
+                mods[n] = (c, t, m)
         if not planned and not mods:
             hidden = run(hidden)
             bar.update()
@@ -166,12 +192,12 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
             done = torch.load(path, weights_only=False)
         else:
             done = {"dense": {}}
-            attn = {n: cm for n, cm in mods.items() if cm[0] == "attn"}
+            attn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "attn"}
             if attn:  # attention first: the FFN side then sees what the quantised attention produces
                 _, hess = _with_hessians({n: m for n, (_, m) in attn.items()}, run, hidden)
-                done["dense"].update(quantize_dense(attn, hess, stream.arch, i, cls_types, gptq))
+                done["dense"].update(quantize_dense(attn, hess, stream.arch, i, gptq))
                 _apply_dense(layer, done["dense"])
-            ffn = {n: cm for n, cm in mods.items() if cm[0] == "ffn"}
+            ffn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "ffn"}
             hooks_for = {n: m for n, (_, m) in ffn.items()}
             if planned:
                 experts = getattr(block, stream.arch.experts)
@@ -183,7 +209,7 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
             elif ffn:
                 _, hess = _with_hessians(hooks_for, run, hidden)
             if ffn:
-                done["dense"].update(quantize_dense(ffn, hess, stream.arch, i, cls_types, gptq))
+                done["dense"].update(quantize_dense(ffn, hess, stream.arch, i, gptq))
             tmp = path.with_suffix(".tmp")
             torch.save(done, tmp)
             os.replace(tmp, path)
@@ -198,12 +224,14 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
         hidden = run(hidden)
         bar.update()
     bar.close()
-    if dense.output is not None and not _output_file(work_dir).exists():
+    out_type = dense.type_for("output.weight", "output")
+    if out_type is not None and not _output_file(work_dir).exists():
         head = stream.lm_head()
         h = HessianAccumulator(head.shape[1])
         if gptq:
             h.add(stream.final_norm(hidden))
-        res = _quantize_linear(head, h if gptq else None, dense.output)
+        res = _quantize_linear(head, h if gptq else None, out_type)
+        del res["dequant"]  # nothing runs after the head: keep the work dir small
         tmp = _output_file(work_dir).with_suffix(".tmp")
         torch.save({stream.lm_head_name(): res}, tmp)
         os.replace(tmp, _output_file(work_dir))

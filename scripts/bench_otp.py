@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--pmq", type=Path, default=None, help="A PMQ GGUF of the fixture to time with OTP too.")
     ap.add_argument("--speed-target", type=float, default=0.75)
+    ap.add_argument("--refine-steps", type=int, default=0,
+                    help="Also refine the routers end to end on the logits' KL (this many steps) at --refine-targets")
+    ap.add_argument("--refine-targets", default="0.75")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -53,7 +56,14 @@ def main() -> None:
     from mcsharp_gguf.convert import convert_checkpoint
     from mcsharp_gguf.evaluate import evaluate_gguf, reference_logits
     from mcsharp_gguf.fixture import cached_fixture
-    from mcsharp_gguf.otp import add_otp_to_gguf, capture_otp_data, prune_overrides, select_for_target, train_candidates
+    from mcsharp_gguf.otp import (
+        add_otp_to_gguf,
+        capture_otp_data,
+        prune_overrides,
+        refine_otp_kl,
+        select_for_target,
+        train_candidates,
+    )
     from mcsharp_gguf.text import calibration_text, heldout_text
 
     t_start = time.time()
@@ -100,6 +110,14 @@ def main() -> None:
         add_otp_to_gguf(f16, routers, path)
         otp_files[tgt] = (path, routers)
         point("otp", tgt, path, {})
+    refine_s = {}
+    for tgt in ([float(t) for t in args.refine_targets.split(",")] if args.refine_steps else []):
+        t0 = time.time()
+        routers = refine_otp_kl(model, ids, select_for_target(cands, data, tgt), steps=args.refine_steps, log=log)
+        refine_s[tgt] = time.time() - t0
+        path = args.work / f"fixture-f16-otpkl{tgt:.3f}.gguf"
+        add_otp_to_gguf(f16, routers, path)
+        point("otp+kl", tgt, path, {})
     for kk in range(k - 1, k - 4, -1):
         point("static", kk, f16, prune_overrides(top_k=kk))
     for mu in [float(m) for m in args.mus.split(",")]:
@@ -111,8 +129,8 @@ def main() -> None:
               for rule in ("static", "threshold")}
     comparison = []
     for r in rows:
-        if r["rule"] == "otp":
-            comparison.append({"otp_frac": r["executed_frac"], "otp_kld": r["kld_mean"],
+        if r["rule"] in ("otp", "otp+kl"):
+            comparison.append({"rule": r["rule"], "otp_frac": r["executed_frac"], "otp_kld": r["kld_mean"],
                                **{f"{rule}_kld": interp(c, r["executed_frac"]) for rule, c in curves.items()}})
 
     # speed: OTP on vs unpruned on one file, interleaved rounds in one process
@@ -126,7 +144,7 @@ def main() -> None:
     result = {
         "fixture": str(model), "reference": str(f16), "heldout_tokens": base["n_tokens"],
         "calib_tokens": int(ids.numel()),
-        "train_seconds": train_s, "curve": rows, "otp_vs_baselines": comparison,
+        "train_seconds": train_s, "refine_seconds": refine_s, "curve": rows, "otp_vs_baselines": comparison,
         "speed_file": str(speed_path), "speed": speed,
         "decode_ratio_otp_vs_unpruned": speed["otp"]["decode_tok_s"] / speed["unpruned"]["decode_tok_s"],
         "prefill_ratio_otp_vs_unpruned": speed["otp"]["prefill_tok_s"] / speed["unpruned"]["prefill_tok_s"],

@@ -19,7 +19,7 @@ from mcsharp_gguf.gguf_edit import open_gguf
 from mcsharp_gguf.quantize import DenseTypes, dense_linears, load_dense_entries
 from mcsharp_gguf.text import calibration_text, heldout_text
 
-DENSE = DenseTypes(attn="Q8_0", ffn="Q8_0", embd="Q8_0", output="Q8_0")
+DENSE = DenseTypes(attn="Q8_0", ffn="Q8_0", embd="Q8_0", output="Q8_0", tensor_types=((r"blk\.1\.attn_v", "Q5_0"),))
 
 
 @pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
@@ -34,6 +34,7 @@ def test_dense_gptq_lands_in_the_file(arch, tiny_model, tmp_path):
     data = {t.name: np.asarray(t.data) for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.1.attn_output.weight"] == "Q8_0"
     assert types["token_embd.weight"] == "Q8_0" and types["output.weight"] == "Q8_0"
+    assert types["blk.1.attn_v.weight"] == "Q5_0" and types["blk.0.attn_v.weight"] == "Q8_0"  # a --tensor-type rule
     if arch == "qwen2moe":
         assert types["blk.0.ffn_down_shexp.weight"] == "Q8_0"
         assert types["blk.0.ffn_gate_inp_shexp.weight"] in ("F32", "F16")  # a 1-row gate stays as it was

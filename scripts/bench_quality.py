@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""PMQ quality against llama.cpp's own quantisation on the embedded fixture, at matched file size, in one run.
+
+Every file is scored against the fixture's F16 GGUF on the held-out text (4096 tokens, 512-token chunks): KLD
+mean / p99, top-1 agreement, PPL. Rows:
+
+(a) llama.cpp ``llama-quantize`` presets (RTN), (b) the same with an importance matrix from ``llama-imatrix`` on
+the calibration text (the IQ presets need it), and for each size point P (a llama.cpp preset):
+(c) uniform GPTQ: the experts in llama.cpp's own types for P (one type per projection, every expert), GPTQ'd;
+(d) PMQ stock: per-layer expert types (MILP) in the same expert bytes; (e) PMQ mixed: per-expert types.
+(c)-(e) give every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
+produce, become the largest scalar type of no more bits) and GPTQ it in the same layer stream, and the experts
+get the bytes that leaves: the files match P's size to well under 2%.
+
+Calibration for everything: the first 60,000 characters of pydoc text (never the held-out range).
+
+Usage: python scripts/bench_quality.py [--work out/bench-quality] [--points Q3_K_M,Q2_K] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LLAMA_ROWS = [("Q8_0", False), ("Q4_K_M", False), ("Q3_K_M", False), ("Q3_K_M", True), ("Q2_K", False),
+              ("Q2_K", True), ("IQ3_XXS", True), ("IQ2_M", True), ("IQ2_XS", True)]
+CALIB_CHARS = 60_000
+EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+
+
+def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name → (ggml type, ggml shape ne, element count, bytes) of every tensor in a GGUF."""
+    from mcsharp_gguf.gguf_edit import open_gguf
+
+    return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.n_elements), int(t.n_bytes))
+            for t in open_gguf(path).tensors}
+
+
+def expert_totals(types: dict) -> tuple[int, int]:
+    """(weights, bytes) of the routed-expert tensors."""
+    ex = [v for n, v in types.items() if EXPERT_RE.match(n)]
+    return sum(v[2] for v in ex), sum(v[3] for v in ex)
+
+
+def scalar_type_for(t: str) -> str:
+    """The type GPTQ here writes for llama.cpp's type ``t``: itself, or the largest scalar type of ≤ its bits."""
+    from mcsharp_gguf import formats as F
+
+    if t in F.QUANT_TYPES:
+        return t
+    from mcsharp_gguf.llama_src import import_gguf
+
+    gguf = import_gguf()
+    bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
+    bpw = 8 * ts / bs
+    return max((x for x in F.QUANT_TYPES if F.bits_per_weight(x) <= bpw + 1e-9), key=F.bits_per_weight)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("out/bench-quality"))
+    ap.add_argument("--points", default="Q3_K_M,Q2_K", help="llama.cpp presets whose sizes (c)-(e) match")
+    ap.add_argument("--llama-rows", default=",".join(f"{t}{'+im' if im else ''}" for t, im in LLAMA_ROWS))
+    ap.add_argument("--json", dest="json_out", type=Path, default=None)
+    args = ap.parse_args()
+
+    from mcsharp_gguf.native import build as nb
+
+    from mcsharp_gguf import formats as F
+    from mcsharp_gguf.calib import calibration_token_ids, peak_rss_mb
+    from mcsharp_gguf.convert import convert_checkpoint
+    from mcsharp_gguf.evaluate import evaluate_gguf, reference_logits
+    from mcsharp_gguf.fixture import cached_fixture
+    from mcsharp_gguf.inspect_gguf import read_report
+    from mcsharp_gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata
+    from mcsharp_gguf.pmq import BitPlan, measure_importance, solve_bit_plan
+    from mcsharp_gguf.quantize import DenseTypes, WorkDirQuantiser, quantize_experts
+    from mcsharp_gguf.text import calibration_text, heldout_text
+
+    t_start = time.time()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    model = cached_fixture(log=log)
+    arch_cfg = json.loads((model / "config.json").read_text())
+    from mcsharp_gguf.converters import get_architecture
+
+    arch, n_layer = get_architecture(arch_cfg["architectures"][0]), arch_cfg["num_hidden_layers"]
+    f16 = work / "fixture-f16.gguf"
+    if not f16.exists():
+        convert_checkpoint(model, f16, outtype="f16")
+    tools = Path(nb.build(nb.BuildOptions(tools=True), log=log).lib_dir) / "bin"
+    calib = work / "calib.txt"
+    calib.write_text(calibration_text(CALIB_CHARS))
+    imatrix = work / "imatrix.gguf"
+    timings: dict[str, float] = {}
+    if not imatrix.exists():
+        t0 = time.time()
+        run([str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o", str(imatrix), "-c", "512",
+             "-t", "2", "--no-ppl"])
+        timings["llama-imatrix s"] = time.time() - t0
+
+    text = heldout_text()
+    log("[quality] reference logits (F16)")
+    ref = reference_logits(f16, text, progress=False)
+    rows: list[dict] = []
+
+    def score(name: str, kind: str, path: Path, expert_bpw: float | None = None, **extra) -> dict:
+        r = evaluate_gguf(path, text, base_logits=ref, progress=False).to_json()
+        row = {"name": name, "kind": kind, "file_mb": path.stat().st_size / 1e6, "expert_bpw": expert_bpw,
+               "kld_mean": r["kld_mean"], "kld_p99": r["kld_p99"], "top1": r["top1_agree"], "ppl": r["ppl"],
+               **extra}
+        log(f"[quality] {name:<28} {row['file_mb']:7.1f} MB  KLD {row['kld_mean']:.4f}  p99 {row['kld_p99']:.3f}  "
+            f"top1 {row['top1']:.3f}  PPL {row['ppl']:.2f}")
+        rows.append(row)
+        return row
+
+    score("F16", "reference", f16, 16.0)
+    llama_files: dict[str, Path] = {}
+    for spec in args.llama_rows.split(","):
+        preset, im = spec.removesuffix("+im"), spec.endswith("+im")
+        out = work / f"llama-{preset}{'-imatrix' if im else ''}.gguf"
+        if not out.exists():
+            t0 = time.time()
+            run([str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if im else []), str(f16), str(out),
+                 preset, "2"])
+            timings[f"llama-quantize {spec} s"] = time.time() - t0
+        llama_files[spec] = out
+        n_w, n_b = expert_totals(tensor_types(out))
+        score(f"llama.cpp {preset}{' + imatrix' if im else ''}", "(b)" if im else "(a)", out, 8 * n_b / n_w)
+
+    from transformers import AutoTokenizer
+
+    n_tok = len(AutoTokenizer.from_pretrained(model)(calibration_text(CALIB_CHARS), add_special_tokens=False)
+                ["input_ids"])
+    ids = calibration_token_ids(model, calibration_text(CALIB_CHARS), n_tok // 512, 512)
+    imp_cache = work / f"importance-{ids.shape[0]}x512.json"
+    if imp_cache.exists():
+        from mcsharp_gguf.pmq import LayerImportance
+
+        importance = [LayerImportance(**d) for d in json.loads(imp_cache.read_text())]
+    else:
+        t0 = time.time()
+        importance = measure_importance(model, ids)
+        timings["importance s"] = time.time() - t0
+        imp_cache.write_text(json.dumps([d.__dict__ for d in importance]))
+
+    for point in args.points.split(","):
+        src = llama_files.get(f"{point}+im") or llama_files[point]
+        types = tensor_types(src)
+        # non-expert tensors: llama.cpp's type for each (scalar stand-in for IQ types), exact-name rules
+        rules = []
+        ours_dense = theirs_dense = 0
+        for n, (t, _, n_el, b) in sorted(types.items()):
+            if EXPERT_RE.match(n) or t in ("F32", "F16", "BF16"):
+                continue
+            ours = scalar_type_for(t)
+            rules.append((rf"^{re.escape(n)}$", ours))
+            theirs_dense += b
+            ours_dense += n_el // F.block_size(ours) * F.type_size(ours)
+        dense = DenseTypes(tensor_types=tuple(rules))
+        n_w, spent = expert_totals(types)
+        bpw = 8 * (spent + theirs_dense - ours_dense) / n_w
+        log(f"[quality] point {point}: {src.stat().st_size / 1e6:.1f} MB, experts get {bpw:.3f} bpw")
+        plans = {}
+        layer_types = {}
+        for n, (t, *_) in types.items():
+            m = EXPERT_RE.match(n)
+            if m:
+                layer_types.setdefault(int(m.group(1)), {})[m.group(2)] = t
+        if all(t in F.QUANT_TYPES for lt in layer_types.values() for t in lt.values()):
+            n_e = importance[0].n_expert
+            plans["(c) uniform GPTQ"] = BitPlan(
+                mode="stock", target_bpw=bpw, achieved_bpw=8 * spent / n_w, expert_bytes=spent, expert_weights=n_w,
+                layers={lay: [f"L{lay}"] * n_e for lay in layer_types},
+                recipes={f"{lay}:L{lay}": layer_types[lay] for lay in layer_types})
+        plans["(d) PMQ stock"] = solve_bit_plan(importance, bpw, mode="stock")
+        plans["(e) PMQ mixed"] = solve_bit_plan(importance, bpw, mode="mixed")
+        for kind, plan in plans.items():
+            out = work / f"ours-{point}-{kind[1]}.gguf"
+            wd = work / f"ours-{point}-{kind[1]}.work"
+            t0 = time.time()
+            quantize_experts(model, plan, ids, wd, dense=dense)
+            hook = chain_hooks(plan_hook(plan, WorkDirQuantiser(wd)), dense_hook(dense, wd, arch, n_layer, log=log))
+            convert_checkpoint(model, out, outtype="f16", hook=hook, extra_kv=plan_metadata(plan))
+            rep = read_report(out)
+            score(f"{kind} @ {point}", kind[:3], out, rep.classes["experts"].bpw, point=point,
+                  size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0)
+    timings["peak RSS MB"] = peak_rss_mb()
+    result = {"rows": rows, "timings": timings, "wall_s": time.time() - t_start, "calib_tokens": int(ids.numel())}
+    print(format_table(rows))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| file | kind | size MB | expert bpw | KLD mean | KLD p99 | top-1 | PPL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bpw = f"{r['expert_bpw']:.3f}" if r.get("expert_bpw") is not None else "-"
+        lines.append(f"| {r['name']} | {r['kind']} | {r['file_mb']:.1f} | {bpw} | {r['kld_mean']:.4f} | "
+                     f"{r['kld_p99']:.3f} | {r['top1']:.3f} | {r['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
