@@ -219,12 +219,13 @@ class OtpRouters:
     calib_err: float  # mean normalised block-output error on the calibration tokens
     lam: list[float]  # the λ each layer's router was trained with
     arch: str = ""  # llama.cpp architecture of the model they were trained on ("" = unknown)
+    calib_kl: tuple[float, float] | None = None  # end-to-end KL before / after refine_otp_kl, if it ran
     layers: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         """One ``.npz``: arrays ``L.w1`` … plus a JSON header."""
         head = {k: getattr(self, k) for k in ("n_embd", "top_k", "hidden", "target_frac", "calib_frac",
-                                                "calib_err", "lam", "arch")}
+                                                "calib_err", "lam", "arch", "calib_kl")}
         arrays = {f"{n}.{k}": v for n, lay in self.layers.items() for k, v in lay.items()}
         with open(path, "wb") as fh:
             np.savez(fh, __header__=np.frombuffer(json.dumps(head).encode(), dtype=np.uint8), **arrays)
@@ -498,8 +499,10 @@ def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRo
     evaluation measures. Keep masks are straight-through Gumbel-sigmoid samples as in training, plus
     ρ·Σ(layer executed fraction − target)² to hold each layer at the target; afterwards each layer's keep logits
     are shifted (into b2) so that, with every router active, it executes exactly the target fraction of its
-    calibration slots. Needs the whole model in memory in fp32 (the layer-wise stage streams): for models that
-    fit, e.g. the fixture.
+    calibration slots. ``calib_kl`` of the result records the end-to-end KL on the calibration tokens before and
+    after, both at the target fraction; when refinement did not lower it, the layer-wise routers (re-shifted)
+    are returned. Needs the whole model in memory in fp32 (the layer-wise stage streams): for models that fit,
+    e.g. the fixture.
     """
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -509,7 +512,6 @@ def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRo
     stream = LayerStream.open(model_dir)  # the adapter: where blocks / experts live, how weights renormalise
     arch, renorm = stream.arch, renormalises(stream.arch, stream.config)
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -527,9 +529,10 @@ def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRo
         ws = w.gather(1, order)
         logits = mods[n](state["x"][n])
         if state["mode"] == "soft":
-            u = torch.rand(logits.shape, generator=g).clamp(1e-6, 1 - 1e-6)
-            soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / state["tau"])
-            keep = (soft > 0.5).float() + soft - soft.detach()
+            # the deployed rule (logit > 0) in the forward pass, a sigmoid's gradient in the backward one: no
+            # Gumbel noise here, since random keeps near the threshold would train a rule that is never run
+            soft = torch.sigmoid(logits / state["tau"])
+            keep = (logits > 0).float() + soft - soft.detach()
         else:
             keep = (logits > 0).float()
         keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
@@ -547,7 +550,38 @@ def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRo
     opt = torch.optim.Adam(params, lr=lr)
     target = routers.target_frac
     n_seq = token_ids.shape[0]
+
+    def hard_kl_and_inputs() -> tuple[float, dict[int, torch.Tensor]]:
+        """KL(full ‖ pruned) over all calibration tokens with the hard rule, and every router's inputs."""
+        xs, kls = {n: [] for n in mods}, []
+        with torch.no_grad():
+            for s in range(n_seq):
+                state["mode"] = "off"
+                teacher = torch.log_softmax(model(token_ids[s:s + 1], use_cache=False).logits.float(), -1)
+                state["mode"] = "hard"
+                student = torch.log_softmax(model(token_ids[s:s + 1], use_cache=False).logits.float(), -1)
+                kls.append((teacher.exp() * (teacher - student)).sum(-1).flatten())
+                for n in mods:
+                    xs[n].append(state["x"][n])
+        return float(torch.cat(kls).mean()), {n: torch.cat(v) for n, v in xs.items()}
+
+    def shift_to_target() -> list[float]:
+        """Shift every router's keep logits so it executes the target fraction with upstream pruning active."""
+        _, xs = hard_kl_and_inputs()
+        fracs = []
+        with torch.no_grad():
+            for n, r in mods.items():
+                lg = r(xs[n])
+                shift = shift_for_frac([lg], target)
+                fracs.append(executed_frac([lg], shift))
+                r.fc2.bias.add_(shift)
+        return fracs
+
     try:
+        # the layer-wise routers were shifted on unpruned inputs; compare both at the same fraction, as run
+        fracs = shift_to_target()
+        kl_before, _ = hard_kl_and_inputs()
+        start = {n: {k: v.clone() for k, v in r.state_dict().items()} for n, r in mods.items()}
         for step in tqdm(range(steps), desc="otp kl refine", unit="step", disable=not progress):
             state["tau"] = tau[0] * (tau[1] / tau[0]) ** (step / max(steps - 1, 1))
             rows = token_ids[torch.arange(step * batch, (step + 1) * batch) % n_seq]
@@ -558,35 +592,26 @@ def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRo
             student = torch.log_softmax(model(rows, use_cache=False).logits.float(), -1)
             kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
             pen = sum((k.mean() - target) ** 2 for k in state["keep"].values()) / len(mods)
-            loss = kl + rho * pen
             opt.zero_grad()
-            loss.backward()
+            (kl + rho * pen).backward()
             opt.step()
-            if log and (step == 0 or step == steps - 1):
-                log(f"[otp] kl refine step {step}: KL {kl.item():.4f}, fraction penalty {pen.item():.5f}")
-        # shift each layer to the target on the calibration tokens, every router active (as at run time)
-        state["mode"], xs = "hard", {n: [] for n in mods}
-        with torch.no_grad():
-            for s in range(n_seq):
-                model(token_ids[s:s + 1], use_cache=False)
-                for n in mods:
-                    xs[n].append(state["x"][n])
+        new_fracs = shift_to_target()
+        kl_after, _ = hard_kl_and_inputs()
+        if kl_after < kl_before:
+            fracs = new_fracs
+        else:  # the refinement did not pay off on its own tokens: keep the (shifted) layer-wise routers
+            for n, r in mods.items():
+                r.load_state_dict(start[n])
     finally:
         for h in hooks:
             h.remove()
     out = OtpRouters(**{**routers.__dict__, "layers": {}})
-    fracs = []
-    with torch.no_grad():
-        for n, r in mods.items():
-            lg = r(torch.cat(xs[n]))
-            shift = shift_for_frac([lg], target)
-            fracs.append(executed_frac([lg], shift))
-            st = r.state_dict()
-            out.layers[n] = {"w1": st["fc1.weight"].numpy().astype(np.float32),
-                             "b1": st["fc1.bias"].numpy().astype(np.float32),
-                             "w2": st["fc2.weight"].numpy().astype(np.float32),
-                             "b2": (st["fc2.bias"] + shift).numpy().astype(np.float32)}
-    out.calib_frac = float(np.mean(fracs))
+    for n, r in mods.items():
+        st = r.state_dict()
+        out.layers[n] = {k: st[key].numpy().astype(np.float32) for k, key in
+                         (("w1", "fc1.weight"), ("b1", "fc1.bias"), ("w2", "fc2.weight"), ("b2", "fc2.bias"))}
+    out.calib_frac, out.calib_kl = float(np.mean(fracs)), (kl_before, kl_after)
     if log:
-        log(f"[otp] after KL refinement: calibration executed fraction {out.calib_frac:.3f}")
+        log(f"[otp] KL refinement ({steps} steps): calibration KL {kl_before:.4f} → {kl_after:.4f} at executed "
+            f"fraction {out.calib_frac:.3f}" + ("" if kl_after < kl_before else "; kept the layer-wise routers"))
     return out

@@ -213,7 +213,7 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
             tmp = path.with_suffix(".tmp")
             torch.save(done, tmp)
             os.replace(tmp, path)
-        _apply_dense(layer, done["dense"])
+        _apply_dense(layer, done.get("dense", {}))  # (work dirs from before dense quantisation have none)
         if planned:
             experts = getattr(block, stream.arch.experts)
             with torch.no_grad():  # the next layer calibrates on the quantised experts' outputs
