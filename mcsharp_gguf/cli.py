@@ -175,11 +175,10 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine
 @otp_options
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, budget_scope: str,
-            plan_file: Path | None,
-            calib: str, calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None,
-            ffn_type: str | None, embd_type: str | None, output_type: str | None,
-            tensor_types: tuple[tuple[str, str], ...], otp: bool,
-            otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, verbose: bool) -> None:
+            plan_file: Path | None, calib: str, calib_seqs: int, calib_len: int, use_gptq: bool,
+            work_dir: Path | None, attn_type: str | None, ffn_type: str | None, embd_type: str | None,
+            output_type: str | None, tensor_types: tuple[tuple[str, str], ...], otp: bool, otp_target_frac: float,
+            otp_hidden: int, otp_refine_steps: int, verbose: bool) -> None:
     """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
 
     With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).

@@ -496,13 +496,13 @@ def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRo
 
     The layer-wise training sees one block's output error at a time, with the full model's inputs; here the
     pruned model runs end to end (each router sees what upstream pruning produced) and the loss is what the
-    evaluation measures. Keep masks are straight-through Gumbel-sigmoid samples as in training, plus
-    ρ·Σ(layer executed fraction − target)² to hold each layer at the target; afterwards each layer's keep logits
-    are shifted (into b2) so that, with every router active, it executes exactly the target fraction of its
-    calibration slots. ``calib_kl`` of the result records the end-to-end KL on the calibration tokens before and
-    after, both at the target fraction; when refinement did not lower it, the layer-wise routers (re-shifted)
-    are returned. Needs the whole model in memory in fp32 (the layer-wise stage streams): for models that fit,
-    e.g. the fixture.
+    evaluation measures. The forward pass applies the deployed rule (keep iff logit > 0) with a temperature-τ
+    sigmoid's straight-through gradient, plus ρ·Σ(layer executed fraction − target)² to hold each layer at the
+    target; before and afterwards each layer's keep logits are shifted (into b2) so that, with every router
+    active, it executes exactly the target fraction of its calibration slots. ``calib_kl`` of the result records
+    the end-to-end KL on the calibration tokens before and after, both at the target fraction; when refinement
+    did not lower it, the layer-wise routers (re-shifted) are returned. Needs the whole model in memory in fp32
+    (the layer-wise stage streams): for models that fit, e.g. the fixture.
     """
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
