@@ -184,6 +184,16 @@ def train_layer_router(data: OtpLayerData, lam: float, hidden: int = DEFAULT_HID
     return TrainedRouter(data.layer, state, float(keep.mean()), err)
 
 
+ARRAY_KEYS = {"w1": "fc1.weight", "b1": "fc1.bias", "w2": "fc2.weight", "b2": "fc2.bias"}  # export → module
+
+
+def layer_arrays(state: dict[str, torch.Tensor], b2_shift: float = 0.0) -> dict[str, np.ndarray]:
+    """A router's exported F32 arrays w1, b1, w2, b2 from its module state, with ``b2_shift`` folded into b2."""
+    out = {k: state[key].detach().numpy().astype(np.float32) for k, key in ARRAY_KEYS.items()}
+    out["b2"] = (state["fc2.bias"].detach() + b2_shift).numpy().astype(np.float32)
+    return out
+
+
 def router_logits(routers: list[TrainedRouter], data: list[OtpLayerData]) -> list[torch.Tensor]:
     """Calibration keep-logits of every layer's router."""
     with torch.no_grad():
@@ -302,10 +312,7 @@ def select_for_target(candidates: list[Candidate], data: list[OtpLayerData], tar
                 best = (err, cand, shift)
         err, cand, shift = best
         s = cand.routers[i].state
-        res.layers[dat.layer] = {"w1": s["fc1.weight"].numpy().astype(np.float32),
-                                 "b1": s["fc1.bias"].numpy().astype(np.float32),
-                                 "w2": s["fc2.weight"].numpy().astype(np.float32),
-                                 "b2": (s["fc2.bias"] + shift).numpy().astype(np.float32)}
+        res.layers[dat.layer] = layer_arrays(s, shift)
         res.lam.append(cand.lam)
         fracs.append(executed_frac([cand.logits[i]], shift))
         errs.append(err)
@@ -484,8 +491,7 @@ def train_otp(model_dir: str | Path, token_ids: torch.Tensor, target_frac: float
 
 def _router_from_arrays(lay: dict[str, np.ndarray]) -> OtpRouter:
     r = OtpRouter(lay["w1"].shape[1], lay["w1"].shape[0], lay["w2"].shape[0])
-    keys = {"w1": "fc1.weight", "b1": "fc1.bias", "w2": "fc2.weight", "b2": "fc2.bias"}
-    r.load_state_dict({keys[k]: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in lay.items()})
+    r.load_state_dict({ARRAY_KEYS[k]: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in lay.items()})
     return r
 
 
@@ -605,11 +611,7 @@ def refine_otp_kl(model_dir: str | Path, token_ids: torch.Tensor, routers: OtpRo
     finally:
         for h in hooks:
             h.remove()
-    out = OtpRouters(**{**routers.__dict__, "layers": {}})
-    for n, r in mods.items():
-        st = r.state_dict()
-        out.layers[n] = {k: st[key].numpy().astype(np.float32) for k, key in
-                         (("w1", "fc1.weight"), ("b1", "fc1.bias"), ("w2", "fc2.weight"), ("b2", "fc2.bias"))}
+    out = OtpRouters(**{**routers.__dict__, "layers": {n: layer_arrays(r.state_dict()) for n, r in mods.items()}})
     out.calib_frac, out.calib_kl = float(np.mean(fracs)), (kl_before, kl_after)
     if log:
         log(f"[otp] KL refinement ({steps} steps): calibration KL {kl_before:.4f} → {kl_after:.4f} at executed "

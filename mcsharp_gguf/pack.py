@@ -17,6 +17,7 @@ import torch
 
 from .formats import ggml_type, quantize_rtn
 from .pmq import EXPERT_TYPES, BitPlan, storable_type
+from .quantize import MIN_ROWS
 
 EXPS_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 ROUTER_RE = re.compile(r"^blk\.(\d+)\.ffn_gate_inp\.weight$")
@@ -96,7 +97,6 @@ def plan_metadata(plan: BitPlan):
 
 ATTN_RE = re.compile(r"^blk\.\d+\.attn_[a-z_]+\.weight$")
 FFN_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)(_shexp)?\.weight$")
-MIN_ROWS = 32  # smaller matrices (e.g. a 1-row shared-expert gate) stay at --outtype
 
 
 def dense_class(name: str, shape: tuple[int, ...]) -> str | None:

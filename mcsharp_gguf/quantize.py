@@ -31,6 +31,7 @@ from .gptq import HessianAccumulator, gptq_quantize
 from .pmq import BitPlan, storable_type
 
 PROJS = ("gate", "up", "down")
+MIN_ROWS = 32  # smaller matrices (e.g. a 1-row shared-expert gate) stay at --outtype
 
 
 def _layer_file(work_dir: Path, layer: int) -> Path:
@@ -120,7 +121,7 @@ def dense_linears(layer: torch.nn.Module, arch) -> dict[str, tuple[str, torch.nn
     for name, mod in layer.named_modules():
         if not isinstance(mod, torch.nn.Linear) or any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        if mod.out_features < 32:
+        if mod.out_features < MIN_ROWS:
             continue
         out[name] = ("attn" if name.startswith("self_attn.") else "ffn", mod)
     return out
