@@ -49,7 +49,9 @@ def self_generated_text(model_dir: str | Path, n_tokens: int, prompts: tuple[str
     with torch.no_grad():
         for p in prompts:
             ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            out = model.generate(ids, max_new_tokens=per, do_sample=True, top_p=0.95, temperature=1.0)
+            # min_new_tokens: an early end-of-text must not leave the calibration short
+            out = model.generate(ids, max_new_tokens=per, min_new_tokens=per, do_sample=True, top_p=0.95,
+                                 temperature=1.0)
             pieces.append(tok.decode(out[0], skip_special_tokens=True))
     return "\n\n".join(pieces)
 
@@ -139,18 +141,21 @@ class LayerStream:
 
     def layers(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.nn.Module, Callable]]:
         """Yield (i, layer, run) for each decoder layer; ``run(hidden) -> hidden`` runs it on all sequences."""
-        pos, rope = self.rotary(hidden.shape[1])
-
         for i in range(self.n_layer):
             layer = self.load_layer(i)
-
-            def run(h: torch.Tensor, layer=layer) -> torch.Tensor:
-                with torch.no_grad():
-                    return torch.cat([layer(h[s:s + 1], position_ids=pos, position_embeddings=rope)
-                                      for s in range(h.shape[0])])
-
-            yield i, layer, run
+            yield i, layer, self.runner(layer, hidden.shape[1])
             self.unload_layer(i)
+
+    def runner(self, layer: torch.nn.Module, seq_len: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``run(hidden) -> hidden``: ``layer`` over every sequence of ``hidden`` (n_seq, seq_len, d), no grad."""
+        pos, rope = self.rotary(seq_len)
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([layer(h[s:s + 1], position_ids=pos, position_embeddings=rope)
+                                  for s in range(h.shape[0])])
+
+        return run
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm applied to the last hidden states (the LM head's input)."""

@@ -11,6 +11,9 @@ import click
 from .errors import McsharpError
 from .native.build import NativeBuildError
 
+# pmq.SCOPE / pmq.METRIC, spelled here so the CLI starts without importing torch (tests/test_cli_errors.py checks)
+PLAN_SCOPE, PLAN_METRIC = "global", "fisher"
+
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
@@ -75,6 +78,27 @@ _calib_options = [
 
 def calib_options(fn):
     for opt in reversed(_calib_options):
+        fn = opt(fn)
+    return fn
+
+
+_plan_options = [
+    click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True),
+    click.option("--budget-scope", type=click.Choice(["layer", "global", "file"]), default=PLAN_SCOPE,
+                 show_default=True,
+                 help="PMQ: one bit budget per MoE layer, one shared by all layers, or (file) one over the experts "
+                      "and every non-expert tensor together, all types chosen by the planner (see README)."),
+    click.option("--cost", "cost_metric", type=click.Choice(["fisher", "mc"]), default=PLAN_METRIC,
+                 show_default=True,
+                 help="PMQ cost: estimated output KL (Fisher metric) or MC's phi·w^1.5·eps² (file scope: fisher)."),
+    click.option("--flip-probe", default=None, metavar="TYPE",
+                 help="PMQ: scale each layer's Fisher costs by its measured real/estimated KL at TYPE (top-k flips "
+                      "downstream; ~n_layer²/2 extra layer passes over 4 sequences; see README)."),
+]
+
+
+def plan_options(fn):
+    for opt in reversed(_plan_options):
         fn = opt(fn)
     return fn
 
@@ -159,10 +183,9 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Type of the tensors the plan does not cover (all tensors without --bpw).")
-@click.option("--bpw", type=float, default=None, help="PMQ: budget in true bits per expert weight.")
-@click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True)
-@click.option("--budget-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
-              help="PMQ: one bit budget per MoE layer, or one shared by all layers (see README).")
+@click.option("--bpw", type=float, default=None,
+              help="PMQ: budget in true bits per expert weight (file scope: per planned weight).")
+@plan_options
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Use this plan.json (from `mcsharp plan`) instead of planning now.")
 @calib_options
@@ -175,10 +198,10 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine
 @otp_options
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, budget_scope: str,
-            plan_file: Path | None, calib: str, calib_seqs: int, calib_len: int, use_gptq: bool,
-            work_dir: Path | None, attn_type: str | None, ffn_type: str | None, embd_type: str | None,
-            output_type: str | None, tensor_types: tuple[tuple[str, str], ...], otp: bool, otp_target_frac: float,
-            otp_hidden: int, otp_refine_steps: int, verbose: bool) -> None:
+            cost_metric: str, flip_probe: str | None, plan_file: Path | None, calib: str, calib_seqs: int,
+            calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None, ffn_type: str | None,
+            embd_type: str | None, output_type: str | None, tensor_types: tuple[tuple[str, str], ...], otp: bool,
+            otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, verbose: bool) -> None:
     """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
 
     With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
@@ -199,30 +222,29 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
         plan = BitPlan.from_json(plan_file.read_text())
     planned = bpw is not None or plan is not None
     # calibration feeds planning, GPTQ and OTP training; a given plan packed with RTN needs none
-    needs_calib = otp or bpw is not None and plan is None or planned and use_gptq
+    plans_now = bpw is not None and plan is None
+    needs_calib = otp or plans_now or (planned and use_gptq)
     ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len) if needs_calib else None
     dense = DenseTypes(attn=attn_type, ffn=ffn_type, embd=embd_type, output=output_type, tensor_types=tensor_types)
     if dense.any() and not planned:
         raise McsharpError("--attn-type/--ffn-type/--embd-type/--output-type/--tensor-type quantise alongside a PMQ "
                            "plan; add --bpw X (or --plan plan.json)")
     compress_checkpoint(model_dir, out, ids, bpw=bpw if plan is None else None, plan=plan, mode=mode,
-                        scope=budget_scope, outtype=outtype, dense=dense, gptq=use_gptq, work_dir=work_dir,
-                        otp_target_frac=otp_target_frac if otp else None, otp_hidden=otp_hidden,
-                        otp_refine_steps=otp_refine_steps, log=_log,
-                        verbose=verbose)
+                        scope=budget_scope, metric=cost_metric, flip_probe=flip_probe, outtype=outtype, dense=dense,
+                        gptq=use_gptq, work_dir=work_dir, otp_target_frac=otp_target_frac if otp else None,
+                        otp_hidden=otp_hidden, otp_refine_steps=otp_refine_steps, log=_log, verbose=verbose)
     click.echo(str(out))
 
 
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--bpw", type=float, required=True, help="Budget: true bits per expert weight (scales included).")
-@click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True)
-@click.option("--budget-scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
-              help="PMQ: one bit budget per MoE layer, or one shared by all layers (see README).")
+@click.option("--bpw", type=float, required=True,
+              help="Budget: true bits per expert weight, scales included (file scope: per planned weight).")
+@plan_options
 @calib_options
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
-def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, calib: str, calib_seqs: int, calib_len: int,
-         out: Path) -> None:
+def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, cost_metric: str, flip_probe: str | None,
+         calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .convert import check_output_path, validate_model_dir
     from .pmq import format_plan_table, measure_importance, plot_plan, solve_bit_plan
@@ -230,7 +252,9 @@ def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, calib: str, 
     validate_model_dir(model_dir)
     check_output_path(out)
     ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-    result = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode, scope=budget_scope)
+    imp = measure_importance(model_dir, ids, dense=budget_scope == "file", flip_probe=flip_probe)
+    result = solve_bit_plan(imp.layers, bpw, mode=mode, scope=budget_scope, tensors=imp.tensors,
+                            metric="fisher" if budget_scope == "file" else cost_metric)
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))

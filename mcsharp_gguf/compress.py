@@ -17,7 +17,7 @@ import torch
 from .convert import convert_checkpoint
 from .errors import McsharpError
 from .otp import OtpRouters
-from .pmq import BitPlan
+from .pmq import METRIC, SCOPE, BitPlan
 from .quantize import DenseTypes
 
 
@@ -62,8 +62,9 @@ def _dense_metadata(dense: DenseTypes):
 
 def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tensor | None, *,
                         bpw: float | None = None, plan: BitPlan | None = None, mode: str = "mixed",
-                        scope: str = "layer", outtype: str = "f16", dense: DenseTypes | None = None, gptq: bool = True,
-                        work_dir: Path | None = None,
+                        scope: str = SCOPE, metric: str = METRIC, flip_probe: str | None = None,
+                        outtype: str = "f16",
+                        dense: DenseTypes | None = None, gptq: bool = True, work_dir: Path | None = None,
                         otp_target_frac: float | None = None, otp_hidden: int = 32, otp_refine_steps: int = 0,
                         log: Callable[[str], None] = print, verbose: bool = False) -> CompressResult:
     """Convert ``model_dir`` to ``out`` with PMQ experts (``bpw`` budget or a given ``plan``) and/or OTP routers
@@ -72,7 +73,8 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     ``ids`` (calibration token ids, (n_seq, seq_len)) is needed to plan, for GPTQ and for OTP. GPTQ keeps every
     finished layer in ``work_dir`` (default ``OUT.work``, removed after success unless given) so an interrupted
     run resumes with the same bytes. Non-expert tensors get ``outtype``, except the classes ``dense`` names
-    (GPTQ'd in the same layer stream, RTN without ``gptq``).
+    (GPTQ'd in the same layer stream, RTN without ``gptq``); with ``scope="file"`` the plan chooses every
+    non-expert tensor's type too (``bpw`` is then over all of them and the experts).
     """
     from .otp import otp_metadata, train_otp
     from .pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
@@ -80,18 +82,27 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     from .quantize import WorkDirQuantiser, quantize_experts
 
     out = Path(out)
-    if plan is None and bpw is not None:
-        log(f"[pmq] measuring expert importance on {ids.numel()} calibration tokens")
-        plan = solve_bit_plan(measure_importance(model_dir, ids), bpw, mode=mode, scope=scope)
-    hook = None
     dense = dense if dense is not None and dense.any() else None
+    if dense is not None and (scope == "file" or (plan is not None and plan.tensor_types)):
+        raise McsharpError("a whole-file plan (--budget-scope file) chooses every non-expert type itself; drop "
+                           "--attn-type, --ffn-type, --embd-type, --output-type and --tensor-type")
+    if plan is None and bpw is not None:
+        log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
+        imp = measure_importance(model_dir, ids, dense=scope == "file", flip_probe=flip_probe)
+        plan = solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
+                              metric="fisher" if scope == "file" else metric)
+    if plan is not None and plan.tensor_types:
+        dense = DenseTypes.exact(plan.tensor_types)
+    hook = None
     work = work_dir or out.with_name(out.name + ".work")
     if plan is not None:
         log(format_plan_table(plan))
         quantiser = rtn_quantiser
         served = None
         if gptq:
-            log("[pmq] sequential GPTQ of the planned experts" + (f" and of {dense.to_json()}" if dense else ""))
+            what = (f" and of {len(plan.tensor_types)} non-expert tensors" if plan.tensor_types
+                    else f" and of {dense.to_json()}" if dense else "")
+            log(f"[pmq] sequential GPTQ of the planned experts{what}")
             served = quantize_experts(model_dir, plan, ids, work, dense=dense)
             quantiser = WorkDirQuantiser(served)
         hook = plan_hook(plan, quantiser)

@@ -1,7 +1,8 @@
 """``mcsharp demo``: the main job end to end on the embedded fixture.
 
-fixture → F16 reference → PMQ (mixed per-expert types, ~3 bpw, sequential GPTQ) + OTP routers in one GGUF →
-held-out evaluation against the reference, OTP on and off → one chat turn with OTP on.
+fixture → F16 reference → PMQ whole-file plan (4 bpw over the experts and every quantised tensor, types chosen
+per expert and per tensor by the Fisher-metric MILP, sequential GPTQ) + OTP routers in one GGUF → held-out
+evaluation against the reference, OTP on and off → one chat turn with OTP on.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .otp import prune_overrides
 from .runtime import ensure_runtime
 from .text import calibration_text, heldout_text
 
-DEMO_BPW = 3.0
+DEMO_BPW = 4.0  # over experts + every quantised tensor (--budget-scope file): ~118 MB, llama.cpp Q2_K's size
 DEMO_OTP_FRAC = 0.75
 DEMO_CALIB = (8, 512)  # sequences × tokens of pydoc calibration text (disjoint from the held-out text)
 
@@ -36,14 +37,16 @@ def run_demo(work_dir: Path, prompt: str, bpw: float = DEMO_BPW, otp_frac: float
     if not ref.exists():
         log("[demo] converting the fixture to F16 (reference)")
         convert_checkpoint(model_dir, ref, outtype="f16")
-    out = work_dir / f"fixture-pmq{bpw:g}-otp.gguf"
-    log(f"[demo] PMQ mixed {bpw:g} bpw experts (GPTQ) + OTP at executed fraction {otp_frac} → {out}")
+    out = work_dir / f"fixture-pmq{bpw:g}-file-otp.gguf"
+    log(f"[demo] PMQ whole-file plan at {bpw:g} bpw (mixed experts, GPTQ) + OTP at executed fraction {otp_frac} "
+        f"→ {out}")
     ids = calibration_token_ids(model_dir, calibration_text(120_000), *DEMO_CALIB)
-    res = compress_checkpoint(model_dir, out, ids, bpw=bpw, mode="mixed", outtype="q8_0", gptq=True,
+    res = compress_checkpoint(model_dir, out, ids, bpw=bpw, mode="mixed", scope="file", outtype="q8_0", gptq=True,
                               otp_target_frac=otp_frac, log=log)
     rep = read_report(out)
     log(f"[demo] {out}: {rep.file_bytes / 1e6:.1f} MB, experts {rep.classes['experts'].bpw:.3f} bpw "
-        f"(plan {res.plan.achieved_bpw:.3f})")
+        f"(plan {res.plan.achieved_bpw:.3f}), other planned tensors "
+        f"{8 * res.plan.dense_bytes / res.plan.dense_weights:.3f} bpw")
     log("[demo] evaluating on held-out text against the F16 reference (OTP on, then off)")
     text = heldout_text()
     base = reference_logits(ref, text)
@@ -52,6 +55,8 @@ def run_demo(work_dir: Path, prompt: str, bpw: float = DEMO_BPW, otp_frac: float
     llm = open_chat_model(out)
     answer = reply(llm, [{"role": "user", "content": prompt}], max_tokens=64)
     summary = {"model": str(out), "file_mb": rep.file_bytes / 1e6, "expert_bpw": rep.classes["experts"].bpw,
+               "planned_bpw": 8 * (res.plan.expert_bytes + res.plan.dense_bytes)
+               / (res.plan.expert_weights + res.plan.dense_weights),
                "eval_otp_on": ev_on.to_json(), "eval_otp_off": ev_off.to_json(),
                "prompt": prompt, "reply": answer}
     print(json.dumps(summary, indent=2))

@@ -20,7 +20,7 @@ from .formats import QUANT_TYPES, bits_per_weight, block_size, quantize_rtn
 
 # Expert candidates (DESIGN §3): scalar grids with CPU/CUDA mul_mat_id support, ascending size.
 # Cost exponents and budget scope (see solve_bit_plan): measured on the fixture, scripts/bench_quality.py.
-ALPHA, BETA, GAMMA, SCOPE = 1.0, 1.5, 2.0, "layer"
+ALPHA, BETA, GAMMA, SCOPE, METRIC = 1.0, 1.5, 2.0, "global", "fisher"
 
 EXPERT_TYPES: tuple[str, ...] = ("Q1_0", "Q2_0", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
@@ -59,15 +59,14 @@ class Recipe:
         return nb(self.gate, d_ff, d_model) + nb(self.up, d_ff, d_model) + nb(self.down, d_model, d_ff)
 
 
-def expert_output_error(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
-                        recipe: Recipe, act=torch.nn.functional.silu) -> float:
-    """eps: ||ΔZ||_F of the MoE-block output when only this expert is quantised (RTN on ``recipe``).
+def expert_output_delta(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
+                        recipe: Recipe, act=torch.nn.functional.silu) -> torch.Tensor:
+    """ΔZ (tokens, d): the change of the MoE-block output on the tokens routed to this expert when only it is
+    quantised (RTN on ``recipe``).
 
     ``gate_up`` (2·ff, d), ``down`` (d, ff); ``x`` the inputs routed to the expert, ``weights`` their routing
     weights. Other experts and the router are untouched, so ΔZ is this expert's weighted output change.
     """
-    if x.shape[0] == 0:
-        return 0.0
     ff = down.shape[1]
     gq = quantize_rtn(gate_up[:ff], recipe.gate).dequant
     uq = quantize_rtn(gate_up[ff:], recipe.up).dequant
@@ -76,8 +75,21 @@ def expert_output_error(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tens
     def ffn(g, u, d):
         return (act(x @ g.T) * (x @ u.T)) @ d.T
 
-    delta = (ffn(gq, uq, dq) - ffn(gate_up[:ff], gate_up[ff:], down)) * weights[:, None]
-    return float(delta.norm())
+    return (ffn(gq, uq, dq) - ffn(gate_up[:ff], gate_up[ff:], down)) * weights[:, None]
+
+
+def expert_output_error(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
+                        recipe: Recipe, act=torch.nn.functional.silu) -> float:
+    """eps: ||ΔZ||_F of the MoE-block output when only this expert is quantised (see expert_output_delta)."""
+    if x.shape[0] == 0:
+        return 0.0
+    return float(expert_output_delta(gate_up, down, x, weights, recipe, act).norm())
+
+
+def fisher_error(delta: torch.Tensor, grad: torch.Tensor) -> float:
+    """sqrt(Σ_t (g_t · ΔZ_t)²): ΔZ's size in the metric of the output KL (``grad`` = ∇ log p(ŷ) per token at
+    the layer's output, see sensitivity.py); its square estimates 2·ΔKL summed over the tokens."""
+    return float((delta * grad).sum(1).square().sum().sqrt())
 
 
 @dataclass
@@ -91,10 +103,36 @@ class LayerImportance:
     w: list[float]  # normalised routing-weight mass per expert
     eps: dict[str, list[float]]  # recipe target → eps per expert
     out_norm: float = 0.0  # ||residual stream after the layer||_F over the calibration tokens (0 = unknown)
+    eps_fisher: dict[str, list[float]] = field(default_factory=dict)  # same, in the output-KL metric
+    # real / Fisher-predicted output KL of RTN-quantising this layer's experts (> 1: downstream top-k flips)
+    flip_factor: float = 1.0
 
     @property
     def n_expert(self) -> int:
         return len(self.phi)
+
+
+# Candidates for non-expert tensors in a whole-file plan; rows that don't fit fall back (storable_type).
+DENSE_TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+
+
+@dataclass
+class TensorImportance:
+    """A non-expert tensor as a whole-file plan sees it: its GGUF name, shape and Fisher error per type."""
+
+    name: str  # GGUF tensor name, e.g. "blk.3.attn_q.weight"
+    cls: str  # attn | ffn | embd | output (quantize.DENSE_CLASSES)
+    rows: int
+    cols: int  # row length (ggml blocks run along it)
+    eps_fisher: dict[str, float]  # storable type → sqrt of the estimated 2·ΔKL summed over tokens
+    flip_factor: float = 1.0  # that of the MoE layer whose routers it feeds first (see LayerImportance)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(sorted(self.eps_fisher, key=bits_per_weight))
+
+    def n_bytes(self, type_name: str) -> int:
+        return int(round(self.rows * self.cols * bits_per_weight(type_name) / 8))
 
 
 @dataclass
@@ -112,6 +150,11 @@ class BitPlan:
     beta: float = 1.5
     gamma: float = 1.0
     scope: str = "global"
+    metric: str = "mc"
+    # whole-file plan (scope "file"; target_bpw is then over experts and these together): GGUF name → type
+    tensor_types: dict[str, str] = field(default_factory=dict)
+    dense_bytes: int = 0  # bytes and weights of the tensor_types tensors
+    dense_weights: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -123,9 +166,20 @@ class BitPlan:
         return cls(**d)
 
 
-def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: float, gamma: float = 1.0
-          ) -> np.ndarray:
-    """c(e, r) = phi^alpha · w^beta · eps^gamma, shape (n_expert, n_targets)."""
+def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: float, gamma: float = 1.0,
+          metric: str = "mc") -> np.ndarray:
+    """Cost of each (expert, recipe), shape (n_expert, n_targets).
+
+    ``mc``: c = phi^alpha · w^beta · eps^gamma (MC's importance-weighted block-output error). ``fisher``:
+    c = eps_fisher², the estimated rise of the output KL; frequency and routing weight are already inside it
+    (an expert's error counts on the tokens routed to it, scaled by their routing weight), so alpha, beta and
+    gamma do not apply.
+    """
+    if metric == "fisher":
+        if not imp.eps_fisher:
+            raise McsharpError(f"layer {imp.layer}: the importance has no Fisher errors (measured before they "
+                               "existed); re-measure it or plan with metric 'mc'")
+        return np.array([imp.eps_fisher[t] for t in targets]).T ** 2 * imp.flip_factor
     phi, w = np.asarray(imp.phi), np.asarray(imp.w)
     eps = np.array([imp.eps[t] for t in targets]).T
     return (phi ** alpha * w ** beta)[:, None] * eps ** gamma
@@ -162,8 +216,8 @@ def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_byte
 
 def _spend_global_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_bytes: list[np.ndarray],
                            budget: float) -> np.ndarray:
-    """Per-layer budgets each leave up to one recipe step unspent; give the summed leftover back greedily, to the
-    upgrade with the largest cost reduction per byte that still fits the overall budget, until none fits."""
+    """Give what the plan leaves of the overall budget back greedily, to the upgrade with the largest cost
+    reduction per byte that still fits, until none fits."""
     choice = choice.copy()
     left = budget - float(sum(b[k] for b, k in zip(items_bytes, choice, strict=True)))
     while True:
@@ -183,36 +237,48 @@ def _spend_global_leftover(choice: np.ndarray, items_cost: list[np.ndarray], ite
 
 def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed",
                    targets: tuple[str, ...] = EXPERT_TYPES, alpha: float = ALPHA, beta: float = BETA,
-                   gamma: float = GAMMA, scope: str = SCOPE) -> BitPlan:
+                   gamma: float = GAMMA, scope: str = SCOPE, metric: str = METRIC,
+                   tensors: tuple[TensorImportance, ...] | list[TensorImportance] = ()) -> BitPlan:
     """Choose one recipe per expert (``mixed``) or per layer (``stock``) minimising total cost under a budget
     of ``bpw`` true bits per expert weight: one budget all layers share (``scope="global"``) or one per layer
     (``"layer"``, MC's formulation; what the layers leave unspent is then handed out greedily, so the file
     still uses the whole budget).
 
-    A global budget trades error between layers on the strength of eps alone, but eps is measured at each layer's
-    own output and says nothing about how an error there grows or fades downstream: on the fixture a global plan
-    (absolute or layer-normalised eps) sent whole layers to Q1_0 and doubled the KLD of the per-layer plan at the
-    same size. ``gamma`` = 2 makes costs additive in squared output error (errors of different experts add
-    like independent vectors), so one huge error is never bought with many small savings.
+    Whole-file plan (``scope="file"``): ``bpw`` is over the expert weights and ``tensors`` (the non-expert
+    tensors, see :class:`TensorImportance`) together, one budget in true bytes, each tensor getting one type;
+    that needs the ``fisher`` metric, the only one in which an attention matrix's and an expert's errors are the
+    same currency (estimated output KL).
+
+    A global budget on the ``mc`` metric trades error between layers on the strength of eps alone, but eps is
+    measured at each layer's own output and says nothing about how an error there grows or fades downstream: on
+    the fixture such a plan sent whole layers to Q1_0 and doubled the KLD of the per-layer plan at the same size.
+    ``gamma`` = 2 makes costs additive in squared output error (errors of different experts add like independent
+    vectors), so one huge error is never bought with many small savings.
     """
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     if mode not in ("mixed", "stock"):
         raise McsharpError(f"--mode {mode} is not one of mixed, stock")
-    if scope not in ("global", "layer"):
-        raise McsharpError(f"budget scope {scope} is not one of global, layer")
+    if scope not in ("global", "layer", "file"):
+        raise McsharpError(f"budget scope {scope} is not one of layer, global, file")
+    if metric not in ("fisher", "mc"):
+        raise McsharpError(f"cost metric {metric} is not one of fisher, mc")
     if not layers:
         raise McsharpError("the model has no MoE layers to plan; PMQ needs a Mixture-of-Experts checkpoint")
+    if scope == "file" and (not tensors or metric != "fisher"):
+        raise McsharpError("a whole-file plan needs the non-expert tensors' importance and the fisher metric")
+    if scope != "file":
+        tensors = ()
     targets = tuple(targets)
-    n_t = len(targets)
-    items_cost, items_bytes, owners = [], [], []  # one item = an expert (mixed) or a layer (stock)
+    # one item = an expert (mixed), a layer's experts (stock) or a non-expert tensor; each picks one option
+    items_cost, items_bytes, owners = [], [], []
     n_weights = 0
     layer_weights: list[int] = []
     for imp in layers:
         rec_bytes = np.array([Recipe.for_shapes(t, imp.d_model, imp.d_ff).n_bytes(imp.d_model, imp.d_ff)
                               for t in targets], dtype=np.float64)
-        c = costs(imp, targets, alpha, beta, gamma)
+        c = costs(imp, targets, alpha, beta, gamma, metric)
         layer_weights.append(imp.n_expert * 3 * imp.d_model * imp.d_ff)
         n_weights += layer_weights[-1]
         if mode == "mixed":
@@ -224,11 +290,16 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
             items_cost.append(c.sum(0))
             items_bytes.append(rec_bytes * imp.n_expert)
             owners.append((imp.layer, -1))
-    cost = np.concatenate(items_cost)
+    n_expert_items = len(owners)
+    for ti in tensors:
+        items_cost.append(np.array([ti.eps_fisher[t] ** 2 * ti.flip_factor for t in ti.types]))
+        items_bytes.append(np.array([ti.n_bytes(t) for t in ti.types], dtype=np.float64))
+        owners.append((ti.name, -2))
     n_items = len(owners)
-    budget = bpw * n_weights / 8.0
-    # budget groups: all items (global) or each layer's items
-    if scope == "global":
+    n_planned = n_weights + sum(ti.rows * ti.cols for ti in tensors)
+    budget = bpw * n_planned / 8.0
+    # budget groups: all items (global, file) or each layer's items
+    if scope != "layer":
         groups = [(list(range(n_items)), budget)]
     else:
         by_layer: dict[int, list[int]] = {}
@@ -237,30 +308,38 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
         groups = [(by_layer[imp.layer], bpw * nw / 8.0) for imp, nw in zip(layers, layer_weights, strict=True)]
     min_bpw = max(bpw * sum(items_bytes[i].min() for i in members) / b for members, b in groups)
     if min_bpw > bpw + 1e-9:
+        over = "all planned weights" if scope == "file" else "the expert weights"
         raise McsharpError(f"--bpw {bpw} is below what the candidate types can reach; the minimum achievable "
-                           f"is {min_bpw:.3f} bpw over the expert weights")
+                           f"is {min_bpw:.3f} bpw over {over}")
+    cost = np.concatenate(items_cost)
     # Scale costs so HiGHS sees O(1) numbers; the argmin is unchanged.
     scale = cost.max() if cost.max() > 0 else 1.0
-    one_each = sparse.kron(sparse.identity(n_items), np.ones((1, n_t)), format="csr")  # DeepSeek: 10^4 items
-    rows = sparse.lil_matrix((len(groups), n_items * n_t))
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in items_cost])])
+    n_var = int(offsets[-1])
+    one_each = sparse.csr_matrix((np.ones(n_var), np.concatenate([np.arange(offsets[i], offsets[i + 1])
+                                                                  for i in range(n_items)]),
+                                  offsets), shape=(n_items, n_var))  # DeepSeek: 10^4 items
+    rows = sparse.lil_matrix((len(groups), n_var))
     for g, (members, _) in enumerate(groups):
         for i in members:
-            rows[g, i * n_t:(i + 1) * n_t] = items_bytes[i]
+            rows[g, offsets[i]:offsets[i + 1]] = items_bytes[i]
     res = milp(c=cost / scale, integrality=np.ones_like(cost), bounds=Bounds(0, 1),
                constraints=[LinearConstraint(one_each, 1, 1),
                             LinearConstraint(rows.tocsr(), 0, [b for _, b in groups])],
                options={"disp": False})
     if res.x is None:
         raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
-    choice = np.round(res.x).reshape(n_items, n_t).argmax(1)
+    x = np.round(res.x)
+    choice = np.array([int(np.argmax(x[offsets[i]:offsets[i + 1]])) for i in range(n_items)])
     for members, b in groups:
         choice = _spend_leftover(choice, items_cost, items_bytes, b, members)
-    if scope == "layer":
-        choice = _spend_global_leftover(choice, items_cost, items_bytes, budget)
+    # per-layer budgets each leave up to a step unspent; a global MILP stops within HiGHS' relative gap
+    choice = _spend_global_leftover(choice, items_cost, items_bytes, budget)
     plan_layers: dict[int, list[str]] = {}
     recipes: dict[str, dict[str, str]] = {}
     spent = 0.0
-    for i, ((layer, e), k) in enumerate(zip(owners, choice, strict=True)):
+    for i in range(n_expert_items):
+        (layer, e), k = owners[i], choice[i]
         imp = next(x for x in layers if x.layer == layer)
         n_e = imp.n_expert
         plan_layers.setdefault(layer, [""] * n_e)
@@ -271,9 +350,12 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
         r = Recipe.for_shapes(targets[k], imp.d_model, imp.d_ff)
         recipes[f"{layer}:{targets[k]}"] = {"gate": r.gate, "up": r.up, "down": r.down}
         spent += items_bytes[i][k]
-    return BitPlan(mode=mode, target_bpw=bpw, achieved_bpw=8 * spent / n_weights, expert_bytes=int(spent),
-                   expert_weights=n_weights, layers=plan_layers, recipes=recipes, alpha=alpha, beta=beta,
-                   gamma=gamma, scope=scope)
+    tensor_types = {ti.name: ti.types[choice[n_expert_items + j]] for j, ti in enumerate(tensors)}
+    dense_bytes = sum(items_bytes[i][choice[i]] for i in range(n_expert_items, n_items))
+    return BitPlan(mode=mode, target_bpw=bpw, achieved_bpw=8 * spent / n_weights,
+                   expert_bytes=int(spent), expert_weights=n_weights, layers=plan_layers, recipes=recipes,
+                   alpha=alpha, beta=beta, gamma=gamma, scope=scope, metric=metric, tensor_types=tensor_types,
+                   dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights)
 
 
 def format_plan_table(plan: BitPlan) -> str:
@@ -284,7 +366,22 @@ def format_plan_table(plan: BitPlan) -> str:
             f"{plan.expert_bytes / 1e6:.2f} MB of expert weights", head, "-" * len(head)]
     for layer in sorted(plan.layers):
         rows.append(f"{layer:5d} | " + " ".join(f"{t:<6s}" for t in plan.layers[layer]))
+    if plan.tensor_types:
+        rows.append(f"non-expert tensors: {len(plan.tensor_types)}, {plan.dense_bytes / 1e6:.2f} MB, "
+                    f"{8 * plan.dense_bytes / max(plan.dense_weights, 1):.3f} bpw; whole file plan at "
+                    f"{plan.target_bpw:.3f} bpw over experts and these")
+        by_group: dict[str, list[str]] = {}
+        for name, t in sorted(plan.tensor_types.items(), key=lambda kv: _layer_key(kv[0])):
+            group, _, local = name.removesuffix(".weight").rpartition(".")
+            by_group.setdefault(group or "-", []).append(f"{local}={t}")
+        rows += [f"{g:>7s} | " + " ".join(v) for g, v in by_group.items()]
     return "\n".join(rows)
+
+
+def _layer_key(name: str) -> tuple[int, str]:
+    """Sort key for GGUF names: blk.N.* by N, the rest (token_embd, output) first."""
+    parts = name.split(".")
+    return (int(parts[1]) if parts[0] == "blk" else -1, name)
 
 
 def plot_plan(plan: BitPlan, path) -> None:
@@ -308,40 +405,181 @@ def plot_plan(plan: BitPlan, path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class ModelImportance:
+    """Everything measure_importance found: the MoE layers and, when asked, the non-expert tensors. JSON-able."""
+
+    layers: list[LayerImportance]
+    tensors: list[TensorImportance] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"layers": [asdict(x) for x in self.layers], "tensors": [asdict(x) for x in self.tensors]})
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelImportance:
+        d = json.loads(text)
+        return cls([LayerImportance(**x) for x in d["layers"]], [TensorImportance(**x) for x in d["tensors"]])
+
+
+def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tuple[str, ...]) -> dict[str, float]:
+    """Fisher error of a linear ``w`` (out, in) per storable type: x (tokens, in) its inputs, g (tokens, out) the
+    gradient of log p(ŷ) at its output; the output change of RTN on type t is x·ΔWᵀ."""
+    out = {}
+    for t in dict.fromkeys(storable_type(t, w.shape[1]) for t in types):
+        dw = quantize_rtn(w, t).dequant - w
+        out[t] = float(((g @ dw) * x).sum(1).square().sum().sqrt())  # (gᵀΔW)·x == gᵀ(ΔW x), cheaper
+    return out
+
+
 def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, ...] = EXPERT_TYPES,
-                       progress: bool = True) -> list[LayerImportance]:
-    """Stream the model layer by layer over ``token_ids`` and measure phi, w and eps(e, r) for every
-    MoE layer (eps with the fast RTN proxy on each recipe)."""
+                       progress: bool = True, seed: int = 0, dense: bool = False,
+                       dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
+                       flip_probe: str | None = None, probe_seqs: int = 4) -> ModelImportance:
+    """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
+    (expert, recipe) eps (RTN proxy) both at the block output and in the output-KL (Fisher) metric; with
+    ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
+    linears, token embedding, LM head) for ``dense_types``, on the first ``tap_seqs`` sequences.
+
+    The layers are visited last to first (sensitivity.reverse_layers: one forward keeps the layer inputs, the
+    reverse pass carries ∇ log p(ŷ) back); the result is in layer order. With ``flip_probe`` (a recipe target),
+    each layer's flip_factor is measured too, on the first ``probe_seqs`` sequences (see _measure_flip_factors).
+    """
     from tqdm import tqdm
 
     from .calib import LayerStream, capture_moe
+    from .quantize import checkpoint_name, dense_linears, gguf_name_map
+    from .sensitivity import reverse_layers
 
+    if flip_probe is not None and flip_probe not in targets:
+        raise McsharpError(f"--flip-probe {flip_probe} is not one of the candidate types {', '.join(targets)}")
     stream = LayerStream.open(model_dir)
-    hidden = stream.embed(token_ids)
+    names = gguf_name_map(stream.arch, stream.n_layer)
     out: list[LayerImportance] = []
+    tensors: list[TensorImportance] = []
+    tied = stream.lm_head_name() != "lm_head.weight"  # GGUF then has no output.weight: the head is token_embd
+    head_eps: dict[str, float] = {}
+
+    def taps(layer):
+        return {n: m for n, (_, m) in dense_linears(layer, stream.arch).items()}
+
     bar = tqdm(total=stream.n_layer, desc="importance", unit="layer", disable=not progress)
-    for i, layer, run in stream.layers(hidden):
+    for item in reverse_layers(stream, token_ids, seed=seed, taps=taps if dense else None, tap_seqs=tap_seqs):
+        i, layer = item.index, item.layer
+        if layer is None:
+            if i >= 0:  # the LM head
+                head_eps = _dense_fisher(stream.lm_head(), *item.taps["lm_head"], dense_types)
+                if not tied:
+                    tensors.append(TensorImportance("output.weight", "output", *stream.lm_head().shape, head_eps))
+            elif dense:  # the token embedding (a tied head is this same GGUF tensor: both errors count)
+                emb = stream.tensors["model.embed_tokens.weight"]
+                ids = token_ids.flatten()
+                used, where = torch.unique(ids, return_inverse=True)  # rows are independent: quantise those seen
+                g = item.g_out.reshape(ids.shape[0], -1)
+                eps = {}
+                for t in dict.fromkeys(storable_type(t, emb.shape[1]) for t in dense_types):
+                    de = quantize_rtn(emb[used], t).dequant - emb[used]
+                    eps[t] = float((g * de[where]).sum(1).square().sum().sqrt())
+                    if tied:
+                        eps[t] = float(np.hypot(eps[t], head_eps[t]))
+                tensors.append(TensorImportance("token_embd.weight", "embd", *emb.shape, eps))
+            continue
+        for n, (cls, mod) in dense_linears(layer, stream.arch).items():
+            gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
+            if gname is not None and n in item.taps:
+                w = mod.weight.detach()
+                tensors.append(TensorImportance(gname, cls, *w.shape, _dense_fisher(w, *item.taps[n], dense_types)))
         block = stream.moe_block(layer)
         if block is None:
-            hidden = run(hidden)
             bar.update()
             continue
-        cap, hidden = capture_moe(block, stream.arch, stream.n_expert, run, hidden)
+        h_in, g_out = item.h_in, item.g_out
+        cap, h_out = capture_moe(block, stream.arch, stream.n_expert, stream.runner(layer, h_in.shape[1]), h_in)
+        grad = g_out.reshape(-1, g_out.shape[-1])
         experts = getattr(block, stream.arch.experts)
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
         d_model, d_ff = gate_up.shape[2], down.shape[2]
         eps: dict[str, list[float]] = {t: [] for t in targets}
+        eps_fisher: dict[str, list[float]] = {t: [] for t in targets}
         for e in range(stream.n_expert):
             tok, slot = torch.where(cap.top_k_index == e)
             x, w = cap.x[tok], cap.top_k_weights[tok, slot]
             for t in targets:
-                eps[t].append(expert_output_error(gate_up[e], down[e], x, w, Recipe.for_shapes(t, d_model, d_ff),
-                                                  act=experts.act_fn))
+                if x.shape[0] == 0:
+                    eps[t].append(0.0)
+                    eps_fisher[t].append(0.0)
+                    continue
+                delta = expert_output_delta(gate_up[e], down[e], x, w, Recipe.for_shapes(t, d_model, d_ff),
+                                            act=experts.act_fn)
+                eps[t].append(float(delta.norm()))
+                eps_fisher[t].append(fisher_error(delta, grad[tok]))
         phi, wmass = cap.stats.normalised()
         out.append(LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps,
-                                   out_norm=float(hidden.float().norm())))
+                                   out_norm=float(h_out.float().norm()), eps_fisher=eps_fisher))
         bar.update()
     bar.close()
     if not out:
         raise McsharpError(f"{model_dir} has no MoE layers; PMQ needs a Mixture-of-Experts checkpoint")
-    return out
+    out.sort(key=lambda imp: imp.layer)
+    if flip_probe is not None:
+        n_probe = min(probe_seqs, token_ids.shape[0])
+        _measure_flip_factors(stream, token_ids[:n_probe], out, flip_probe, token_ids.shape[0] / n_probe)
+        by_layer = {imp.layer: imp.flip_factor for imp in out}
+        moe = sorted(by_layer)
+        for ti in tensors:
+            ti.flip_factor = _feeding_factor(ti, by_layer, moe)
+    return ModelImportance(out, sorted(tensors, key=lambda t: t.name))
+
+
+def _feeding_factor(ti: TensorImportance, by_layer: dict[int, float], moe: list[int]) -> float:
+    """Flip factor of the first router a tensor's error reaches: attention of layer l feeds router l (whose
+    output error is that of MoE layer l-1's experts), a shared/dense FFN of layer l what layer l's experts feed;
+    the embedding everything; the LM head none."""
+    if ti.cls == "output":
+        return 1.0
+    if ti.cls == "embd":
+        return by_layer[moe[0]]
+    layer = int(ti.name.split(".")[1])
+    if ti.cls == "attn" and layer - 1 in by_layer:
+        return by_layer[layer - 1]
+    after = [m for m in moe if m >= layer]
+    return by_layer[after[0]] if after else 1.0
+
+
+def _measure_flip_factors(stream, token_ids: torch.Tensor, layers: list[LayerImportance], probe: str,
+                          scale: float) -> dict[int, float]:
+    """Set each layer's flip_factor: real output KL of RTN-quantising all its experts at ``probe`` (on
+    ``token_ids``, perturbation_kl) over the Fisher estimate (½ Σ eps_fisher², measured on ``scale`` × as many
+    tokens). Clamped to [1, 16]: the Fisher term is a floor, and a handful of tokens must not dominate.
+    Returns the unclamped ratios."""
+    from .sensitivity import perturbation_kl
+
+    wanted = {imp.layer: imp for imp in layers}
+
+    def perturb(i, layer):
+        if i not in wanted:
+            return None
+        experts = getattr(stream.moe_block(layer), stream.arch.experts)
+        imp = wanted[i]
+        r = Recipe.for_shapes(probe, imp.d_model, imp.d_ff)
+        saved = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+        with torch.no_grad():
+            for e in range(imp.n_expert):
+                gu, d = saved[0][e], saved[1][e]
+                experts.gate_up_proj[e].copy_(torch.cat([quantize_rtn(gu[:imp.d_ff], r.gate).dequant,
+                                                         quantize_rtn(gu[imp.d_ff:], r.up).dequant]))
+                experts.down_proj[e].copy_(quantize_rtn(d, r.down).dequant)
+
+        def undo():
+            with torch.no_grad():
+                experts.gate_up_proj.copy_(saved[0])
+                experts.down_proj.copy_(saved[1])
+
+        return undo
+
+    real = perturbation_kl(stream, token_ids, perturb)
+    ratios = {}
+    for imp in layers:
+        predicted = 0.5 * sum(x ** 2 for x in imp.eps_fisher[probe]) / scale
+        ratios[imp.layer] = real[imp.layer] / predicted if predicted > 0 else 1.0
+        imp.flip_factor = float(np.clip(ratios[imp.layer], 1.0, 16.0))
+    return ratios

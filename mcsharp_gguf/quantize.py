@@ -40,7 +40,9 @@ def _layer_file(work_dir: Path, layer: int) -> Path:
 
 def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
                            types: list[dict[str, str]], act, gptq: bool = True) -> dict:
-    """GPTQ (RTN for experts no token reached) of one layer's experts.
+    """GPTQ of one layer's experts; RTN for a projection whose expert saw fewer calibration tokens than the
+    projection's input width (its Hessian is then singular: GPTQ fits those few tokens and, measured on the tiny
+    test models, generalises worse than RTN) — in particular for experts no token reached.
 
     ``types[e]`` maps gate/up/down → ggml type. Returns {"packed": {(e, proj): uint8}, "dequant": ...,
     "tokens": per-expert token counts}.
@@ -49,18 +51,21 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     packed, dequant, tokens = {}, {}, []
     for e, t in enumerate(types):
         xe = x[(top_k_index == e).any(dim=1)]
-        tokens.append(int(xe.shape[0]))
+        n = int(xe.shape[0])
+        tokens.append(n)
         g, u, d = gate_up[e, :ff], gate_up[e, ff:], down[e]
-        if gptq and xe.shape[0] > 0:
+        if gptq and n >= xe.shape[1]:
             h_in = HessianAccumulator(xe.shape[1])
             h_in.add(xe)
+            res = {"gate": gptq_quantize(g, h_in.H, t["gate"]), "up": gptq_quantize(u, h_in.H, t["up"])}
+        else:
+            res = {"gate": quantize_rtn(g, t["gate"]), "up": quantize_rtn(u, t["up"])}
+        if gptq and n >= ff:
             h_act = HessianAccumulator(ff)
             h_act.add(act(xe @ g.T) * (xe @ u.T))
-            res = {"gate": gptq_quantize(g, h_in.H, t["gate"]), "up": gptq_quantize(u, h_in.H, t["up"]),
-                   "down": gptq_quantize(d, h_act.H, t["down"])}
+            res["down"] = gptq_quantize(d, h_act.H, t["down"])
         else:
-            res = {"gate": quantize_rtn(g, t["gate"]), "up": quantize_rtn(u, t["up"]),
-                   "down": quantize_rtn(d, t["down"])}
+            res["down"] = quantize_rtn(d, t["down"])
         for p in PROJS:
             packed[(e, p)] = np.asarray(res[p].packed)
             dequant[(e, p)] = res[p].dequant
@@ -96,6 +101,11 @@ class DenseTypes:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def exact(cls, types: dict[str, str]) -> DenseTypes:
+        """One exact-name rule per GGUF tensor (a whole-file plan's ``tensor_types``)."""
+        return cls(tensor_types=tuple((rf"^{re.escape(n)}$", t) for n, t in sorted(types.items())))
 
 
 DENSE_CLASSES = ("attn", "ffn", "embd", "output")

@@ -10,7 +10,9 @@ the calibration text (the IQ presets need it), and for each size point P (a llam
 (d) PMQ stock: per-layer expert types (MILP) in the same expert bytes; (e) PMQ mixed: per-expert types.
 (c)-(e) give every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
 produce, become the largest scalar type of no more bits) and GPTQ it in the same layer stream, and the experts
-get the bytes that leaves: the files match P's size to well under 2%.
+get the bytes that leaves: the files match P's size to well under 2%. (f) PMQ whole file: the bytes llama.cpp
+spent on the experts and every tensor we quantise, with all their types chosen by one MILP in the Fisher metric
+(``--budget-scope file``).
 
 Calibration for everything: the first 60,000 characters of pydoc text (never the held-out range).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -88,7 +91,7 @@ def main() -> None:
     from mcsharp_gguf.fixture import cached_fixture
     from mcsharp_gguf.inspect_gguf import read_report
     from mcsharp_gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata
-    from mcsharp_gguf.pmq import BitPlan, measure_importance, solve_bit_plan
+    from mcsharp_gguf.pmq import BitPlan, ModelImportance, format_plan_table, measure_importance, solve_bit_plan
     from mcsharp_gguf.quantize import DenseTypes, WorkDirQuantiser, quantize_experts
     from mcsharp_gguf.text import calibration_text, heldout_text
 
@@ -148,16 +151,14 @@ def main() -> None:
     n_tok = len(AutoTokenizer.from_pretrained(model)(calibration_text(CALIB_CHARS), add_special_tokens=False)
                 ["input_ids"])
     ids = calibration_token_ids(model, calibration_text(CALIB_CHARS), n_tok // 512, 512)
-    imp_cache = work / f"importance-{ids.shape[0]}x512.json"
+    imp_cache = work / f"importance-{ids.shape[0]}x512-v2.json"
     if imp_cache.exists():
-        from mcsharp_gguf.pmq import LayerImportance
-
-        importance = [LayerImportance(**d) for d in json.loads(imp_cache.read_text())]
+        importance = ModelImportance.from_json(imp_cache.read_text())
     else:
         t0 = time.time()
-        importance = measure_importance(model, ids)
+        importance = measure_importance(model, ids, dense=True)
         timings["importance s"] = time.time() - t0
-        imp_cache.write_text(json.dumps([d.__dict__ for d in importance]))
+        imp_cache.write_text(importance.to_json())
 
     for point in args.points.split(","):
         src = llama_files.get(f"{point}+im") or llama_files[point]
@@ -183,19 +184,30 @@ def main() -> None:
             if m:
                 layer_types.setdefault(int(m.group(1)), {})[m.group(2)] = t
         if all(t in F.QUANT_TYPES for lt in layer_types.values() for t in lt.values()):
-            n_e = importance[0].n_expert
+            n_e = importance.layers[0].n_expert
             plans["(c) uniform GPTQ"] = BitPlan(
                 mode="stock", target_bpw=bpw, achieved_bpw=8 * spent / n_w, expert_bytes=spent, expert_weights=n_w,
                 layers={lay: [f"L{lay}"] * n_e for lay in layer_types},
                 recipes={f"{lay}:L{lay}": layer_types[lay] for lay in layer_types})
-        plans["(d) PMQ stock"] = solve_bit_plan(importance, bpw, mode="stock")
-        plans["(e) PMQ mixed"] = solve_bit_plan(importance, bpw, mode="mixed")
+        plans["(d) PMQ stock"] = solve_bit_plan(importance.layers, bpw, mode="stock")
+        plans["(e) PMQ mixed"] = solve_bit_plan(importance.layers, bpw, mode="mixed")
+        # (f): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP
+        planned = {t.name for t in importance.tensors}
+        f_w = n_w + sum(types[n][2] for n in planned)
+        f_b = spent + sum(types[n][3] for n in planned)
+        plans["(f) PMQ whole file"] = solve_bit_plan(importance.layers, 8 * f_b / f_w, mode="mixed", scope="file",
+                                                     metric="fisher", tensors=importance.tensors)
         for kind, plan in plans.items():
             out = work / f"ours-{point}-{kind[1]}.gguf"
             wd = work / f"ours-{point}-{kind[1]}.work"
+            if wd.exists() and (wd / "plan.json").exists() and not (wd / "plan.json").read_text().startswith(
+                    plan.to_json()):
+                shutil.rmtree(wd)  # a work dir of an older plan: start over
+            d = DenseTypes.exact(plan.tensor_types) if plan.tensor_types else dense
+            out.with_suffix(".plan.txt").write_text(format_plan_table(plan) + "\n")
             t0 = time.time()
-            quantize_experts(model, plan, ids, wd, dense=dense)
-            hook = chain_hooks(plan_hook(plan, WorkDirQuantiser(wd)), dense_hook(dense, wd, arch, n_layer, log=log))
+            quantize_experts(model, plan, ids, wd, dense=d)
+            hook = chain_hooks(plan_hook(plan, WorkDirQuantiser(wd)), dense_hook(d, wd, arch, n_layer, log=log))
             convert_checkpoint(model, out, outtype="f16", hook=hook, extra_kv=plan_metadata(plan))
             rep = read_report(out)
             score(f"{kind} @ {point}", kind[:3], out, rep.classes["experts"].bpw, point=point,

@@ -42,3 +42,15 @@ def test_streamed_forward_matches_transformers(arch, tiny_model):
 def test_short_calibration_text_is_refused(tiny_model):
     with pytest.raises(McsharpError, match="tokens, 4096 are needed"):
         calibration_token_ids(tiny_model("qwen2moe"), "too short", n_seq=8, seq_len=512)
+
+
+def test_self_calibration_is_deterministic_and_long_enough(tiny_model):
+    """`--calib self`: text sampled from the model itself, the same for the same seed, never cut short."""
+    from mcsharp_gguf.calib import self_generated_text
+
+    model_dir = tiny_model("qwen2moe")
+    text = self_generated_text(model_dir, 320)
+    assert text == self_generated_text(model_dir, 320)
+    assert text != self_generated_text(model_dir, 320, seed=1)
+    ids = calibration_token_ids(model_dir, text, 2, 128)
+    assert ids.shape == (2, 128)

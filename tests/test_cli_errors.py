@@ -100,3 +100,9 @@ def test_conversion_failure_leaves_nothing(tiny_model, tmp_path, out_dir, monkey
     with pytest.raises(RuntimeError):
         convert_checkpoint(tiny_model("qwen2moe"), out_dir / "m.gguf", outtype="f16", hook=boom)
     assert_empty(out_dir)
+
+
+def test_cli_plan_defaults_are_the_planners():
+    from mcsharp_gguf import cli, pmq
+
+    assert (cli.PLAN_SCOPE, cli.PLAN_METRIC) == (pmq.SCOPE, pmq.METRIC)

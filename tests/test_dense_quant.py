@@ -75,3 +75,30 @@ def test_dense_linears_skip_router_and_tiny_gates(tiny_model):
     assert "mlp.gate" not in names and "mlp.shared_expert_gate" not in names
     assert names["self_attn.q_proj"][0] == "attn" and names["mlp.shared_expert.down_proj"][0] == "ffn"
     assert all(isinstance(m, torch.nn.Linear) for _, m in names.values())
+
+
+def test_whole_file_plan_sets_every_type_within_budget(tiny_model, tmp_path):
+    """`--budget-scope file`: one budget over experts and every quantised non-expert tensor; the file holds
+    exactly the plan's types, the planned bytes fit the budget, and the model stays close to F16."""
+    from mcsharp_gguf.errors import McsharpError
+    from mcsharp_gguf.formats import bits_per_weight
+
+    model = tiny_model("qwen2moe")
+    ids = calibration_token_ids(model, calibration_text(60_000), 8, 128)
+    res = compress_checkpoint(model, tmp_path / "f.gguf", ids, bpw=5.0, mode="mixed", scope="file",
+                              log=lambda *_: None)
+    plan = res.plan
+    types = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in open_gguf(res.out).tensors}
+    assert plan.tensor_types and {"token_embd.weight", "output.weight", "blk.1.attn_q.weight",
+                                  "blk.0.ffn_down_shexp.weight"} <= set(plan.tensor_types)
+    assert all(types[n][0] == t for n, t in plan.tensor_types.items())
+    dense_bytes = sum(types[n][1] for n in plan.tensor_types)
+    assert dense_bytes == plan.dense_bytes
+    assert plan.expert_bytes + plan.dense_bytes <= 5.0 * (plan.expert_weights + plan.dense_weights) / 8
+    assert len({bits_per_weight(t) for t in plan.tensor_types.values()}) > 1  # a real choice, not one type
+    f16 = convert_checkpoint(model, tmp_path / "f16.gguf", outtype="f16")
+    ev = evaluate_gguf(res.out, heldout_text()[:6000], base_path=f16, ctx=128, max_tokens=512, progress=False)
+    assert ev.kld_mean < 0.05, ev
+    with pytest.raises(McsharpError, match="whole-file plan"):
+        compress_checkpoint(model, tmp_path / "g.gguf", ids, bpw=5.0, scope="file", dense=DENSE,
+                            log=lambda *_: None)

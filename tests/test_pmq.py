@@ -14,6 +14,7 @@ from mcsharp_gguf.pmq import (
     BitPlan,
     LayerImportance,
     Recipe,
+    TensorImportance,
     expert_output_error,
     format_plan_table,
     solve_bit_plan,
@@ -32,14 +33,16 @@ def _layers(n_layer: int, n_expert: int, seed: int = 0, d_model: int = 256, d_ff
         base = rng.uniform(0.5, 2.0, n_expert)
         # error falls ~4x per extra bit, as for real weights
         eps = {t: list(base * 4.0 ** -bits_per_weight(t)) for t in TARGETS}
-        out.append(LayerImportance(layer, d_model, d_ff, list(phi), list(w), eps))
+        # the Fisher error already weighs tokens by routing: here it is eps scaled by the expert's phi·w
+        fisher = {t: list(np.asarray(v) * np.sqrt(phi * w)) for t, v in eps.items()}
+        out.append(LayerImportance(layer, d_model, d_ff, list(phi), list(w), eps, eps_fisher=fisher))
     return out
 
 
 @pytest.mark.parametrize("scope,gamma", [("global", 1.0), ("layer", 2.0)])
 def test_milp_matches_exhaustive_search(scope, gamma):
     layers = _layers(2, 3, seed=1)
-    plan = solve_bit_plan(layers, bpw=3.6, targets=TARGETS, scope=scope, gamma=gamma)
+    plan = solve_bit_plan(layers, bpw=3.6, targets=TARGETS, scope=scope, gamma=gamma, metric="mc")
     items = [(imp, e) for imp in layers for e in range(imp.n_expert)]
     nbytes = {t: Recipe.for_shapes(t, 256, 256).n_bytes(256, 256) for t in TARGETS}
     per_layer = 3.6 * plan.expert_weights / 8 / len(layers)
@@ -58,6 +61,44 @@ def test_milp_matches_exhaustive_search(scope, gamma):
     got = tuple(plan.layers[imp.layer][e] for imp, e in items)
     assert feasible(got) and cost(got) <= best[0] * (1 + 1e-9)
     assert plan.achieved_bpw <= 3.6
+
+
+def test_file_scope_plans_tensors_and_experts_jointly():
+    """One budget over experts and non-expert tensors: the MILP's choice is the exhaustive optimum of the summed
+    Fisher costs, within the byte budget, and every tensor gets a type."""
+    layers = _layers(2, 2, seed=3)
+    for imp in layers:
+        imp.eps_fisher = {t: [x * (1 + imp.layer) for x in v] for t, v in imp.eps.items()}
+    dense_t = ("Q2_K", "Q4_K", "Q8_0")
+    tensors = [TensorImportance(f"blk.{i}.attn_q.weight", "attn", 256, 256,
+                                {t: s * 4.0 ** -bits_per_weight(t) for t in dense_t})
+               for i, s in enumerate((0.3, 3.0))]
+    plan = solve_bit_plan(layers, 4.0, targets=TARGETS, scope="file", metric="fisher", tensors=tensors)
+    items = [(imp, e) for imp in layers for e in range(imp.n_expert)]
+    nbytes = {t: Recipe.for_shapes(t, 256, 256).n_bytes(256, 256) for t in TARGETS}
+    budget = 4.0 * (plan.expert_weights + 2 * 256 * 256) / 8
+
+    def total(combo, dense):
+        return (sum(nbytes[t] for t in combo) + sum(ti.n_bytes(t) for ti, t in zip(tensors, dense, strict=True)),
+                sum(imp.eps_fisher[t][e] ** 2 for (imp, e), t in zip(items, combo, strict=True))
+                + sum(ti.eps_fisher[t] ** 2 for ti, t in zip(tensors, dense, strict=True)))
+
+    best = min(total(c, d)[1] for c in itertools.product(TARGETS, repeat=len(items))
+               for d in itertools.product(dense_t, repeat=2) if total(c, d)[0] <= budget)
+    got = (tuple(plan.layers[imp.layer][e] for imp, e in items), tuple(plan.tensor_types[t.name] for t in tensors))
+    n_bytes, cost = total(*got)
+    assert n_bytes <= budget and cost <= best * (1 + 1e-9)
+    assert plan.dense_bytes + plan.expert_bytes == n_bytes
+    assert bits_per_weight(got[1][1]) >= bits_per_weight(got[1][0])  # the 10x more sensitive tensor: more bits
+    assert "non-expert tensors: 2" in format_plan_table(plan)
+    assert BitPlan.from_json(plan.to_json()) == plan
+    with pytest.raises(McsharpError, match="fisher metric"):
+        solve_bit_plan(layers, 4.0, targets=TARGETS, scope="file", metric="mc", tensors=tensors)
+    old = _layers(2, 2)
+    for imp in old:
+        imp.eps_fisher = {}  # importance measured before Fisher errors existed
+    with pytest.raises(McsharpError, match="no Fisher errors"):
+        solve_bit_plan(old, 4.0, targets=TARGETS, scope="global", metric="fisher")
 
 
 @pytest.mark.parametrize("bpw", [2.8, 3.2, 4.0, 5.0])
@@ -80,7 +121,7 @@ def test_more_important_experts_get_at_least_as_many_bits():
     layer.eps = {t: [4.0 ** -bits_per_weight(t)] * 8 for t in TARGETS}  # same error curve for all
     layer.phi = list(np.linspace(0.01, 0.3, 8) / np.linspace(0.01, 0.3, 8).sum())
     layer.w = list(layer.phi)
-    plan = solve_bit_plan([layer], bpw=3.5, targets=TARGETS)
+    plan = solve_bit_plan([layer], bpw=3.5, targets=TARGETS, metric="mc")
     bits = [bits_per_weight(t) for t in plan.layers[0]]
     assert bits == sorted(bits)
 
