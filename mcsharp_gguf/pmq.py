@@ -467,9 +467,10 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         i, layer = item.index, item.layer
         if layer is None:
             if i >= 0:  # the LM head
-                head_eps = _dense_fisher(stream.lm_head(), *item.taps["lm_head"], dense_types)
+                head = stream.lm_head()
+                head_eps = _dense_fisher(head, *item.taps["lm_head"], dense_types)
                 if not tied:
-                    tensors.append(TensorImportance("output.weight", "output", *stream.lm_head().shape, head_eps))
+                    tensors.append(TensorImportance("output.weight", "output", *head.shape, head_eps))
             elif dense:  # the token embedding (a tied head is this same GGUF tensor: both errors count)
                 emb = stream.tensors["model.embed_tokens.weight"]
                 ids = token_ids.flatten()
