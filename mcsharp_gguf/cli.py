@@ -11,8 +11,9 @@ import click
 from .errors import McsharpError
 from .native.build import NativeBuildError
 
-# pmq.SCOPE / pmq.METRIC, spelled here so the CLI starts without importing torch (tests/test_cli_errors.py checks)
-PLAN_SCOPE, PLAN_METRIC = "global", "fisher"
+# pmq.SCOPE / METRIC / EPS_SOURCE, spelled here so the CLI starts without importing torch
+# (tests/test_cli_errors.py checks)
+PLAN_SCOPE, PLAN_METRIC, PLAN_EPS = "global", "fisher", "rtn"
 
 
 def _log(msg: str) -> None:
@@ -68,6 +69,16 @@ def _calibration_ids(model_dir: Path, calib: str, calib_seqs: int, calib_len: in
     return calibration_token_ids(model_dir, text, calib_seqs, calib_len)
 
 
+def _option_group(options: list):
+    """A decorator applying ``options`` (click options) in their listed order."""
+    def apply(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
 _calib_options = [
     click.option("--calib", default="self", show_default=True,
                  help="Calibration text file, or 'self' for text sampled from the model itself."),
@@ -76,10 +87,7 @@ _calib_options = [
 ]
 
 
-def calib_options(fn):
-    for opt in reversed(_calib_options):
-        fn = opt(fn)
-    return fn
+calib_options = _option_group(_calib_options)
 
 
 _plan_options = [
@@ -94,13 +102,13 @@ _plan_options = [
     click.option("--flip-probe", default=None, metavar="TYPE",
                  help="PMQ: scale each layer's Fisher costs by its measured real/estimated KL at TYPE (top-k flips "
                       "downstream; ~n_layer²/2 extra layer passes over 4 sequences; see README)."),
+    click.option("--eps", "eps_source", type=click.Choice(["rtn", "gptq"]), default=PLAN_EPS, show_default=True,
+                 help="PMQ: measure each candidate type's error with the fast RTN proxy or with GPTQ, as convert "
+                      "quantises (about 1.5x the importance time; see README)."),
 ]
 
 
-def plan_options(fn):
-    for opt in reversed(_plan_options):
-        fn = opt(fn)
-    return fn
+plan_options = _option_group(_plan_options)
 
 
 _otp_train_options = [
@@ -113,10 +121,7 @@ _otp_train_options = [
 ]
 
 
-def otp_train_options(fn):
-    for opt in reversed(_otp_train_options):
-        fn = opt(fn)
-    return fn
+otp_train_options = _option_group(_otp_train_options)
 
 
 def otp_options(fn):
@@ -198,7 +203,8 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine
 @otp_options
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, budget_scope: str,
-            cost_metric: str, flip_probe: str | None, plan_file: Path | None, calib: str, calib_seqs: int,
+            cost_metric: str, flip_probe: str | None, eps_source: str, plan_file: Path | None, calib: str,
+            calib_seqs: int,
             calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None, ffn_type: str | None,
             embd_type: str | None, output_type: str | None, tensor_types: tuple[tuple[str, str], ...], otp: bool,
             otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, verbose: bool) -> None:
@@ -230,7 +236,8 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
         raise McsharpError("--attn-type/--ffn-type/--embd-type/--output-type/--tensor-type quantise alongside a PMQ "
                            "plan; add --bpw X (or --plan plan.json)")
     compress_checkpoint(model_dir, out, ids, bpw=bpw if plan is None else None, plan=plan, mode=mode,
-                        scope=budget_scope, metric=cost_metric, flip_probe=flip_probe, outtype=outtype, dense=dense,
+                        scope=budget_scope, metric=cost_metric, flip_probe=flip_probe, eps_source=eps_source,
+                        outtype=outtype, dense=dense,
                         gptq=use_gptq, work_dir=work_dir, otp_target_frac=otp_target_frac if otp else None,
                         otp_hidden=otp_hidden, otp_refine_steps=otp_refine_steps, log=_log, verbose=verbose)
     click.echo(str(out))
@@ -244,7 +251,7 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
 @calib_options
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
 def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, cost_metric: str, flip_probe: str | None,
-         calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
+         eps_source: str, calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .convert import check_output_path, validate_model_dir
     from .pmq import format_plan_table, measure_importance, plot_plan, solve_bit_plan
@@ -252,7 +259,8 @@ def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, cost_metric:
     validate_model_dir(model_dir)
     check_output_path(out)
     ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-    imp = measure_importance(model_dir, ids, dense=budget_scope == "file", flip_probe=flip_probe)
+    imp = measure_importance(model_dir, ids, dense=budget_scope == "file", flip_probe=flip_probe,
+                             eps_source=eps_source)
     result = solve_bit_plan(imp.layers, bpw, mode=mode, scope=budget_scope, tensors=imp.tensors,
                             metric="fisher" if budget_scope == "file" else cost_metric)
     out.write_text(result.to_json())
@@ -282,10 +290,7 @@ _prune_options = [
 ]
 
 
-def prune_options(fn):
-    for opt in reversed(_prune_options):
-        fn = opt(fn)
-    return fn
+prune_options = _option_group(_prune_options)
 
 
 @cli.command(name="eval")

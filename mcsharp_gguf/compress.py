@@ -17,7 +17,7 @@ import torch
 from .convert import convert_checkpoint
 from .errors import McsharpError
 from .otp import OtpRouters
-from .pmq import METRIC, SCOPE, BitPlan
+from .pmq import EPS_SOURCE, METRIC, SCOPE, BitPlan
 from .quantize import DenseTypes
 
 
@@ -63,6 +63,7 @@ def _dense_metadata(dense: DenseTypes):
 def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tensor | None, *,
                         bpw: float | None = None, plan: BitPlan | None = None, mode: str = "mixed",
                         scope: str = SCOPE, metric: str = METRIC, flip_probe: str | None = None,
+                        eps_source: str = EPS_SOURCE,
                         outtype: str = "f16",
                         dense: DenseTypes | None = None, gptq: bool = True, work_dir: Path | None = None,
                         otp_target_frac: float | None = None, otp_hidden: int = 32, otp_refine_steps: int = 0,
@@ -88,7 +89,7 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
                            "--attn-type, --ffn-type, --embd-type, --output-type and --tensor-type")
     if plan is None and bpw is not None:
         log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
-        imp = measure_importance(model_dir, ids, dense=scope == "file", flip_probe=flip_probe)
+        imp = measure_importance(model_dir, ids, dense=scope == "file", flip_probe=flip_probe, eps_source=eps_source)
         plan = solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
                               metric="fisher" if scope == "file" else metric)
     if plan is not None and plan.tensor_types:

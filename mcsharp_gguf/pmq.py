@@ -21,6 +21,7 @@ from .formats import QUANT_TYPES, bits_per_weight, block_size, quantize_rtn
 # Expert candidates (DESIGN §3): scalar grids with CPU/CUDA mul_mat_id support, ascending size.
 # Cost exponents and budget scope (see solve_bit_plan): measured on the fixture, scripts/bench_quality.py.
 ALPHA, BETA, GAMMA, SCOPE, METRIC = 1.0, 1.5, 2.0, "global", "fisher"
+EPS_SOURCE = "rtn"  # measure_importance's quantiser for eps (see its docstring)
 
 EXPERT_TYPES: tuple[str, ...] = ("Q1_0", "Q2_0", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
@@ -60,17 +61,19 @@ class Recipe:
 
 
 def expert_output_delta(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
-                        recipe: Recipe, act=torch.nn.functional.silu) -> torch.Tensor:
+                        recipe: Recipe, act=torch.nn.functional.silu,
+                        quantised: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """ΔZ (tokens, d): the change of the MoE-block output on the tokens routed to this expert when only it is
-    quantised (RTN on ``recipe``).
+    quantised (RTN on ``recipe``, or the dequantised gate, up, down given as ``quantised``).
 
     ``gate_up`` (2·ff, d), ``down`` (d, ff); ``x`` the inputs routed to the expert, ``weights`` their routing
     weights. Other experts and the router are untouched, so ΔZ is this expert's weighted output change.
     """
     ff = down.shape[1]
-    gq = quantize_rtn(gate_up[:ff], recipe.gate).dequant
-    uq = quantize_rtn(gate_up[ff:], recipe.up).dequant
-    dq = quantize_rtn(down, recipe.down).dequant
+    if quantised is None:
+        quantised = (quantize_rtn(gate_up[:ff], recipe.gate).dequant, quantize_rtn(gate_up[ff:], recipe.up).dequant,
+                     quantize_rtn(down, recipe.down).dequant)
+    gq, uq, dq = quantised
 
     def ffn(g, u, d):
         return (act(x @ g.T) * (x @ u.T)) @ d.T
@@ -411,22 +414,33 @@ class ModelImportance:
 
     layers: list[LayerImportance]
     tensors: list[TensorImportance] = field(default_factory=list)
+    eps_source: str = "rtn"  # the quantiser behind every eps: "rtn" (proxy) or "gptq" (what convert runs)
 
     def to_json(self) -> str:
-        return json.dumps({"layers": [asdict(x) for x in self.layers], "tensors": [asdict(x) for x in self.tensors]})
+        return json.dumps({"layers": [asdict(x) for x in self.layers], "tensors": [asdict(x) for x in self.tensors],
+                           "eps_source": self.eps_source})
 
     @classmethod
     def from_json(cls, text: str) -> ModelImportance:
         d = json.loads(text)
-        return cls([LayerImportance(**x) for x in d["layers"]], [TensorImportance(**x) for x in d["tensors"]])
+        return cls([LayerImportance(**x) for x in d["layers"]], [TensorImportance(**x) for x in d["tensors"]],
+                   d.get("eps_source", "rtn"))
 
 
-def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tuple[str, ...]) -> dict[str, float]:
+def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tuple[str, ...], gptq: bool = False
+                  ) -> dict[str, float]:
     """Fisher error of a linear ``w`` (out, in) per storable type: x (tokens, in) its inputs, g (tokens, out) the
-    gradient of log p(ŷ) at its output; the output change of RTN on type t is x·ΔWᵀ."""
+    gradient of log p(ŷ) at its output; the output change of quantising it is x·ΔWᵀ. ``gptq``: ΔW of GPTQ on
+    x's Hessian (as convert quantises the tensor), else of RTN."""
+    from .gptq import HessianAccumulator, gptq_quantize
+
+    h = None
+    if gptq and x.shape[0] > 0:
+        h = HessianAccumulator(w.shape[1])
+        h.add(x)
     out = {}
     for t in dict.fromkeys(storable_type(t, w.shape[1]) for t in types):
-        dw = quantize_rtn(w, t).dequant - w
+        dw = (gptq_quantize(w, h.H, t) if h is not None else quantize_rtn(w, t)).dequant - w
         out[t] = float(((g @ dw) * x).sum(1).square().sum().sqrt())  # (gᵀΔW)·x == gᵀ(ΔW x), cheaper
     return out
 
@@ -434,22 +448,30 @@ def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tupl
 def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, ...] = EXPERT_TYPES,
                        progress: bool = True, seed: int = 0, dense: bool = False,
                        dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
-                       flip_probe: str | None = None, probe_seqs: int = 4) -> ModelImportance:
+                       flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE
+                       ) -> ModelImportance:
     """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
-    (expert, recipe) eps (RTN proxy) both at the block output and in the output-KL (Fisher) metric; with
+    (expert, recipe) eps both at the block output and in the output-KL (Fisher) metric; with
     ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
     linears, token embedding, LM head) for ``dense_types``, on the first ``tap_seqs`` sequences.
 
     The layers are visited last to first (sensitivity.reverse_layers: one forward keeps the layer inputs, the
     reverse pass carries ∇ log p(ŷ) back); the result is in layer order. With ``flip_probe`` (a recipe target),
     each layer's flip_factor is measured too, on the first ``probe_seqs`` sequences (see _measure_flip_factors).
+
+    ``eps_source``: the quantiser behind eps. ``rtn`` is the fast proxy; ``gptq`` quantises each (expert, type)
+    and each planned linear as convert will (GPTQ on the Hessian of the inputs it is measured on; the token
+    embedding, RTN in the file, stays RTN), about 1.5× the time on the fixture.
     """
     from tqdm import tqdm
 
     from .calib import LayerStream, capture_moe
-    from .quantize import checkpoint_name, dense_linears, gguf_name_map
+    from .quantize import checkpoint_name, dense_linears, expert_hessians, gguf_name_map, quantize_expert
     from .sensitivity import reverse_layers
 
+    if eps_source not in ("rtn", "gptq"):
+        raise McsharpError(f"eps source {eps_source} is not one of rtn, gptq")
+    gptq = eps_source == "gptq"
     if flip_probe is not None and flip_probe not in targets:
         raise McsharpError(f"--flip-probe {flip_probe} is not one of the candidate types {', '.join(targets)}")
     stream = LayerStream.open(model_dir)
@@ -468,7 +490,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         if layer is None:
             if i >= 0:  # the LM head
                 head = stream.lm_head()
-                head_eps = _dense_fisher(head, *item.taps["lm_head"], dense_types)
+                head_eps = _dense_fisher(head, *item.taps["lm_head"], dense_types, gptq=gptq and not tied)
                 if not tied:
                     tensors.append(TensorImportance("output.weight", "output", *head.shape, head_eps))
             elif dense:  # the token embedding (a tied head is this same GGUF tensor: both errors count)
@@ -488,7 +510,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
             gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
             if gname is not None and n in item.taps:
                 w = mod.weight.detach()
-                tensors.append(TensorImportance(gname, cls, *w.shape, _dense_fisher(w, *item.taps[n], dense_types)))
+                tensors.append(TensorImportance(gname, cls, *w.shape,
+                                                _dense_fisher(w, *item.taps[n], dense_types, gptq=gptq)))
         block = stream.moe_block(layer)
         if block is None:
             bar.update()
@@ -504,13 +527,19 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         for e in range(stream.n_expert):
             tok, slot = torch.where(cap.top_k_index == e)
             x, w = cap.x[tok], cap.top_k_weights[tok, slot]
+            g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
+            hessians = expert_hessians(g, u, x, experts.act_fn) if gptq else (None, None)
             for t in targets:
                 if x.shape[0] == 0:
                     eps[t].append(0.0)
                     eps_fisher[t].append(0.0)
                     continue
-                delta = expert_output_delta(gate_up[e], down[e], x, w, Recipe.for_shapes(t, d_model, d_ff),
-                                            act=experts.act_fn)
+                r = Recipe.for_shapes(t, d_model, d_ff)
+                q = None
+                if gptq:
+                    res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
+                    q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
+                delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
                 eps[t].append(float(delta.norm()))
                 eps_fisher[t].append(fisher_error(delta, grad[tok]))
         phi, wmass = cap.stats.normalised()
@@ -528,7 +557,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         moe = sorted(by_layer)
         for ti in tensors:
             ti.flip_factor = _feeding_factor(ti, by_layer, moe)
-    return ModelImportance(out, sorted(tensors, key=lambda t: t.name))
+    return ModelImportance(out, sorted(tensors, key=lambda t: t.name), eps_source)
 
 
 def _feeding_factor(ti: TensorImportance, by_layer: dict[int, float], moe: list[int]) -> float:

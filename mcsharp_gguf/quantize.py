@@ -26,7 +26,7 @@ import torch
 
 from .calib import LayerStream, capture_moe
 from .errors import McsharpError
-from .formats import quantize_rtn
+from .formats import QuantResult, quantize_rtn
 from .gptq import HessianAccumulator, gptq_quantize
 from .pmq import BitPlan, storable_type
 
@@ -38,11 +38,39 @@ def _layer_file(work_dir: Path, layer: int) -> Path:
     return work_dir / f"layer-{layer:04d}.pt"
 
 
+def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gptq: bool = True
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """GPTQ Hessians of one expert: (gate/up input, down input) from its routed inputs ``xe``; None where that
+    projection gets RTN instead — without ``gptq``, or when the expert saw fewer tokens than the projection's
+    input width (its Hessian is then singular: GPTQ fits those few tokens and, measured on the tiny test models,
+    generalises worse than RTN), in particular for experts no token reached."""
+    n = int(xe.shape[0])
+    h_in = h_act = None
+    if gptq and n >= xe.shape[1]:
+        acc = HessianAccumulator(xe.shape[1])
+        acc.add(xe)
+        h_in = acc.H
+    if gptq and n >= g.shape[0]:
+        acc = HessianAccumulator(g.shape[0])
+        acc.add(act(xe @ g.T) * (xe @ u.T))
+        h_act = acc.H
+    return h_in, h_act
+
+
+def quantize_expert(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, types: dict[str, str],
+                    hessians: tuple[torch.Tensor | None, torch.Tensor | None]) -> dict[str, QuantResult]:
+    """One expert's gate/up/down on ``types`` (proj → ggml type): GPTQ where ``hessians`` (expert_hessians)
+    has one, RTN elsewhere."""
+    h_in, h_act = hessians
+    res = {p: gptq_quantize(w, h_in, types[p]) if h_in is not None else quantize_rtn(w, types[p])
+           for p, w in (("gate", g), ("up", u))}
+    res["down"] = gptq_quantize(d, h_act, types["down"]) if h_act is not None else quantize_rtn(d, types["down"])
+    return res
+
+
 def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
                            types: list[dict[str, str]], act, gptq: bool = True) -> dict:
-    """GPTQ of one layer's experts; RTN for a projection whose expert saw fewer calibration tokens than the
-    projection's input width (its Hessian is then singular: GPTQ fits those few tokens and, measured on the tiny
-    test models, generalises worse than RTN) — in particular for experts no token reached.
+    """GPTQ of one layer's experts (quantize_expert on each, RTN where expert_hessians says so).
 
     ``types[e]`` maps gate/up/down → ggml type. Returns {"packed": {(e, proj): uint8}, "dequant": ...,
     "tokens": per-expert token counts}.
@@ -51,21 +79,9 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     packed, dequant, tokens = {}, {}, []
     for e, t in enumerate(types):
         xe = x[(top_k_index == e).any(dim=1)]
-        n = int(xe.shape[0])
-        tokens.append(n)
+        tokens.append(int(xe.shape[0]))
         g, u, d = gate_up[e, :ff], gate_up[e, ff:], down[e]
-        if gptq and n >= xe.shape[1]:
-            h_in = HessianAccumulator(xe.shape[1])
-            h_in.add(xe)
-            res = {"gate": gptq_quantize(g, h_in.H, t["gate"]), "up": gptq_quantize(u, h_in.H, t["up"])}
-        else:
-            res = {"gate": quantize_rtn(g, t["gate"]), "up": quantize_rtn(u, t["up"])}
-        if gptq and n >= ff:
-            h_act = HessianAccumulator(ff)
-            h_act.add(act(xe @ g.T) * (xe @ u.T))
-            res["down"] = gptq_quantize(d, h_act.H, t["down"])
-        else:
-            res["down"] = quantize_rtn(d, t["down"])
+        res = quantize_expert(g, u, d, t, expert_hessians(g, u, xe, act, gptq))
         for p in PROJS:
             packed[(e, p)] = np.asarray(res[p].packed)
             dequant[(e, p)] = res[p].dequant

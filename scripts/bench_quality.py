@@ -8,25 +8,33 @@ mean / p99, top-1 agreement, PPL. Rows:
 the calibration text (the IQ presets need it), and for each size point P (a llama.cpp preset):
 (c) uniform GPTQ: the experts in llama.cpp's own types for P (one type per projection, every expert), GPTQ'd;
 (d) PMQ stock: per-layer expert types (MILP) in the same expert bytes; (e) PMQ mixed: per-expert types.
-(c)-(e) give every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
-produce, become the largest scalar type of no more bits) and GPTQ it in the same layer stream, and the experts
-get the bytes that leaves: the files match P's size to well under 2%. (f) PMQ whole file: the bytes llama.cpp
-spent on the experts and every tensor we quantise, with all their types chosen by one MILP in the Fisher metric
-(``--budget-scope file``).
+(d) PMQ stock and (e) PMQ mixed: whole-file plans (``--budget-scope file``): the bytes llama.cpp spent on the
+experts and on every tensor we quantise, all types chosen by one MILP in the Fisher metric, one expert type per
+layer (stock) or per expert (mixed); (e) twice, with the RTN-proxy eps and with GPTQ-measured eps (``--eps``).
+(c) gives every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
+produce, become the largest scalar type of no more bits) and GPTQ's it in the same layer stream. With
+``--experts-only``, also (d0) stock and (e0) mixed with (c)'s non-expert types and the expert bytes that leaves.
+Every file matches P's size to well under 2%.
+
+llama.cpp's tools run as subprocesses, timed with their peak RSS; our conversion time per file is GPTQ of every
+planned tensor + writing the GGUF (importance, measured once per eps source, is listed apart).
 
 Calibration for everything: the first 60,000 characters of pydoc text (never the held-out range).
 
-Usage: python scripts/bench_quality.py [--work out/bench-quality] [--points Q3_K_M,Q2_K] [--json OUT]
+Usage: python scripts/bench_quality.py [--work out/bench-quality] [--points Q3_K_M,Q2_K] [--experts-only]
+                                      [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,10 +48,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str]) -> None:
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Run ``cmd``; (wall seconds, its peak RSS in MB)."""
+    t0 = time.time()
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty tool must not block on a full pipe
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
+    return time.time() - t0, usage.ru_maxrss / 1024
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -79,6 +94,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/bench-quality"))
     ap.add_argument("--points", default="Q3_K_M,Q2_K", help="llama.cpp presets whose sizes (c)-(e) match")
     ap.add_argument("--llama-rows", default=",".join(f"{t}{'+im' if im else ''}" for t, im in LLAMA_ROWS))
+    ap.add_argument("--experts-only", action="store_true",
+                    help="also plan the experts alone, non-expert tensors at llama.cpp's types ((d0), (e0))")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -112,10 +129,9 @@ def main() -> None:
     imatrix = work / "imatrix.gguf"
     timings: dict[str, float] = {}
     if not imatrix.exists():
-        t0 = time.time()
-        run([str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o", str(imatrix), "-c", "512",
+        timings["llama-imatrix s"], timings["llama-imatrix peak RSS MB"] = run(
+            [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o", str(imatrix), "-c", "512",
              "-t", "2", "--no-ppl"])
-        timings["llama-imatrix s"] = time.time() - t0
 
     text = heldout_text()
     log("[quality] reference logits (F16)")
@@ -138,10 +154,9 @@ def main() -> None:
         preset, im = spec.removesuffix("+im"), spec.endswith("+im")
         out = work / f"llama-{preset}{'-imatrix' if im else ''}.gguf"
         if not out.exists():
-            t0 = time.time()
-            run([str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if im else []), str(f16), str(out),
+            timings[f"llama-quantize {spec} s"], timings[f"llama-quantize {spec} peak RSS MB"] = run(
+                [str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if im else []), str(f16), str(out),
                  preset, "2"])
-            timings[f"llama-quantize {spec} s"] = time.time() - t0
         llama_files[spec] = out
         n_w, n_b = expert_totals(tensor_types(out))
         score(f"llama.cpp {preset}{' + imatrix' if im else ''}", "(b)" if im else "(a)", out, 8 * n_b / n_w)
@@ -151,14 +166,17 @@ def main() -> None:
     n_tok = len(AutoTokenizer.from_pretrained(model)(calibration_text(CALIB_CHARS), add_special_tokens=False)
                 ["input_ids"])
     ids = calibration_token_ids(model, calibration_text(CALIB_CHARS), n_tok // 512, 512)
-    imp_cache = work / f"importance-{ids.shape[0]}x512-v2.json"
-    if imp_cache.exists():
-        importance = ModelImportance.from_json(imp_cache.read_text())
-    else:
-        t0 = time.time()
-        importance = measure_importance(model, ids, dense=True)
-        timings["importance s"] = time.time() - t0
-        imp_cache.write_text(importance.to_json())
+    importance: dict[str, ModelImportance] = {}
+    for source in ("rtn", "gptq"):
+        imp_cache = work / f"importance-{ids.shape[0]}x512-v2{'-gptq' if source == 'gptq' else ''}.json"
+        if imp_cache.exists():
+            importance[source] = ModelImportance.from_json(imp_cache.read_text())
+        else:
+            t0 = time.time()
+            importance[source] = measure_importance(model, ids, dense=True, eps_source=source)
+            timings[f"importance (eps {source}) s"] = time.time() - t0
+            imp_cache.write_text(importance[source].to_json())
+    rtn_imp = importance["rtn"]
 
     for point in args.points.split(","):
         src = llama_files.get(f"{point}+im") or llama_files[point]
@@ -184,22 +202,26 @@ def main() -> None:
             if m:
                 layer_types.setdefault(int(m.group(1)), {})[m.group(2)] = t
         if all(t in F.QUANT_TYPES for lt in layer_types.values() for t in lt.values()):
-            n_e = importance.layers[0].n_expert
+            n_e = rtn_imp.layers[0].n_expert
             plans["(c) uniform GPTQ"] = BitPlan(
                 mode="stock", target_bpw=bpw, achieved_bpw=8 * spent / n_w, expert_bytes=spent, expert_weights=n_w,
                 layers={lay: [f"L{lay}"] * n_e for lay in layer_types},
                 recipes={f"{lay}:L{lay}": layer_types[lay] for lay in layer_types})
-        plans["(d) PMQ stock"] = solve_bit_plan(importance.layers, bpw, mode="stock")
-        plans["(e) PMQ mixed"] = solve_bit_plan(importance.layers, bpw, mode="mixed")
-        # (f): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP
-        planned = {t.name for t in importance.tensors}
-        f_w = n_w + sum(types[n][2] for n in planned)
-        f_b = spent + sum(types[n][3] for n in planned)
-        plans["(f) PMQ whole file"] = solve_bit_plan(importance.layers, 8 * f_b / f_w, mode="mixed", scope="file",
-                                                     metric="fisher", tensors=importance.tensors)
+        if args.experts_only:
+            plans["(d0) PMQ stock, experts only"] = solve_bit_plan(rtn_imp.layers, bpw, mode="stock")
+            plans["(e0) PMQ mixed, experts only"] = solve_bit_plan(rtn_imp.layers, bpw, mode="mixed")
+        # (d), (e): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP
+        planned = {t.name for t in rtn_imp.tensors}
+        file_bpw = 8 * (spent + sum(types[n][3] for n in planned)) / (n_w + sum(types[n][2] for n in planned))
+        for kind, mode, source in [("(d) PMQ stock", "stock", "rtn"), ("(e) PMQ mixed", "mixed", "rtn"),
+                                   ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]:
+            imp = importance[source]
+            plans[kind] = solve_bit_plan(imp.layers, file_bpw, mode=mode, scope="file", metric="fisher",
+                                         tensors=imp.tensors)
         for kind, plan in plans.items():
-            out = work / f"ours-{point}-{kind[1]}.gguf"
-            wd = work / f"ours-{point}-{kind[1]}.work"
+            key = kind[1:kind.index(")")] + ("-gptq" if "gptq" in kind else "")
+            out = work / f"ours-{point}-{key}.gguf"
+            wd = work / f"ours-{point}-{key}.work"
             if wd.exists() and (wd / "plan.json").exists() and not (wd / "plan.json").read_text().startswith(
                     plan.to_json()):
                 shutil.rmtree(wd)  # a work dir of an older plan: start over
@@ -210,11 +232,12 @@ def main() -> None:
             hook = chain_hooks(plan_hook(plan, WorkDirQuantiser(wd)), dense_hook(d, wd, arch, n_layer, log=log))
             convert_checkpoint(model, out, outtype="f16", hook=hook, extra_kv=plan_metadata(plan))
             rep = read_report(out)
-            score(f"{kind} @ {point}", kind[:3], out, rep.classes["experts"].bpw, point=point,
+            score(f"{kind} @ {point}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw, point=point,
                   size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0)
     timings["peak RSS MB"] = peak_rss_mb()
     result = {"rows": rows, "timings": timings, "wall_s": time.time() - t_start, "calib_tokens": int(ids.numel())}
     print(format_table(rows))
+    print(json.dumps(timings, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))
 

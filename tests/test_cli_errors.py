@@ -105,4 +105,4 @@ def test_conversion_failure_leaves_nothing(tiny_model, tmp_path, out_dir, monkey
 def test_cli_plan_defaults_are_the_planners():
     from mcsharp_gguf import cli, pmq
 
-    assert (cli.PLAN_SCOPE, cli.PLAN_METRIC) == (pmq.SCOPE, pmq.METRIC)
+    assert (cli.PLAN_SCOPE, cli.PLAN_METRIC, cli.PLAN_EPS) == (pmq.SCOPE, pmq.METRIC, pmq.EPS_SOURCE)

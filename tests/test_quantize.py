@@ -87,3 +87,47 @@ def test_unreached_experts_fall_back_to_rtn(setup):
     few = quantize_layer_experts(gate_up, down, x[:100], idx[:100], types, torch.nn.functional.silu)
     assert all(np.array_equal(few["packed"][(0, p)], quantize_rtn(w, "Q4_K").packed)
                for p, w in (("gate", gate_up[0, :256]), ("down", down[0])))
+
+
+def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
+    """With eps_source="gptq", eps is the MoE-block output error of the expert exactly as quantize_experts writes
+    it; and GPTQ's error is below the RTN proxy's at 2 bits."""
+    from mcsharp_gguf.calib import LayerStream, capture_moe
+    from mcsharp_gguf.pmq import BitPlan, Recipe
+
+    model_dir, ids, _ = setup
+    targets = ("Q2_K", "Q4_K")
+    gptq = measure_importance(model_dir, ids, targets=targets, eps_source="gptq", progress=False)
+    rtn = measure_importance(model_dir, ids, targets=targets, progress=False)
+    assert gptq.eps_source == "gptq" and rtn.eps_source == "rtn"
+    first = gptq.layers[0]  # its inputs are the unquantised model's in both paths
+    r = Recipe.for_shapes("Q2_K", first.d_model, first.d_ff)
+    plan = BitPlan(mode="stock", target_bpw=2.625, achieved_bpw=2.625, expert_bytes=0, expert_weights=0,
+                   layers={first.layer: ["Q2_K"] * first.n_expert},
+                   recipes={f"{first.layer}:Q2_K": {"gate": r.gate, "up": r.up, "down": r.down}})
+    work = quantize_experts(model_dir, plan, ids, tmp_path / "work", progress=False)
+    done = torch.load(work / f"layer-{first.layer:04d}.pt", weights_only=False)
+
+    stream = LayerStream.open(model_dir)
+    hidden = stream.embed(ids)
+    for i, layer, run in stream.layers(hidden):
+        if i == first.layer:
+            block = stream.moe_block(layer)
+            cap, _ = capture_moe(block, stream.arch, stream.n_expert, run, hidden)
+            break
+        hidden = run(hidden)
+    experts = getattr(block, stream.arch.experts)
+    ff = first.d_ff
+    for e in range(first.n_expert):
+        tok, slot = torch.where(cap.top_k_index == e)
+        x, w = cap.x[tok], cap.top_k_weights[tok, slot]
+        g, u, d = experts.gate_up_proj[e, :ff], experts.gate_up_proj[e, ff:], experts.down_proj[e]
+        gq, uq, dq = (done["dequant"][(e, p)] for p in ("gate", "up", "down"))
+        act = experts.act_fn
+        with torch.no_grad():
+            delta = ((act(x @ gq.T) * (x @ uq.T)) @ dq.T - (act(x @ g.T) * (x @ u.T)) @ d.T) * w[:, None]
+        assert float(delta.norm()) == pytest.approx(first.eps["Q2_K"][e], rel=1e-3)
+    for lg, lr in zip(gptq.layers, rtn.layers, strict=True):
+        assert np.mean(lg.eps["Q2_K"]) < 0.9 * np.mean(lr.eps["Q2_K"])
+    assert all(np.mean(lg.eps_fisher["Q2_K"]) < np.mean(lr.eps_fisher["Q2_K"])
+               for lg, lr in zip(gptq.layers, rtn.layers, strict=True))
