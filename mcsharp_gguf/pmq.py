@@ -427,11 +427,12 @@ class ModelImportance:
                    d.get("eps_source", "rtn"))
 
 
-def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tuple[str, ...], gptq: bool = False
-                  ) -> dict[str, float]:
+def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tuple[str, ...], gptq: bool = False,
+                  scale: float = 1.0) -> dict[str, float]:
     """Fisher error of a linear ``w`` (out, in) per storable type: x (tokens, in) its inputs, g (tokens, out) the
     gradient of log p(ŷ) at its output; the output change of quantising it is x·ΔWᵀ. ``gptq``: ΔW of GPTQ on
-    x's Hessian (as convert quantises the tensor), else of RTN."""
+    x's Hessian (as convert quantises the tensor), else of RTN. ``scale``: (all tokens / tapped tokens)^½, so
+    that eps² is summed over as many tokens as the experts' (the taps see only the first sequences)."""
     from .gptq import HessianAccumulator, gptq_quantize
 
     h = None
@@ -441,7 +442,7 @@ def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tupl
     out = {}
     for t in dict.fromkeys(storable_type(t, w.shape[1]) for t in types):
         dw = (gptq_quantize(w, h.H, t) if h is not None else quantize_rtn(w, t)).dequant - w
-        out[t] = float(((g @ dw) * x).sum(1).square().sum().sqrt())  # (gᵀΔW)·x == gᵀ(ΔW x), cheaper
+        out[t] = scale * float(((g @ dw) * x).sum(1).square().sum().sqrt())  # (gᵀΔW)·x == gᵀ(ΔW x), cheaper
     return out
 
 
@@ -472,6 +473,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     if eps_source not in ("rtn", "gptq"):
         raise McsharpError(f"eps source {eps_source} is not one of rtn, gptq")
     gptq = eps_source == "gptq"
+    tap_scale = (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5
     if flip_probe is not None and flip_probe not in targets:
         raise McsharpError(f"--flip-probe {flip_probe} is not one of the candidate types {', '.join(targets)}")
     stream = LayerStream.open(model_dir)
@@ -490,7 +492,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         if layer is None:
             if i >= 0:  # the LM head
                 head = stream.lm_head()
-                head_eps = _dense_fisher(head, *item.taps["lm_head"], dense_types, gptq=gptq and not tied)
+                head_eps = _dense_fisher(head, *item.taps["lm_head"], dense_types, gptq=gptq and not tied,
+                                         scale=tap_scale)
                 if not tied:
                     tensors.append(TensorImportance("output.weight", "output", *head.shape, head_eps))
             elif dense:  # the token embedding (a tied head is this same GGUF tensor: both errors count)
@@ -511,7 +514,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
             if gname is not None and n in item.taps:
                 w = mod.weight.detach()
                 tensors.append(TensorImportance(gname, cls, *w.shape,
-                                                _dense_fisher(w, *item.taps[n], dense_types, gptq=gptq)))
+                                                _dense_fisher(w, *item.taps[n], dense_types, gptq=gptq,
+                                                              scale=tap_scale)))
         block = stream.moe_block(layer)
         if block is None:
             bar.update()
