@@ -13,7 +13,7 @@ from .native.build import NativeBuildError
 
 # pmq.SCOPE / METRIC / EPS_SOURCE, spelled here so the CLI starts without importing torch
 # (tests/test_cli_errors.py checks)
-PLAN_SCOPE, PLAN_METRIC, PLAN_EPS = "global", "fisher", "rtn"
+PLAN_SCOPE, PLAN_METRIC, PLAN_EPS = "global", "fisher", "gptq"
 
 
 def _log(msg: str) -> None:
@@ -103,8 +103,8 @@ _plan_options = [
                  help="PMQ: scale each layer's Fisher costs by its measured real/estimated KL at TYPE (top-k flips "
                       "downstream; ~n_layer²/2 extra layer passes over 4 sequences; see README)."),
     click.option("--eps", "eps_source", type=click.Choice(["rtn", "gptq"]), default=PLAN_EPS, show_default=True,
-                 help="PMQ: measure each candidate type's error with the fast RTN proxy or with GPTQ, as convert "
-                      "quantises (about 1.5x the importance time; see README)."),
+                 help="PMQ: measure each candidate type's error with GPTQ, as convert quantises, or with the "
+                      "faster RTN proxy (GPTQ takes 1.7x the importance time and plans better; see README)."),
 ]
 
 
@@ -204,10 +204,10 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, budget_scope: str,
             cost_metric: str, flip_probe: str | None, eps_source: str, plan_file: Path | None, calib: str,
-            calib_seqs: int,
-            calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None, ffn_type: str | None,
-            embd_type: str | None, output_type: str | None, tensor_types: tuple[tuple[str, str], ...], otp: bool,
-            otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, verbose: bool) -> None:
+            calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None,
+            ffn_type: str | None, embd_type: str | None, output_type: str | None,
+            tensor_types: tuple[tuple[str, str], ...], otp: bool, otp_target_frac: float, otp_hidden: int,
+            otp_refine_steps: int, verbose: bool) -> None:
     """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
 
     With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
@@ -237,8 +237,8 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
                            "plan; add --bpw X (or --plan plan.json)")
     compress_checkpoint(model_dir, out, ids, bpw=bpw if plan is None else None, plan=plan, mode=mode,
                         scope=budget_scope, metric=cost_metric, flip_probe=flip_probe, eps_source=eps_source,
-                        outtype=outtype, dense=dense,
-                        gptq=use_gptq, work_dir=work_dir, otp_target_frac=otp_target_frac if otp else None,
+                        outtype=outtype, dense=dense, gptq=use_gptq, work_dir=work_dir,
+                        otp_target_frac=otp_target_frac if otp else None,
                         otp_hidden=otp_hidden, otp_refine_steps=otp_refine_steps, log=_log, verbose=verbose)
     click.echo(str(out))
 

@@ -63,8 +63,7 @@ def _dense_metadata(dense: DenseTypes):
 def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tensor | None, *,
                         bpw: float | None = None, plan: BitPlan | None = None, mode: str = "mixed",
                         scope: str = SCOPE, metric: str = METRIC, flip_probe: str | None = None,
-                        eps_source: str = EPS_SOURCE,
-                        outtype: str = "f16",
+                        eps_source: str = EPS_SOURCE, outtype: str = "f16",
                         dense: DenseTypes | None = None, gptq: bool = True, work_dir: Path | None = None,
                         otp_target_frac: float | None = None, otp_hidden: int = 32, otp_refine_steps: int = 0,
                         log: Callable[[str], None] = print, verbose: bool = False) -> CompressResult:

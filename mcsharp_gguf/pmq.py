@@ -21,7 +21,7 @@ from .formats import QUANT_TYPES, bits_per_weight, block_size, quantize_rtn
 # Expert candidates (DESIGN §3): scalar grids with CPU/CUDA mul_mat_id support, ascending size.
 # Cost exponents and budget scope (see solve_bit_plan): measured on the fixture, scripts/bench_quality.py.
 ALPHA, BETA, GAMMA, SCOPE, METRIC = 1.0, 1.5, 2.0, "global", "fisher"
-EPS_SOURCE = "rtn"  # measure_importance's quantiser for eps (see its docstring)
+EPS_SOURCE = "gptq"  # measure_importance's quantiser for eps (see its docstring; README: it plans better)
 
 EXPERT_TYPES: tuple[str, ...] = ("Q1_0", "Q2_0", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
@@ -462,7 +462,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
 
     ``eps_source``: the quantiser behind eps. ``rtn`` is the fast proxy; ``gptq`` quantises each (expert, type)
     and each planned linear as convert will (GPTQ on the Hessian of the inputs it is measured on; the token
-    embedding, RTN in the file, stays RTN), about 1.5× the time on the fixture.
+    embedding, RTN in the file, stays RTN), 1.7× the time on the fixture.
     """
     from tqdm import tqdm
 
@@ -482,6 +482,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     tensors: list[TensorImportance] = []
     tied = stream.lm_head_name() != "lm_head.weight"  # GGUF then has no output.weight: the head is token_embd
     head_eps: dict[str, float] = {}
+    probe_fisher: dict[int, list[float]] = {}
 
     def taps(layer):
         return {n: m for n, (_, m) in dense_linears(layer, stream.arch).items()}
@@ -528,6 +529,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         d_model, d_ff = gate_up.shape[2], down.shape[2]
         eps: dict[str, list[float]] = {t: [] for t in targets}
         eps_fisher: dict[str, list[float]] = {t: [] for t in targets}
+        probe_fisher[i] = []  # RTN Fisher error at flip_probe: what the flip probe's real KL is compared with
         for e in range(stream.n_expert):
             tok, slot = torch.where(cap.top_k_index == e)
             x, w = cap.x[tok], cap.top_k_weights[tok, slot]
@@ -546,6 +548,9 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                 delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
                 eps[t].append(float(delta.norm()))
                 eps_fisher[t].append(fisher_error(delta, grad[tok]))
+                if t == flip_probe:
+                    probe_fisher[i].append(eps_fisher[t][-1] if not gptq else fisher_error(
+                        expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok]))
         phi, wmass = cap.stats.normalised()
         out.append(LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps,
                                    out_norm=float(h_out.float().norm()), eps_fisher=eps_fisher))
@@ -556,7 +561,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     out.sort(key=lambda imp: imp.layer)
     if flip_probe is not None:
         n_probe = min(probe_seqs, token_ids.shape[0])
-        _measure_flip_factors(stream, token_ids[:n_probe], out, flip_probe, token_ids.shape[0] / n_probe)
+        _measure_flip_factors(stream, token_ids[:n_probe], out, flip_probe, token_ids.shape[0] / n_probe,
+                              probe_fisher)
         by_layer = {imp.layer: imp.flip_factor for imp in out}
         moe = sorted(by_layer)
         for ti in tensors:
@@ -580,11 +586,11 @@ def _feeding_factor(ti: TensorImportance, by_layer: dict[int, float], moe: list[
 
 
 def _measure_flip_factors(stream, token_ids: torch.Tensor, layers: list[LayerImportance], probe: str,
-                          scale: float) -> dict[int, float]:
+                          scale: float, rtn_fisher: dict[int, list[float]]) -> dict[int, float]:
     """Set each layer's flip_factor: real output KL of RTN-quantising all its experts at ``probe`` (on
-    ``token_ids``, perturbation_kl) over the Fisher estimate (½ Σ eps_fisher², measured on ``scale`` × as many
-    tokens). Clamped to [1, 16]: the Fisher term is a floor, and a handful of tokens must not dominate.
-    Returns the unclamped ratios."""
+    ``token_ids``, perturbation_kl) over the Fisher estimate of the same RTN error (½ Σ ``rtn_fisher[layer]``²,
+    measured on ``scale`` × as many tokens). Clamped to [1, 16]: the Fisher term is a floor, and a handful of
+    tokens must not dominate. Returns the unclamped ratios."""
     from .sensitivity import perturbation_kl
 
     wanted = {imp.layer: imp for imp in layers}
@@ -613,7 +619,7 @@ def _measure_flip_factors(stream, token_ids: torch.Tensor, layers: list[LayerImp
     real = perturbation_kl(stream, token_ids, perturb)
     ratios = {}
     for imp in layers:
-        predicted = 0.5 * sum(x ** 2 for x in imp.eps_fisher[probe]) / scale
+        predicted = 0.5 * sum(x ** 2 for x in rtn_fisher[imp.layer]) / scale
         ratios[imp.layer] = real[imp.layer] / predicted if predicted > 0 else 1.0
         imp.flip_factor = float(np.clip(ratios[imp.layer], 1.0, 16.0))
     return ratios

@@ -10,7 +10,7 @@ the calibration text (the IQ presets need it), and for each size point P (a llam
 (d) PMQ stock: per-layer expert types (MILP) in the same expert bytes; (e) PMQ mixed: per-expert types.
 (d) PMQ stock and (e) PMQ mixed: whole-file plans (``--budget-scope file``): the bytes llama.cpp spent on the
 experts and on every tensor we quantise, all types chosen by one MILP in the Fisher metric, one expert type per
-layer (stock) or per expert (mixed); (e) twice, with the RTN-proxy eps and with GPTQ-measured eps (``--eps``).
+layer (stock) or per expert (mixed); each twice, with the RTN-proxy eps and with GPTQ-measured eps (``--eps``).
 (c) gives every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
 produce, become the largest scalar type of no more bits) and GPTQ's it in the same layer stream. With
 ``--experts-only``, also (d0) stock and (e0) mixed with (c)'s non-expert types and the expert bytes that leaves.
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -48,17 +47,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# A small launcher reports its child's peak RSS: a child forked straight from this (large) process would count
+# this process's resident pages in its own peak (Linux carries the high-water mark across fork and exec).
+_PEAK_RSS = ("import resource, subprocess, sys\n"
+             "rc = subprocess.call(sys.argv[2:])\n"
+             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+             "sys.exit(rc)")
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd``; (wall seconds, its peak RSS in MB)."""
     t0 = time.time()
-    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty tool must not block on a full pipe
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not all children's
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
-    return time.time() - t0, usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        peak, err = Path(tmp) / "peak", Path(tmp) / "stderr"
+        with err.open("w") as f:  # a file, not a pipe: a chatty tool must not block on a full pipe
+            rc = subprocess.call([sys.executable, "-c", _PEAK_RSS, str(peak), *cmd], stdout=subprocess.DEVNULL,
+                                 stderr=f)
+        if rc != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read_text()[-3000:]}")
+        return time.time() - t0, int(peak.read_text()) / 1024
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -213,8 +220,8 @@ def main() -> None:
         # (d), (e): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP
         planned = {t.name for t in rtn_imp.tensors}
         file_bpw = 8 * (spent + sum(types[n][3] for n in planned)) / (n_w + sum(types[n][2] for n in planned))
-        for kind, mode, source in [("(d) PMQ stock", "stock", "rtn"), ("(e) PMQ mixed", "mixed", "rtn"),
-                                   ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]:
+        for kind, mode, source in [("(d) PMQ stock", "stock", "rtn"), ("(d) PMQ stock, eps gptq", "stock", "gptq"),
+                                   ("(e) PMQ mixed", "mixed", "rtn"), ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]:
             imp = importance[source]
             plans[kind] = solve_bit_plan(imp.layers, file_bpw, mode=mode, scope="file", metric="fisher",
                                          tensors=imp.tensors)

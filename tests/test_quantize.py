@@ -56,8 +56,8 @@ def test_gptq_beats_rtn_at_equal_size(setup, tmp_path):
     0.0151 vs 0.0142 at 3.2 bpw, 0.0656 vs 0.0654 at 2.5 bpw; on the real fixture GPTQ wins clearly, see README.)
     """
     model_dir, ids, _ = setup
-    plan = solve_bit_plan(measure_importance(model_dir, ids, progress=False).layers, 3.2, mode="mixed",
-                          metric="mc", scope="layer")
+    plan = solve_bit_plan(measure_importance(model_dir, ids, progress=False, eps_source="rtn").layers, 3.2,
+                          mode="mixed", metric="mc", scope="layer")
     base = convert_checkpoint(model_dir, tmp_path / "f16.gguf", outtype="f16")
     work = quantize_experts(model_dir, plan, ids, tmp_path / "work", progress=False)
     gptq = convert_checkpoint(model_dir, tmp_path / "gptq.gguf", hook=plan_hook(plan, WorkDirQuantiser(work)))
@@ -97,8 +97,8 @@ def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
 
     model_dir, ids, _ = setup
     targets = ("Q2_K", "Q4_K")
-    gptq = measure_importance(model_dir, ids, targets=targets, eps_source="gptq", progress=False)
-    rtn = measure_importance(model_dir, ids, targets=targets, progress=False)
+    gptq = measure_importance(model_dir, ids, targets=targets, progress=False)  # the default
+    rtn = measure_importance(model_dir, ids, targets=targets, eps_source="rtn", progress=False)
     assert gptq.eps_source == "gptq" and rtn.eps_source == "rtn"
     first = gptq.layers[0]  # its inputs are the unquantised model's in both paths
     r = Recipe.for_shapes("Q2_K", first.d_model, first.d_ff)

@@ -64,7 +64,8 @@ def test_fisher_error_predicts_output_kl(model_dir):
     all of them, like the experts' (unscaled, the ratio would be 0.5).
     """
     ids = calibration_token_ids(model_dir, calibration_text(120_000), 16, 128)
-    imp = measure_importance(model_dir, ids, progress=False, dense=True, tap_seqs=8, targets=("Q4_K",))
+    imp = measure_importance(model_dir, ids, progress=False, dense=True, tap_seqs=8, targets=("Q4_K",),
+                             eps_source="rtn")
     model = load_hf(model_dir)
     with torch.no_grad():
         ref = torch.log_softmax(model(ids).logits.double(), -1)
