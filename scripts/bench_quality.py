@@ -7,12 +7,11 @@ mean / p99, top-1 agreement, PPL. Rows:
 (a) llama.cpp ``llama-quantize`` presets (RTN), (b) the same with an importance matrix from ``llama-imatrix`` on
 the calibration text (the IQ presets need it), and for each size point P (a llama.cpp preset):
 (c) uniform GPTQ: the experts in llama.cpp's own types for P (one type per projection, every expert), GPTQ'd;
-(d) PMQ stock: per-layer expert types (MILP) in the same expert bytes; (e) PMQ mixed: per-expert types.
 (d) PMQ stock and (e) PMQ mixed: whole-file plans (``--budget-scope file``): the bytes llama.cpp spent on the
 experts and on every tensor we quantise, all types chosen by one MILP in the Fisher metric, one expert type per
 layer (stock) or per expert (mixed); each twice, with the RTN-proxy eps and with GPTQ-measured eps (``--eps``).
 (c) gives every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
-produce, become the largest scalar type of no more bits) and GPTQ's it in the same layer stream. With
+produce, become the largest scalar type of no more bits) and GPTQs it in the same layer stream. With
 ``--experts-only``, also (d0) stock and (e0) mixed with (c)'s non-expert types and the expert bytes that leaves.
 Every file matches P's size to well under 2%.
 
@@ -94,6 +93,16 @@ def scalar_type_for(t: str) -> str:
     bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
     bpw = 8 * ts / bs
     return max((x for x in F.QUANT_TYPES if F.bits_per_weight(x) <= bpw + 1e-9), key=F.bits_per_weight)
+
+
+def estimated_kl(plan, importance, n_tokens: int) -> float:
+    """The plan's output KL per token as its own importance estimates it: ½ Σ eps_fisher² of every chosen
+    (expert, type) and (tensor, type), over the calibration tokens (compare with the measured held-out KLD)."""
+    total = sum(lay.eps_fisher[t][e] ** 2 for lay in importance.layers
+                for e, t in enumerate(plan.layers[lay.layer]))
+    by_name = {ti.name: ti for ti in importance.tensors}
+    total += sum(by_name[n].eps_fisher[t] ** 2 for n, t in plan.tensor_types.items())
+    return 0.5 * total / n_tokens
 
 
 def main() -> None:
@@ -226,6 +235,8 @@ def main() -> None:
             plans[kind] = solve_bit_plan(imp.layers, file_bpw, mode=mode, scope="file", metric="fisher",
                                          tensors=imp.tensors)
         for kind, plan in plans.items():
+            src_imp = importance["gptq" if "gptq" in kind else "rtn"]
+            est = {"est_kl": estimated_kl(plan, src_imp, ids.numel())} if plan.tensor_types else {}
             key = kind[1:kind.index(")")] + ("-gptq" if "gptq" in kind else "")
             out = work / f"ours-{point}-{key}.gguf"
             wd = work / f"ours-{point}-{key}.work"
@@ -240,7 +251,7 @@ def main() -> None:
             convert_checkpoint(model, out, outtype="f16", hook=hook, extra_kv=plan_metadata(plan))
             rep = read_report(out)
             score(f"{kind} @ {point}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw, point=point,
-                  size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0)
+                  size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)
     timings["peak RSS MB"] = peak_rss_mb()
     result = {"rows": rows, "timings": timings, "wall_s": time.time() - t_start, "calib_tokens": int(ids.numel())}
     print(format_table(rows))
