@@ -40,6 +40,14 @@ LLAMA_ROWS = [("Q8_0", False), ("Q4_K_M", False), ("Q3_K_M", False), ("Q3_K_M", 
               ("Q2_K", True), ("IQ3_XXS", True), ("IQ2_M", True), ("IQ2_XS", True)]
 CALIB_CHARS = 60_000
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+# the whole-file plans of each point: (row kind, mode, eps source)
+FILE_PLANS = [("(d) PMQ stock", "stock", "rtn"), ("(d) PMQ stock, eps gptq", "stock", "gptq"),
+              ("(e) PMQ mixed", "mixed", "rtn"), ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]
+
+
+def plan_key(kind: str) -> str:
+    """A row kind's short name in file and work-dir names, e.g. "(e) PMQ mixed, eps gptq" → "e-gptq"."""
+    return kind[1:kind.index(")")] + ("-gptq" if "gptq" in kind else "")
 
 
 def log(msg: str) -> None:
@@ -229,15 +237,14 @@ def main() -> None:
         # (d), (e): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP
         planned = {t.name for t in rtn_imp.tensors}
         file_bpw = 8 * (spent + sum(types[n][3] for n in planned)) / (n_w + sum(types[n][2] for n in planned))
-        for kind, mode, source in [("(d) PMQ stock", "stock", "rtn"), ("(d) PMQ stock, eps gptq", "stock", "gptq"),
-                                   ("(e) PMQ mixed", "mixed", "rtn"), ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]:
+        for kind, mode, source in FILE_PLANS:
             imp = importance[source]
             plans[kind] = solve_bit_plan(imp.layers, file_bpw, mode=mode, scope="file", metric="fisher",
                                          tensors=imp.tensors)
         for kind, plan in plans.items():
             src_imp = importance["gptq" if "gptq" in kind else "rtn"]
             est = {"est_kl": estimated_kl(plan, src_imp, ids.numel())} if plan.tensor_types else {}
-            key = kind[1:kind.index(")")] + ("-gptq" if "gptq" in kind else "")
+            key = plan_key(kind)
             out = work / f"ours-{point}-{key}.gguf"
             wd = work / f"ours-{point}-{key}.work"
             if wd.exists() and (wd / "plan.json").exists() and not (wd / "plan.json").read_text().startswith(

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench_quality import estimated_kl
+from bench_quality import FILE_PLANS, estimated_kl, plan_key
 
 
 def main() -> None:
@@ -34,14 +34,13 @@ def main() -> None:
     print("| plan (work dir) | est. KL, RTN eps | est. KL, GPTQ eps | measured KLD |\n|---|---|---|---|")
     for wd in sorted(args.work.glob("ours-*.work")):
         # plan.json holds the plan, then the dense types: read the first JSON document
-        doc, _ = json.JSONDecoder().raw_decode((wd / "plan.json").read_text())
-        plan = BitPlan(**{**doc, "layers": {int(k): v for k, v in doc["layers"].items()}})
+        text = (wd / "plan.json").read_text()
+        plan = BitPlan.from_json(text[:json.JSONDecoder().raw_decode(text)[1]])
         if not plan.tensor_types:
             continue  # not a whole-file plan: the non-expert tensors are not priced
         est = {s: estimated_kl(plan, imp, n) for s, (imp, n) in imps.items()}
         point, key = wd.stem.removeprefix("ours-").split("-", 1)
-        kind = {"d": "(d) PMQ stock", "d-gptq": "(d) PMQ stock, eps gptq", "e": "(e) PMQ mixed",
-                "e-gptq": "(e) PMQ mixed, eps gptq"}.get(key, key)
+        kind = {plan_key(k): k for k, _, _ in FILE_PLANS}.get(key, key)
         got = measured.get(f"{kind} @ {point}")
         print(f"| {wd.name} | {est.get('rtn', float('nan')):.4f} | {est.get('gptq', float('nan')):.4f} | "
               f"{'-' if got is None else f'{got:.4f}'} |")
