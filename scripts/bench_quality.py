@@ -5,11 +5,16 @@ Every file is scored against the fixture's F16 GGUF on the held-out text (4096 t
 mean / p99, top-1 agreement, PPL. Rows:
 
 (a) llama.cpp ``llama-quantize`` presets (RTN), (b) the same with an importance matrix from ``llama-imatrix`` on
-the calibration text (the IQ presets need it), and for each size point P (a llama.cpp preset):
-(c) uniform GPTQ: the experts in llama.cpp's own types for P (one type per projection, every expert), GPTQ'd;
+the calibration text (the IQ presets need it). A row is ``PRESET[:PATTERN=TYPE[;...]][+im]``: the part after
+``:`` are ``llama-quantize --tensor-type`` overrides, e.g. ``Q2_K:ffn_down_exps=q2_0`` (the fixture's 128-wide
+expert down rows fit no K-quant, so the presets' experts never get below 3 bpw; Q2_0 takes them to 2.5).
+For each size point P (a row without ``+im``; its imatrix file where there is one):
+(c) uniform GPTQ: the experts in llama.cpp's own types for P (one type per projection, every expert; an IQ
+lattice type becomes the largest scalar type of no more bits), GPTQ'd;
 (d) PMQ stock and (e) PMQ mixed: whole-file plans (``--budget-scope file``): the bytes llama.cpp spent on the
 experts and on every tensor we quantise, all types chosen by one MILP in the Fisher metric, one expert type per
-layer (stock) or per expert (mixed); each twice, with the RTN-proxy eps and with GPTQ-measured eps (``--eps``).
+layer (stock) or per expert (mixed), for each eps source of ``--eps-sources`` (GPTQ-measured eps, the default,
+and/or the RTN proxy).
 (c) gives every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
 produce, become the largest scalar type of no more bits) and GPTQs it in the same layer stream. With
 ``--experts-only``, also (d0) stock and (e0) mixed with (c)'s non-expert types and the expert bytes that leaves.
@@ -20,8 +25,8 @@ planned tensor + writing the GGUF (importance, measured once per eps source, is 
 
 Calibration for everything: the first 60,000 characters of pydoc text (never the held-out range).
 
-Usage: python scripts/bench_quality.py [--work out/bench-quality] [--points Q3_K_M,Q2_K] [--experts-only]
-                                      [--json OUT]
+Usage: python scripts/bench_quality.py [--work out/bench-quality] [--points P1,P2,...] [--llama-rows R1,...]
+                                      [--eps-sources gptq|rtn,gptq] [--experts-only] [--json OUT]
 """
 
 from __future__ import annotations
@@ -36,13 +41,27 @@ import tempfile
 import time
 from pathlib import Path
 
-LLAMA_ROWS = [("Q8_0", False), ("Q4_K_M", False), ("Q3_K_M", False), ("Q3_K_M", True), ("Q2_K", False),
-              ("Q2_K", True), ("IQ3_XXS", True), ("IQ2_M", True), ("IQ2_XS", True)]
+# ≈2.5 expert bpw: Q2_K with the expert down rows in Q2_0 (2.25 bpw, group 64) instead of the fallback Q4_0
+Q2_5 = "Q2_K:ffn_down_exps=q2_0"
+LLAMA_ROWS = ["Q8_0", "Q4_K_M", "Q3_K_M", "Q3_K_M+im", "Q2_K", "Q2_K+im", "IQ3_XXS+im", "IQ2_M+im", "IQ2_XS+im",
+              Q2_5, f"{Q2_5}+im"]
+POINTS = ["Q3_K_M", "Q2_K", "IQ2_XS", Q2_5]
 CALIB_CHARS = 60_000
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 # the whole-file plans of each point: (row kind, mode, eps source)
 FILE_PLANS = [("(d) PMQ stock", "stock", "rtn"), ("(d) PMQ stock, eps gptq", "stock", "gptq"),
               ("(e) PMQ mixed", "mixed", "rtn"), ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]
+
+
+def llama_spec(spec: str) -> tuple[str, list[str], bool, str, str]:
+    """A llama.cpp row ``PRESET[:PAT=TYPE;...][+im]`` → (preset, --tensor-type overrides, imatrix, file stem,
+    display name)."""
+    im = spec.endswith("+im")
+    preset, _, over = spec.removesuffix("+im").partition(":")
+    overrides = [o for o in over.split(";") if o]
+    tag = "".join(f"-{o.replace('=', '-')}" for o in overrides)
+    name = preset + "".join(f", {o.split('=')[0]} {o.split('=')[1].upper()}" for o in overrides)
+    return preset, overrides, im, f"llama-{preset}{tag}{'-imatrix' if im else ''}", name + (" + imatrix" if im else "")
 
 
 def plan_key(kind: str) -> str:
@@ -116,8 +135,9 @@ def estimated_kl(plan, importance, n_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("out/bench-quality"))
-    ap.add_argument("--points", default="Q3_K_M,Q2_K", help="llama.cpp presets whose sizes (c)-(e) match")
-    ap.add_argument("--llama-rows", default=",".join(f"{t}{'+im' if im else ''}" for t, im in LLAMA_ROWS))
+    ap.add_argument("--points", default=",".join(POINTS), help="llama.cpp rows whose sizes (c)-(e) match")
+    ap.add_argument("--llama-rows", default=",".join(LLAMA_ROWS))
+    ap.add_argument("--eps-sources", default="gptq", help="eps sources of the (d)/(e) rows: gptq, rtn or rtn,gptq")
     ap.add_argument("--experts-only", action="store_true",
                     help="also plan the experts alone, non-expert tensors at llama.cpp's types ((d0), (e0))")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
@@ -175,15 +195,15 @@ def main() -> None:
     score("F16", "reference", f16, 16.0)
     llama_files: dict[str, Path] = {}
     for spec in args.llama_rows.split(","):
-        preset, im = spec.removesuffix("+im"), spec.endswith("+im")
-        out = work / f"llama-{preset}{'-imatrix' if im else ''}.gguf"
+        preset, overrides, im, stem, name = llama_spec(spec)
+        out = work / f"{stem}.gguf"
         if not out.exists():
             timings[f"llama-quantize {spec} s"], timings[f"llama-quantize {spec} peak RSS MB"] = run(
-                [str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if im else []), str(f16), str(out),
-                 preset, "2"])
+                [str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if im else []),
+                 *[a for o in overrides for a in ("--tensor-type", o)], str(f16), str(out), preset, "2"])
         llama_files[spec] = out
         n_w, n_b = expert_totals(tensor_types(out))
-        score(f"llama.cpp {preset}{' + imatrix' if im else ''}", "(b)" if im else "(a)", out, 8 * n_b / n_w)
+        score(f"llama.cpp {name}", "(b)" if im else "(a)", out, 8 * n_b / n_w)
 
     from transformers import AutoTokenizer
 
@@ -191,7 +211,8 @@ def main() -> None:
                 ["input_ids"])
     ids = calibration_token_ids(model, calibration_text(CALIB_CHARS), n_tok // 512, 512)
     importance: dict[str, ModelImportance] = {}
-    for source in ("rtn", "gptq"):
+    sources = args.eps_sources.split(",")
+    for source in dict.fromkeys(sources + (["rtn"] if args.experts_only else [])):
         imp_cache = work / f"importance-{ids.shape[0]}x512-v2{'-gptq' if source == 'gptq' else ''}.json"
         if imp_cache.exists():
             importance[source] = ModelImportance.from_json(imp_cache.read_text())
@@ -200,7 +221,7 @@ def main() -> None:
             importance[source] = measure_importance(model, ids, dense=True, eps_source=source)
             timings[f"importance (eps {source}) s"] = time.time() - t0
             imp_cache.write_text(importance[source].to_json())
-    rtn_imp = importance["rtn"]
+    base_imp = importance[sources[0]]  # n_expert and the planned tensor set are the same in every importance
 
     for point in args.points.split(","):
         src = llama_files.get(f"{point}+im") or llama_files[point]
@@ -221,32 +242,34 @@ def main() -> None:
         log(f"[quality] point {point}: {src.stat().st_size / 1e6:.1f} MB, experts get {bpw:.3f} bpw")
         plans = {}
         layer_types = {}
-        for n, (t, *_) in types.items():
+        uniform_bytes = 0  # (c)'s expert bytes: llama.cpp's types, IQ ones replaced by their scalar stand-in
+        for n, (t, _, n_el, _) in types.items():
             m = EXPERT_RE.match(n)
             if m:
-                layer_types.setdefault(int(m.group(1)), {})[m.group(2)] = t
-        if all(t in F.QUANT_TYPES for lt in layer_types.values() for t in lt.values()):
-            n_e = rtn_imp.layers[0].n_expert
-            plans["(c) uniform GPTQ"] = BitPlan(
-                mode="stock", target_bpw=bpw, achieved_bpw=8 * spent / n_w, expert_bytes=spent, expert_weights=n_w,
-                layers={lay: [f"L{lay}"] * n_e for lay in layer_types},
-                recipes={f"{lay}:L{lay}": layer_types[lay] for lay in layer_types})
+                ours = scalar_type_for(t)
+                layer_types.setdefault(int(m.group(1)), {})[m.group(2)] = ours
+                uniform_bytes += n_el // F.block_size(ours) * F.type_size(ours)
+        n_e = base_imp.layers[0].n_expert
+        plans["(c) uniform GPTQ"] = BitPlan(
+            mode="stock", target_bpw=bpw, achieved_bpw=8 * uniform_bytes / n_w, expert_bytes=uniform_bytes,
+            expert_weights=n_w, layers={lay: [f"L{lay}"] * n_e for lay in layer_types},
+            recipes={f"{lay}:L{lay}": layer_types[lay] for lay in layer_types})
         if args.experts_only:
-            plans["(d0) PMQ stock, experts only"] = solve_bit_plan(rtn_imp.layers, bpw, mode="stock")
-            plans["(e0) PMQ mixed, experts only"] = solve_bit_plan(rtn_imp.layers, bpw, mode="mixed")
+            plans["(d0) PMQ stock, experts only"] = solve_bit_plan(importance["rtn"].layers, bpw, mode="stock")
+            plans["(e0) PMQ mixed, experts only"] = solve_bit_plan(importance["rtn"].layers, bpw, mode="mixed")
         # (d), (e): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP
-        planned = {t.name for t in rtn_imp.tensors}
+        planned = {t.name for t in base_imp.tensors}
         file_bpw = 8 * (spent + sum(types[n][3] for n in planned)) / (n_w + sum(types[n][2] for n in planned))
-        for kind, mode, source in FILE_PLANS:
+        for kind, mode, source in (p for p in FILE_PLANS if p[2] in sources):
             imp = importance[source]
             plans[kind] = solve_bit_plan(imp.layers, file_bpw, mode=mode, scope="file", metric="fisher",
                                          tensors=imp.tensors)
         for kind, plan in plans.items():
-            src_imp = importance["gptq" if "gptq" in kind else "rtn"]
-            est = {"est_kl": estimated_kl(plan, src_imp, ids.numel())} if plan.tensor_types else {}
+            est = ({"est_kl": estimated_kl(plan, importance["gptq" if "gptq" in kind else "rtn"], ids.numel())}
+                   if plan.tensor_types else {})
             key = plan_key(kind)
-            out = work / f"ours-{point}-{key}.gguf"
-            wd = work / f"ours-{point}-{key}.work"
+            stem = f"ours-{llama_spec(point)[3].removeprefix('llama-')}-{key}"
+            out, wd = work / f"{stem}.gguf", work / f"{stem}.work"
             if wd.exists() and (wd / "plan.json").exists() and not (wd / "plan.json").read_text().startswith(
                     plan.to_json()):
                 shutil.rmtree(wd)  # a work dir of an older plan: start over
@@ -257,8 +280,8 @@ def main() -> None:
             hook = chain_hooks(plan_hook(plan, WorkDirQuantiser(wd)), dense_hook(d, wd, arch, n_layer, log=log))
             convert_checkpoint(model, out, outtype="f16", hook=hook, extra_kv=plan_metadata(plan))
             rep = read_report(out)
-            score(f"{kind} @ {point}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw, point=point,
-                  size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)
+            score(f"{kind} @ {llama_spec(point)[4]}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw,
+                  point=point, size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)
     timings["peak RSS MB"] = peak_rss_mb()
     result = {"rows": rows, "timings": timings, "wall_s": time.time() - t_start, "calib_tokens": int(ids.numel())}
     print(format_table(rows))
