@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 # ≈2.5 expert bpw: Q2_K with the expert down rows in Q2_0 (2.25 bpw, group 64) instead of the fallback Q4_0
 Q2_5 = "Q2_K:ffn_down_exps=q2_0"
@@ -53,15 +54,23 @@ FILE_PLANS = [("(d) PMQ stock", "stock", "rtn"), ("(d) PMQ stock, eps gptq", "st
               ("(e) PMQ mixed", "mixed", "rtn"), ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]
 
 
-def llama_spec(spec: str) -> tuple[str, list[str], bool, str, str]:
-    """A llama.cpp row ``PRESET[:PAT=TYPE;...][+im]`` → (preset, --tensor-type overrides, imatrix, file stem,
-    display name)."""
+class LlamaRow(NamedTuple):
+    preset: str
+    overrides: list[str]  # llama-quantize --tensor-type PATTERN=TYPE
+    imatrix: bool
+    stem: str  # file name without .gguf, e.g. "llama-Q2_K-ffn_down_exps-q2_0-imatrix"
+    name: str  # for the table, e.g. "Q2_K, ffn_down_exps Q2_0 + imatrix"
+
+
+def llama_spec(spec: str) -> LlamaRow:
+    """A llama.cpp row ``PRESET[:PAT=TYPE;...][+im]``."""
     im = spec.endswith("+im")
     preset, _, over = spec.removesuffix("+im").partition(":")
     overrides = [o for o in over.split(";") if o]
     tag = "".join(f"-{o.replace('=', '-')}" for o in overrides)
     name = preset + "".join(f", {o.split('=')[0]} {o.split('=')[1].upper()}" for o in overrides)
-    return preset, overrides, im, f"llama-{preset}{tag}{'-imatrix' if im else ''}", name + (" + imatrix" if im else "")
+    return LlamaRow(preset, overrides, im, f"llama-{preset}{tag}{'-imatrix' if im else ''}",
+                    name + (" + imatrix" if im else ""))
 
 
 def plan_key(kind: str) -> str:
@@ -224,6 +233,7 @@ def main() -> None:
     base_imp = importance[sources[0]]  # n_expert and the planned tensor set are the same in every importance
 
     for point in args.points.split(","):
+        row = llama_spec(point)
         src = llama_files.get(f"{point}+im") or llama_files[point]
         types = tensor_types(src)
         # non-expert tensors: llama.cpp's type for each (scalar stand-in for IQ types), exact-name rules
@@ -268,7 +278,7 @@ def main() -> None:
             est = ({"est_kl": estimated_kl(plan, importance["gptq" if "gptq" in kind else "rtn"], ids.numel())}
                    if plan.tensor_types else {})
             key = plan_key(kind)
-            stem = f"ours-{llama_spec(point)[3].removeprefix('llama-')}-{key}"
+            stem = f"ours-{row.stem.removeprefix('llama-')}-{key}"
             out, wd = work / f"{stem}.gguf", work / f"{stem}.work"
             if wd.exists() and (wd / "plan.json").exists() and not (wd / "plan.json").read_text().startswith(
                     plan.to_json()):
@@ -280,7 +290,7 @@ def main() -> None:
             hook = chain_hooks(plan_hook(plan, WorkDirQuantiser(wd)), dense_hook(d, wd, arch, n_layer, log=log))
             convert_checkpoint(model, out, outtype="f16", hook=hook, extra_kv=plan_metadata(plan))
             rep = read_report(out)
-            score(f"{kind} @ {llama_spec(point)[4]}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw,
+            score(f"{kind} @ {row.name}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw,
                   point=point, size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)
     timings["peak RSS MB"] = peak_rss_mb()
     result = {"rows": rows, "timings": timings, "wall_s": time.time() - t_start, "calib_tokens": int(ids.numel())}
