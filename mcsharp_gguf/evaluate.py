@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,11 @@ class EvalResult:
     kld_p99: float | None = None
     top1_agree: float | None = None
     executed_slot_frac: float | None = None
+    # KL per scored token, in order (for paired comparisons of two files on the same text; not in the JSON)
+    kld_tokens: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "kld_tokens"}
 
 
 def summarize(scores: Iterable[ChunkScore], ctx: int) -> EvalResult:
@@ -64,6 +66,7 @@ def summarize(scores: Iterable[ChunkScore], ctx: int) -> EvalResult:
     res = EvalResult(ppl=float(np.exp(nll.mean())), n_tokens=int(nll.size), n_chunks=len(scores), ctx=ctx)
     if scores and scores[0].kld is not None:
         kld = np.concatenate([s.kld for s in scores])
+        res.kld_tokens = kld
         res.kld_mean = float(kld.mean())
         res.kld_p99 = float(np.percentile(kld, 99))
         res.top1_agree = float(np.concatenate([s.top1_same for s in scores]).mean())

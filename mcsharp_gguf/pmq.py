@@ -10,7 +10,7 @@ is quantised with recipe r.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -95,6 +95,12 @@ def fisher_error(delta: torch.Tensor, grad: torch.Tensor) -> float:
     return float((delta * grad).sum(1).square().sum().sqrt())
 
 
+def fisher_error_split(per_token: torch.Tensor, in_a: torch.Tensor) -> tuple[float, float]:
+    """(all, fold A) of sqrt(Σ_t ``per_token``): a Fisher error over every token and over the tokens of fold A
+    (``in_a``, a bool per token); fold B's is the difference of the squares."""
+    return float(per_token.sum().sqrt()), float(per_token[in_a].sum().sqrt())
+
+
 @dataclass
 class LayerImportance:
     """What the planner needs from one MoE layer."""
@@ -109,6 +115,9 @@ class LayerImportance:
     eps_fisher: dict[str, list[float]] = field(default_factory=dict)  # same, in the output-KL metric
     # real / Fisher-predicted output KL of RTN-quantising this layer's experts (> 1: downstream top-k flips)
     flip_factor: float = 1.0
+    # eps_fisher over the tokens of calibration fold A (the even sequences) only; B's is sqrt(all² − A²).
+    # Two independent halves of the same estimate: what cross-validating a plan needs (choose_shrinkage).
+    eps_fisher_a: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def n_expert(self) -> int:
@@ -129,6 +138,7 @@ class TensorImportance:
     cols: int  # row length (ggml blocks run along it)
     eps_fisher: dict[str, float]  # storable type → sqrt of the estimated 2·ΔKL summed over tokens
     flip_factor: float = 1.0  # that of the MoE layer whose routers it feeds first (see LayerImportance)
+    eps_fisher_a: dict[str, float] = field(default_factory=dict)  # fold A's part (see LayerImportance)
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -158,6 +168,10 @@ class BitPlan:
     tensor_types: dict[str, str] = field(default_factory=dict)
     dense_bytes: int = 0  # bytes and weights of the tensor_types tensors
     dense_weights: int = 0
+    # mixed + fisher: per-expert costs pulled toward their layer's mean by 1 - shrink (choose_shrinkage);
+    # cv_costs: shrink → out-of-fold cost of the plans it gave, when shrink was chosen by cross-validation
+    shrink: float = 1.0
+    cv_costs: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -241,11 +255,17 @@ def _spend_global_leftover(choice: np.ndarray, items_cost: list[np.ndarray], ite
 def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed",
                    targets: tuple[str, ...] = EXPERT_TYPES, alpha: float = ALPHA, beta: float = BETA,
                    gamma: float = GAMMA, scope: str = SCOPE, metric: str = METRIC,
-                   tensors: tuple[TensorImportance, ...] | list[TensorImportance] = ()) -> BitPlan:
+                   tensors: tuple[TensorImportance, ...] | list[TensorImportance] = (),
+                   shrink: float | str = "cv") -> BitPlan:
     """Choose one recipe per expert (``mixed``) or per layer (``stock``) minimising total cost under a budget
     of ``bpw`` true bits per expert weight: one budget all layers share (``scope="global"``) or one per layer
     (``"layer"``, MC's formulation; what the layers leave unspent is then handed out greedily, so the file
     still uses the whole budget).
+
+    ``shrink`` (mixed mode, fisher metric): each expert's cost is taken as shrink·own + (1 − shrink)·its
+    layer's mean, so that per-expert differences smaller than the estimate's own noise do not steer the plan;
+    ``"cv"`` chooses it by two-fold cross-validation over the calibration folds (:func:`choose_shrinkage`)
+    where the importance has them, else uses 1 (the costs as measured).
 
     Whole-file plan (``scope="file"``): ``bpw`` is over the expert weights and ``tensors`` (the non-expert
     tensors, see :class:`TensorImportance`) together, one budget in true bytes, each tensor getting one type;
@@ -274,6 +294,18 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
     if scope != "file":
         tensors = ()
     targets = tuple(targets)
+    cv_costs: dict[str, float] = {}
+    if mode != "mixed" or metric != "fisher":
+        shrink = 1.0
+    elif shrink == "cv":
+        if all(imp.eps_fisher_a for imp in layers) and all(ti.eps_fisher_a for ti in tensors):
+            shrink, cv_costs = choose_shrinkage(layers, bpw, targets=targets, scope=scope, tensors=tensors)
+        else:
+            shrink = 1.0
+    if not 0.0 <= float(shrink) <= 1.0:
+        raise McsharpError(f"cost shrinkage {shrink} is not in [0, 1]")
+    if shrink < 1.0:
+        layers = [shrunk_costs(imp, float(shrink)) for imp in layers]
     # one item = an expert (mixed), a layer's experts (stock) or a non-expert tensor; each picks one option
     items_cost, items_bytes, owners = [], [], []
     n_weights = 0
@@ -358,7 +390,73 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
     return BitPlan(mode=mode, target_bpw=bpw, achieved_bpw=8 * spent / n_weights,
                    expert_bytes=int(spent), expert_weights=n_weights, layers=plan_layers, recipes=recipes,
                    alpha=alpha, beta=beta, gamma=gamma, scope=scope, metric=metric, tensor_types=tensor_types,
-                   dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights)
+                   dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights, shrink=float(shrink),
+                   cv_costs=cv_costs)
+
+
+SHRINK_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def shrunk_costs(imp: LayerImportance, shrink: float) -> LayerImportance:
+    """``imp`` with every expert's eps_fisher² per unit of activation frequency pulled toward the layer's mean
+    for the same type: c' = phi·(shrink·c/phi + (1 − shrink)·mean(c/phi)). Frequencies are counted exactly;
+    the error per routed token is the noisy part (shrink 0: the layer's experts differ only in how often they
+    run; 1: as measured). Experts no token reached keep cost 0."""
+    phi = np.asarray(imp.phi, dtype=np.float64)
+    seen = phi > 0
+    eps = {}
+    for t, v in imp.eps_fisher.items():
+        per = np.zeros_like(phi)
+        per[seen] = np.square(v)[seen] / phi[seen]
+        mean = per[seen].mean() if seen.any() else 0.0
+        eps[t] = np.sqrt(phi * (shrink * per + (1.0 - shrink) * mean)).tolist()
+    return replace(imp, eps_fisher=eps, eps_fisher_a={})
+
+
+def _fold_part(all_: np.ndarray, a: np.ndarray, fold: str) -> np.ndarray:
+    """eps of one calibration fold from the all-token and fold-A values (squares add over tokens)."""
+    return a if fold == "a" else np.sqrt(np.maximum(np.square(all_) - np.square(a), 0.0))
+
+
+def fold_importance(layers: list[LayerImportance], tensors, fold: str
+                    ) -> tuple[list[LayerImportance], list[TensorImportance]]:
+    """The importance as measured on calibration fold ``fold`` ("a": even sequences, "b": odd) alone."""
+    lay = [replace(imp, eps_fisher={t: _fold_part(np.asarray(v), np.asarray(imp.eps_fisher_a[t]), fold).tolist()
+                                    for t, v in imp.eps_fisher.items()}, eps_fisher_a={}) for imp in layers]
+    ten = [replace(ti, eps_fisher={t: float(_fold_part(np.float64(v), np.float64(ti.eps_fisher_a[t]), fold))
+                                   for t, v in ti.eps_fisher.items()}, eps_fisher_a={}) for ti in tensors]
+    return lay, ten
+
+
+def plan_cost(plan: BitPlan, layers: list[LayerImportance], tensors=()) -> float:
+    """The fisher-metric objective of ``plan`` priced by ``layers``/``tensors``: Σ eps_fisher² · flip_factor over
+    every chosen (expert, type) and (tensor, type), i.e. 2× the estimated output KL summed over the tokens."""
+    total = sum(imp.flip_factor * imp.eps_fisher[t][e] ** 2 for imp in layers
+                for e, t in enumerate(plan.layers[imp.layer]))
+    by_name = {ti.name: ti for ti in tensors}
+    return total + sum(by_name[n].flip_factor * by_name[n].eps_fisher[t] ** 2 for n, t in plan.tensor_types.items())
+
+
+def out_of_fold_cost(layers: list[LayerImportance], bpw: float, tensors=(), **solve_kw) -> float:
+    """Two-fold cross-validated cost of a planning rule: plan on fold A's costs, price the plan with fold B's,
+    and the other way round; the sum estimates the true cost of the rule's plans without the optimism of
+    pricing a plan with the same noisy numbers that chose it."""
+    folds = {f: fold_importance(layers, tensors, f) for f in ("a", "b")}
+    total = 0.0
+    for f, other in (("a", "b"), ("b", "a")):
+        plan = solve_bit_plan(folds[f][0], bpw, tensors=folds[f][1], **solve_kw)
+        total += plan_cost(plan, *folds[other])
+    return total
+
+
+def choose_shrinkage(layers: list[LayerImportance], bpw: float, tensors=(), grid: tuple[float, ...] = SHRINK_GRID,
+                     **solve_kw) -> tuple[float, dict[str, float]]:
+    """The mixed plan's cost shrinkage with the lowest out-of-fold cost on ``grid`` (ties: the larger one),
+    and the out-of-fold cost of each."""
+    cv = {f"{s:g}": out_of_fold_cost(layers, bpw, tensors, mode="mixed", metric="fisher", shrink=s, **solve_kw)
+          for s in grid}
+    best = min(grid, key=lambda s: (cv[f"{s:g}"], -s))
+    return float(best), cv
 
 
 def format_plan_table(plan: BitPlan) -> str:
@@ -427,23 +525,30 @@ class ModelImportance:
                    d.get("eps_source", "rtn"))
 
 
-def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tuple[str, ...], gptq: bool = False,
-                  scale: float = 1.0) -> dict[str, float]:
-    """Fisher error of a linear ``w`` (out, in) per storable type: x (tokens, in) its inputs, g (tokens, out) the
-    gradient of log p(ŷ) at its output; the output change of quantising it is x·ΔWᵀ. ``gptq``: ΔW of GPTQ on
-    x's Hessian (as convert quantises the tensor), else of RTN. ``scale``: (all tokens / tapped tokens)^½, so
-    that eps² is summed over as many tokens as the experts' (the taps see only the first sequences)."""
+def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tuple[str, ...], in_a: torch.Tensor,
+                  gptq: bool = False, scale: float = 1.0) -> tuple[dict[str, float], dict[str, float]]:
+    """Fisher error of a linear ``w`` (out, in) per storable type, over all tokens and over fold A's (``in_a``):
+    x (tokens, in) its inputs, g (tokens, out) the gradient of log p(ŷ) at its output; the output change of
+    quantising it is x·ΔWᵀ. ``gptq``: ΔW of GPTQ on x's Hessian (as convert quantises the tensor), else of RTN.
+    ``scale``: (all tokens / tapped tokens)^½, so that eps² is summed over as many tokens as the experts' (the
+    taps see only the first sequences)."""
     from .gptq import HessianAccumulator, gptq_quantize
 
     h = None
     if gptq and x.shape[0] > 0:
         h = HessianAccumulator(w.shape[1])
         h.add(x)
-    out = {}
+    out, out_a = {}, {}
     for t in dict.fromkeys(storable_type(t, w.shape[1]) for t in types):
         dw = (gptq_quantize(w, h.H, t) if h is not None else quantize_rtn(w, t)).dequant - w
-        out[t] = scale * float(((g @ dw) * x).sum(1).square().sum().sqrt())  # (gᵀΔW)·x == gᵀ(ΔW x), cheaper
-    return out
+        per_token = ((g @ dw) * x).sum(1).square()  # (gᵀΔW)·x == gᵀ(ΔW x), cheaper
+        out[t], out_a[t] = (scale * e for e in fisher_error_split(per_token, in_a))
+    return out, out_a
+
+
+def fold_a_mask(n_tokens: int, seq_len: int) -> torch.Tensor:
+    """Calibration fold A: the tokens of the even-numbered sequences (tokens are sequence-major)."""
+    return (torch.arange(n_tokens) // seq_len) % 2 == 0
 
 
 def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, ...] = EXPERT_TYPES,
@@ -482,6 +587,9 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     tensors: list[TensorImportance] = []
     tied = stream.lm_head_name() != "lm_head.weight"  # GGUF then has no output.weight: the head is token_embd
     head_eps: dict[str, float] = {}
+    head_eps_a: dict[str, float] = {}
+    seq_len = token_ids.shape[1]
+    in_a_all = fold_a_mask(token_ids.numel(), seq_len)
     probe_fisher: dict[int, list[float]] = {}
 
     def taps(layer):
@@ -493,30 +601,33 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         if layer is None:
             if i >= 0:  # the LM head
                 head = stream.lm_head()
-                head_eps = _dense_fisher(head, *item.taps["lm_head"], dense_types, gptq=gptq and not tied,
-                                         scale=tap_scale)
+                x, g = item.taps["lm_head"]
+                head_eps, head_eps_a = _dense_fisher(head, x, g, dense_types, in_a_all[:x.shape[0]],
+                                                     gptq=gptq and not tied, scale=tap_scale)
                 if not tied:
-                    tensors.append(TensorImportance("output.weight", "output", *head.shape, head_eps))
+                    tensors.append(TensorImportance("output.weight", "output", *head.shape, head_eps,
+                                                    eps_fisher_a=head_eps_a))
             elif dense:  # the token embedding (a tied head is this same GGUF tensor: both errors count)
                 emb = stream.tensors["model.embed_tokens.weight"]
                 ids = token_ids.flatten()
                 used, where = torch.unique(ids, return_inverse=True)  # rows are independent: quantise those seen
                 g = item.g_out.reshape(ids.shape[0], -1)
-                eps = {}
+                eps, eps_a = {}, {}
                 for t in dict.fromkeys(storable_type(t, emb.shape[1]) for t in dense_types):
                     de = quantize_rtn(emb[used], t).dequant - emb[used]
-                    eps[t] = float((g * de[where]).sum(1).square().sum().sqrt())
+                    eps[t], eps_a[t] = fisher_error_split((g * de[where]).sum(1).square(), in_a_all)
                     if tied:
-                        eps[t] = float(np.hypot(eps[t], head_eps[t]))
-                tensors.append(TensorImportance("token_embd.weight", "embd", *emb.shape, eps))
+                        eps[t], eps_a[t] = float(np.hypot(eps[t], head_eps[t])), float(np.hypot(eps_a[t],
+                                                                                                 head_eps_a[t]))
+                tensors.append(TensorImportance("token_embd.weight", "embd", *emb.shape, eps, eps_fisher_a=eps_a))
             continue
         for n, (cls, mod) in dense_linears(layer, stream.arch).items():
             gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
             if gname is not None and n in item.taps:
-                w = mod.weight.detach()
-                tensors.append(TensorImportance(gname, cls, *w.shape,
-                                                _dense_fisher(w, *item.taps[n], dense_types, gptq=gptq,
-                                                              scale=tap_scale)))
+                w, (x, g) = mod.weight.detach(), item.taps[n]
+                eps_t, eps_t_a = _dense_fisher(w, x, g, dense_types, in_a_all[:x.shape[0]], gptq=gptq,
+                                               scale=tap_scale)
+                tensors.append(TensorImportance(gname, cls, *w.shape, eps_t, eps_fisher_a=eps_t_a))
         block = stream.moe_block(layer)
         if block is None:
             bar.update()
@@ -529,6 +640,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         d_model, d_ff = gate_up.shape[2], down.shape[2]
         eps: dict[str, list[float]] = {t: [] for t in targets}
         eps_fisher: dict[str, list[float]] = {t: [] for t in targets}
+        eps_fisher_a: dict[str, list[float]] = {t: [] for t in targets}
         probe_fisher[i] = []  # RTN Fisher error at flip_probe: what the flip probe's real KL is compared with
         for e in range(stream.n_expert):
             tok, slot = torch.where(cap.top_k_index == e)
@@ -539,6 +651,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                 if x.shape[0] == 0:
                     eps[t].append(0.0)
                     eps_fisher[t].append(0.0)
+                    eps_fisher_a[t].append(0.0)
                     continue
                 r = Recipe.for_shapes(t, d_model, d_ff)
                 q = None
@@ -547,13 +660,16 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                     q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
                 delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
                 eps[t].append(float(delta.norm()))
-                eps_fisher[t].append(fisher_error(delta, grad[tok]))
+                e_all, e_a = fisher_error_split((delta * grad[tok]).sum(1).square(), in_a_all[tok])
+                eps_fisher[t].append(e_all)
+                eps_fisher_a[t].append(e_a)
                 if t == flip_probe:
                     probe_fisher[i].append(eps_fisher[t][-1] if not gptq else fisher_error(
                         expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok]))
         phi, wmass = cap.stats.normalised()
         out.append(LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps,
-                                   out_norm=float(h_out.float().norm()), eps_fisher=eps_fisher))
+                                   out_norm=float(h_out.float().norm()), eps_fisher=eps_fisher,
+                                   eps_fisher_a=eps_fisher_a))
         bar.update()
     bar.close()
     if not out:

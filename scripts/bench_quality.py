@@ -134,11 +134,19 @@ def scalar_type_for(t: str) -> str:
 def estimated_kl(plan, importance, n_tokens: int) -> float:
     """The plan's output KL per token as its own importance estimates it: ½ Σ eps_fisher² of every chosen
     (expert, type) and (tensor, type), over the calibration tokens (compare with the measured held-out KLD)."""
-    total = sum(lay.eps_fisher[t][e] ** 2 for lay in importance.layers
-                for e, t in enumerate(plan.layers[lay.layer]))
-    by_name = {ti.name: ti for ti in importance.tensors}
-    total += sum(by_name[n].eps_fisher[t] ** 2 for n, t in plan.tensor_types.items())
-    return 0.5 * total / n_tokens
+    from mcsharp_gguf.pmq import plan_cost
+
+    return 0.5 * plan_cost(plan, importance.layers, importance.tensors) / n_tokens
+
+
+def paired_difference(a, b, block: int = 64) -> tuple[float, float]:
+    """Mean and standard error of the per-token KLD difference a − b of two files on the same tokens; the error
+    from means over blocks of ``block`` consecutive tokens (neighbouring tokens' errors are correlated)."""
+    import numpy as np
+
+    d = np.asarray(a) - np.asarray(b)
+    blocks = d[:d.size // block * block].reshape(-1, block).mean(1)
+    return float(d.mean()), float(blocks.std(ddof=1) / np.sqrt(blocks.size))
 
 
 def main() -> None:
@@ -161,7 +169,14 @@ def main() -> None:
     from mcsharp_gguf.fixture import cached_fixture
     from mcsharp_gguf.inspect_gguf import read_report
     from mcsharp_gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata
-    from mcsharp_gguf.pmq import BitPlan, ModelImportance, format_plan_table, measure_importance, solve_bit_plan
+    from mcsharp_gguf.pmq import (
+        BitPlan,
+        ModelImportance,
+        format_plan_table,
+        measure_importance,
+        out_of_fold_cost,
+        solve_bit_plan,
+    )
     from mcsharp_gguf.quantize import DenseTypes, WorkDirQuantiser, quantize_experts
     from mcsharp_gguf.text import calibration_text, heldout_text
 
@@ -190,9 +205,12 @@ def main() -> None:
     log("[quality] reference logits (F16)")
     ref = reference_logits(f16, text, progress=False)
     rows: list[dict] = []
+    kld_tokens: dict = {}  # row name → KL per held-out token
 
     def score(name: str, kind: str, path: Path, expert_bpw: float | None = None, **extra) -> dict:
-        r = evaluate_gguf(path, text, base_logits=ref, progress=False).to_json()
+        res = evaluate_gguf(path, text, base_logits=ref, progress=False)
+        kld_tokens[name] = res.kld_tokens
+        r = res.to_json()
         row = {"name": name, "kind": kind, "file_mb": path.stat().st_size / 1e6, "expert_bpw": expert_bpw,
                "kld_mean": r["kld_mean"], "kld_p99": r["kld_p99"], "top1": r["top1_agree"], "ppl": r["ppl"],
                **extra}
@@ -220,9 +238,10 @@ def main() -> None:
                 ["input_ids"])
     ids = calibration_token_ids(model, calibration_text(CALIB_CHARS), n_tok // 512, 512)
     importance: dict[str, ModelImportance] = {}
+    pairs: list[dict] = []  # (e) − (d) per point, paired on the held-out tokens
     sources = args.eps_sources.split(",")
     for source in dict.fromkeys(sources + (["rtn"] if args.experts_only else [])):
-        imp_cache = work / f"importance-{ids.shape[0]}x512-v2{'-gptq' if source == 'gptq' else ''}.json"
+        imp_cache = work / f"importance-{ids.shape[0]}x512-v3{'-gptq' if source == 'gptq' else ''}.json"
         if imp_cache.exists():
             importance[source] = ModelImportance.from_json(imp_cache.read_text())
         else:
@@ -275,8 +294,14 @@ def main() -> None:
             plans[kind] = solve_bit_plan(imp.layers, file_bpw, mode=mode, scope="file", metric="fisher",
                                          tensors=imp.tensors)
         for kind, plan in plans.items():
-            est = ({"est_kl": estimated_kl(plan, importance["gptq" if "gptq" in kind else "rtn"], ids.numel())}
-                   if plan.tensor_types else {})
+            est = {}
+            if plan.tensor_types:
+                imp = importance["gptq" if "gptq" in kind else "rtn"]
+                # in-sample (the numbers that chose the plan) and two-fold out-of-sample estimate of its rule
+                est = {"est_kl": estimated_kl(plan, imp, ids.numel()),
+                       "cv_kl": 0.5 * out_of_fold_cost(imp.layers, file_bpw, imp.tensors, mode=plan.mode,
+                                                       scope="file", metric="fisher", shrink=plan.shrink)
+                       / ids.numel(), "shrink": plan.shrink}
             key = plan_key(kind)
             stem = f"ours-{row.stem.removeprefix('llama-')}-{key}"
             out, wd = work / f"{stem}.gguf", work / f"{stem}.work"
@@ -292,9 +317,23 @@ def main() -> None:
             rep = read_report(out)
             score(f"{kind} @ {row.name}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw,
                   point=point, size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)
+        for source in sources:
+            tag = ", eps gptq" if source == "gptq" else ""
+            d_name, e_name = f"(d) PMQ stock{tag} @ {row.name}", f"(e) PMQ mixed{tag} @ {row.name}"
+            mean, se = paired_difference(kld_tokens[e_name], kld_tokens[d_name])
+            pairs.append({"point": point, "eps": source, "e_minus_d": mean, "se": se})
+            log(f"[quality] {point} eps {source}: KLD (e) − (d) = {mean:+.5f} ± {se:.5f} (block SE)")
     timings["peak RSS MB"] = peak_rss_mb()
-    result = {"rows": rows, "timings": timings, "wall_s": time.time() - t_start, "calib_tokens": int(ids.numel())}
+    result = {"rows": rows, "pairs": pairs, "timings": timings, "wall_s": time.time() - t_start,
+              "calib_tokens": int(ids.numel())}
     print(format_table(rows))
+    print("\n| plan | shrink | est. KL in-sample | est. KL out-of-fold | measured KLD |\n|---|---|---|---|---|")
+    for r in rows:
+        if "cv_kl" in r:
+            print(f"| {r['name']} | {r['shrink']:g} | {r['est_kl']:.4f} | {r['cv_kl']:.4f} | {r['kld_mean']:.4f} |")
+    print("\n| point | eps | KLD (e) − (d) | block SE |\n|---|---|---|---|")
+    for p in pairs:
+        print(f"| {p['point']} | {p['eps']} | {p['e_minus_d']:+.5f} | {p['se']:.5f} |")
     print(json.dumps(timings, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))

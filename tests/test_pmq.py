@@ -15,8 +15,12 @@ from mcsharp_gguf.pmq import (
     LayerImportance,
     Recipe,
     TensorImportance,
+    choose_shrinkage,
     expert_output_error,
+    fold_importance,
     format_plan_table,
+    out_of_fold_cost,
+    plan_cost,
     solve_bit_plan,
     storable_type,
 )
@@ -99,6 +103,55 @@ def test_file_scope_plans_tensors_and_experts_jointly():
         imp.eps_fisher = {}  # importance measured before Fisher errors existed
     with pytest.raises(McsharpError, match="no Fisher errors"):
         solve_bit_plan(old, 4.0, targets=TARGETS, scope="global", metric="fisher")
+
+
+def _two_folds(n_layer: int, n_expert: int, spread: float, noise: float, seed: int = 0) -> list[LayerImportance]:
+    """Fisher errors measured on two calibration folds: each fold sees half of an expert's true cost
+    (base_e · 4^-bits, base_e spread over [1, 1 + spread]) times its own lognormal estimation noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for layer in range(n_layer):
+        base = (1.0 + spread * rng.uniform(0, 1, n_expert)) * (1 + layer)
+        true = {t: base * 4.0 ** -bits_per_weight(t) for t in TARGETS}
+        half = {f: {t: 0.5 * c * rng.lognormal(0, noise, n_expert) for t, c in true.items()} for f in "ab"}
+        phi = [1 / n_expert] * n_expert
+        out.append(LayerImportance(layer, 256, 256, phi, phi, {t: list(np.sqrt(c)) for t, c in true.items()},
+                                   eps_fisher={t: list(np.sqrt(half["a"][t] + half["b"][t])) for t in TARGETS},
+                                   eps_fisher_a={t: list(np.sqrt(half["a"][t])) for t in TARGETS}))
+    return out
+
+
+def test_folds_add_up_and_price_plans():
+    layers = _two_folds(2, 8, spread=1.0, noise=0.3)
+    (fa, _), (fb, _) = fold_importance(layers, [], "a"), fold_importance(layers, [], "b")
+    for imp, a, b in zip(layers, fa, fb, strict=True):
+        for t in TARGETS:
+            np.testing.assert_allclose(np.square(a.eps_fisher[t]) + np.square(b.eps_fisher[t]),
+                                       np.square(imp.eps_fisher[t]), rtol=1e-9)
+    plan = solve_bit_plan(layers, 3.5, targets=TARGETS, shrink=1.0)
+    assert plan.shrink == 1.0 and not plan.cv_costs
+    np.testing.assert_allclose(plan_cost(plan, layers), plan_cost(plan, fa) + plan_cost(plan, fb), rtol=1e-9)
+    assert plan_cost(plan, layers) == pytest.approx(sum(imp.eps_fisher[t][e] ** 2 for imp in layers
+                                                        for e, t in enumerate(plan.layers[imp.layer])))
+
+
+def test_cross_validation_shrinks_noise_and_keeps_real_differences():
+    """Experts alike in truth, measured with noise: the plan that follows each expert's noisy cost is worse out
+    of fold than the one that treats them alike, and cross-validation picks a strong shrinkage. Experts that
+    really differ, measured precisely: it keeps the costs (nearly) as measured."""
+    noisy = _two_folds(4, 8, spread=0.0, noise=0.5, seed=1)
+    shrink, cv = choose_shrinkage(noisy, 3.5, targets=TARGETS)
+    assert shrink <= 0.5 and cv[f"{shrink:g}"] < cv["1"], cv
+    plan = solve_bit_plan(noisy, 3.5, targets=TARGETS)  # "cv" is the default where the folds exist
+    assert plan.shrink == shrink and plan.cv_costs == cv and plan.achieved_bpw <= 3.5
+    assert BitPlan.from_json(plan.to_json()) == plan
+    real = _two_folds(4, 8, spread=3.0, noise=0.02, seed=2)
+    shrink, cv = choose_shrinkage(real, 3.5, targets=TARGETS)
+    assert shrink >= 0.75 and cv[f"{shrink:g}"] < 0.97 * cv["0"], cv
+    # stock plans ignore the shrinkage: one type per layer prices the layer's summed cost either way
+    stock = solve_bit_plan(noisy, 3.5, mode="stock", targets=TARGETS)
+    assert stock.shrink == 1.0 and not stock.cv_costs
+    assert out_of_fold_cost(noisy, 3.5, mode="stock", targets=TARGETS) > 0
 
 
 @pytest.mark.parametrize("bpw", [2.8, 3.2, 4.0, 5.0])
