@@ -5,6 +5,10 @@ length does not fit that type's block (e.g. 128-wide down_proj rows and 256-bloc
 to the closest type that fits, and the recipe's byte count is computed from the real shapes. Costs follow
 MC: c(e, r) = phi_e^alpha · w_e^beta · eps(e, r), with eps the MoE-block output error when only expert e
 is quantised with recipe r.
+
+Every Fisher error is also kept for one half of the calibration sequences (fold A), so a planning rule can be
+scored out of sample: plan on one fold's costs, price the plan with the other's (out_of_fold_cost). Mixed plans
+use that to choose how far to trust per-expert differences (choose_shrinkage).
 """
 
 from __future__ import annotations
@@ -262,10 +266,10 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
     (``"layer"``, MC's formulation; what the layers leave unspent is then handed out greedily, so the file
     still uses the whole budget).
 
-    ``shrink`` (mixed mode, fisher metric): each expert's cost is taken as shrink·own + (1 − shrink)·its
-    layer's mean, so that per-expert differences smaller than the estimate's own noise do not steer the plan;
-    ``"cv"`` chooses it by two-fold cross-validation over the calibration folds (:func:`choose_shrinkage`)
-    where the importance has them, else uses 1 (the costs as measured).
+    ``shrink`` (mixed mode, fisher metric): each expert's error per unit of frequency is taken as
+    shrink·own + (1 − shrink)·its layer's mean (:func:`shrunk_costs`), so that per-expert differences smaller
+    than the estimate's own noise do not steer the plan; ``"cv"`` chooses it by two-fold cross-validation over
+    the calibration folds (:func:`choose_shrinkage`) where the importance has them, else uses 1 (as measured).
 
     Whole-file plan (``scope="file"``): ``bpw`` is over the expert weights and ``tensors`` (the non-expert
     tensors, see :class:`TensorImportance`) together, one budget in true bytes, each tensor getting one type;
@@ -467,6 +471,10 @@ def format_plan_table(plan: BitPlan) -> str:
             f"{plan.expert_bytes / 1e6:.2f} MB of expert weights", head, "-" * len(head)]
     for layer in sorted(plan.layers):
         rows.append(f"{layer:5d} | " + " ".join(f"{t:<6s}" for t in plan.layers[layer]))
+    if plan.cv_costs:
+        rows.append(f"per-expert costs shrunk toward the layer mean: shrink {plan.shrink:g}, chosen by two-fold "
+                    "cross-validation (out-of-fold cost per shrink: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in plan.cv_costs.items()) + ")")
     if plan.tensor_types:
         rows.append(f"non-expert tensors: {len(plan.tensor_types)}, {plan.dense_bytes / 1e6:.2f} MB, "
                     f"{8 * plan.dense_bytes / max(plan.dense_weights, 1):.3f} bpw; whole file plan at "

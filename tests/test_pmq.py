@@ -144,6 +144,7 @@ def test_cross_validation_shrinks_noise_and_keeps_real_differences():
     assert shrink <= 0.5 and cv[f"{shrink:g}"] < cv["1"], cv
     plan = solve_bit_plan(noisy, 3.5, targets=TARGETS)  # "cv" is the default where the folds exist
     assert plan.shrink == shrink and plan.cv_costs == cv and plan.achieved_bpw <= 3.5
+    assert f"shrink {shrink:g}, chosen by two-fold cross-validation" in format_plan_table(plan)
     assert BitPlan.from_json(plan.to_json()) == plan
     real = _two_folds(4, 8, spread=3.0, noise=0.02, seed=2)
     shrink, cv = choose_shrinkage(real, 3.5, targets=TARGETS)
