@@ -20,6 +20,10 @@ produce, become the largest scalar type of no more bits) and GPTQs it in the sam
 ``--experts-only``, also (d0) stock and (e0) mixed with (c)'s non-expert types and the expert bytes that leaves.
 Every file matches P's size to well under 2%.
 
+Also printed (and in ``--json``): per whole-file plan its in-sample and two-fold out-of-fold estimated KL
+(``est_kl``, ``cv_kl``; pmq.out_of_fold_cost) and the mixed plan's cross-validated shrinkage; per point the
+paired held-out KLD difference (e) − (d) with its standard error over 64-token blocks (``pairs``).
+
 llama.cpp's tools run as subprocesses, timed with their peak RSS; our conversion time per file is GPTQ of every
 planned tensor + writing the GGUF (importance, measured once per eps source, is listed apart).
 
