@@ -301,11 +301,13 @@ def main() -> None:
             est = {}
             if plan.tensor_types:
                 imp = importance["gptq" if "gptq" in kind else "rtn"]
-                # in-sample (the numbers that chose the plan) and two-fold out-of-sample estimate of its rule
-                est = {"est_kl": estimated_kl(plan, imp, ids.numel()),
-                       "cv_kl": 0.5 * out_of_fold_cost(imp.layers, file_bpw, imp.tensors, mode=plan.mode,
-                                                       scope="file", metric="fisher", shrink=plan.shrink)
-                       / ids.numel(), "shrink": plan.shrink}
+                # in-sample (the numbers that chose the plan) and two-fold out-of-sample estimate of its rule;
+                # a cross-validated mixed plan already scored its own shrinkage
+                cv = plan.cv_costs.get(f"{plan.shrink:g}") or out_of_fold_cost(
+                    imp.layers, file_bpw, imp.tensors, mode=plan.mode, scope="file", metric="fisher",
+                    shrink=plan.shrink)
+                est = {"est_kl": estimated_kl(plan, imp, ids.numel()), "cv_kl": 0.5 * cv / ids.numel(),
+                       "shrink": plan.shrink}
             key = plan_key(kind)
             stem = f"ours-{row.stem.removeprefix('llama-')}-{key}"
             out, wd = work / f"{stem}.gguf", work / f"{stem}.work"
