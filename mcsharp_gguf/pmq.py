@@ -306,8 +306,8 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
             shrink, cv_costs = choose_shrinkage(layers, bpw, targets=targets, scope=scope, tensors=tensors)
         else:
             shrink = 1.0
-    if not 0.0 <= float(shrink) <= 1.0:
-        raise McsharpError(f"cost shrinkage {shrink} is not in [0, 1]")
+    if isinstance(shrink, str) or not 0.0 <= float(shrink) <= 1.0:
+        raise McsharpError(f"cost shrinkage {shrink!r} is neither 'cv' nor a number in [0, 1]")
     if shrink < 1.0:
         layers = [shrunk_costs(imp, float(shrink)) for imp in layers]
     # one item = an expert (mixed), a layer's experts (stock) or a non-expert tensor; each picks one option

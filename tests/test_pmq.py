@@ -153,6 +153,9 @@ def test_cross_validation_shrinks_noise_and_keeps_real_differences():
     stock = solve_bit_plan(noisy, 3.5, mode="stock", targets=TARGETS)
     assert stock.shrink == 1.0 and not stock.cv_costs
     assert out_of_fold_cost(noisy, 3.5, mode="stock", targets=TARGETS) > 0
+    for bad in ("bogus", 1.5):
+        with pytest.raises(McsharpError, match="neither 'cv' nor a number"):
+            solve_bit_plan(noisy, 3.5, targets=TARGETS, shrink=bad)
 
 
 @pytest.mark.parametrize("bpw", [2.8, 3.2, 4.0, 5.0])
