@@ -18,6 +18,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def token_kld(base_logp: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """KL(base ‖ model) per row from both log-softmaxes (clamped at 0 against rounding)."""
+    return np.maximum((np.exp(base_logp) * (base_logp - logp)).sum(axis=-1), 0.0)
+
+
 @dataclass
 class ChunkScore:
     """Per-token quantities of one chunk (predictions for tokens 1..n-1)."""
@@ -34,10 +39,8 @@ def score_chunk(logits: np.ndarray, tokens: np.ndarray, base_logits: np.ndarray 
     nll = -lp[np.arange(len(tokens) - 1), tokens[1:]]
     if base_logits is None:
         return ChunkScore(nll)
-    lq = log_softmax(base_logits[:-1])
-    kld = (np.exp(lq) * (lq - lp)).sum(axis=-1)
     same = logits[:-1].argmax(-1) == base_logits[:-1].argmax(-1)
-    return ChunkScore(nll, np.maximum(kld, 0.0), same)
+    return ChunkScore(nll, token_kld(log_softmax(base_logits[:-1]), lp), same)
 
 
 @dataclass

@@ -35,3 +35,16 @@ def test_kld_detects_a_different_model(tiny_gguf):
                         ctx=128, max_tokens=256, progress=False)
     assert 0.0 < res.kld_mean < 0.05
     assert res.kld_p99 > 0.0
+
+
+def test_token_kld_matches_scipy_entropy():
+    from scipy.stats import entropy
+
+    from mcsharp_gguf.evaluate import token_kld
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 40)), rng.normal(size=(5, 40))
+    got = token_kld(log_softmax(a, axis=-1), log_softmax(b, axis=-1))
+    want = [entropy(np.exp(log_softmax(x)), np.exp(log_softmax(y))) for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert token_kld(log_softmax(a, axis=-1), log_softmax(a, axis=-1)).max() == 0.0
