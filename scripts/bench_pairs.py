@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_quality import CALIB_CHARS, FILE_PLANS, POINTS, llama_spec, paired_difference, plan_key
+from bench_quality import CALIB_CHARS, FILE_PLANS, POINTS, our_stem, paired_difference
 
 
 def log(msg: str) -> None:
@@ -54,10 +54,9 @@ def main() -> None:
     f16 = args.work / "fixture-f16.gguf"
     files = {}  # (point, "d" | "e") → GGUF path
     for point in args.points.split(","):
-        stem = llama_spec(point).stem.removeprefix("llama-")
         for kind, _, source in FILE_PLANS:
             if source == args.eps:
-                path = args.work / f"ours-{stem}-{plan_key(kind)}.gguf"
+                path = args.work / f"{our_stem(point, kind)}.gguf"
                 if not path.exists():
                     raise SystemExit(f"{path} does not exist; run scripts/bench_quality.py --work {args.work} first")
                 files[point, kind[1]] = path

@@ -82,6 +82,11 @@ def plan_key(kind: str) -> str:
     return kind[1:kind.index(")")] + ("-gptq" if "gptq" in kind else "")
 
 
+def our_stem(point: str, kind: str) -> str:
+    """File name without .gguf of our file of row ``kind`` at size point ``point``, e.g. "ours-Q3_K_M-e-gptq"."""
+    return f"ours-{llama_spec(point).stem.removeprefix('llama-')}-{plan_key(kind)}"
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -308,8 +313,7 @@ def main() -> None:
                     shrink=plan.shrink)
                 est = {"est_kl": estimated_kl(plan, imp, ids.numel()), "cv_kl": 0.5 * cv / ids.numel(),
                        "shrink": plan.shrink}
-            key = plan_key(kind)
-            stem = f"ours-{row.stem.removeprefix('llama-')}-{key}"
+            stem = our_stem(point, kind)
             out, wd = work / f"{stem}.gguf", work / f"{stem}.work"
             if wd.exists() and (wd / "plan.json").exists() and not (wd / "plan.json").read_text().startswith(
                     plan.to_json()):
