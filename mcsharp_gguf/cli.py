@@ -254,15 +254,13 @@ def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, cost_metric:
          eps_source: str, calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .convert import check_output_path, validate_model_dir
-    from .pmq import format_plan_table, measure_importance, plot_plan, solve_bit_plan
+    from .pmq import format_plan_table, plan_checkpoint, plot_plan
 
     validate_model_dir(model_dir)
     check_output_path(out)
     ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-    imp = measure_importance(model_dir, ids, dense=budget_scope == "file", flip_probe=flip_probe,
-                             eps_source=eps_source)
-    result = solve_bit_plan(imp.layers, bpw, mode=mode, scope=budget_scope, tensors=imp.tensors,
-                            metric="fisher" if budget_scope == "file" else cost_metric)
+    result = plan_checkpoint(model_dir, ids, bpw, mode=mode, scope=budget_scope, metric=cost_metric,
+                             flip_probe=flip_probe, eps_source=eps_source)
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))

@@ -78,7 +78,7 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     """
     from .otp import otp_metadata, train_otp
     from .pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
-    from .pmq import format_plan_table, measure_importance, solve_bit_plan
+    from .pmq import format_plan_table, plan_checkpoint
     from .quantize import WorkDirQuantiser, quantize_experts
 
     out = Path(out)
@@ -88,9 +88,8 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
                            "--attn-type, --ffn-type, --embd-type, --output-type and --tensor-type")
     if plan is None and bpw is not None:
         log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
-        imp = measure_importance(model_dir, ids, dense=scope == "file", flip_probe=flip_probe, eps_source=eps_source)
-        plan = solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
-                              metric="fisher" if scope == "file" else metric)
+        plan = plan_checkpoint(model_dir, ids, bpw, mode=mode, scope=scope, metric=metric, flip_probe=flip_probe,
+                               eps_source=eps_source)
     if plan is not None and plan.tensor_types:
         dense = DenseTypes.exact(plan.tensor_types)
     hook = None

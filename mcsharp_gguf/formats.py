@@ -101,6 +101,11 @@ def bits_per_weight(type_name: str) -> float:
     return 8.0 * type_size(type_name) / block_size(type_name)
 
 
+def tensor_bytes(type_name: str, n_elements: int) -> int:
+    """Bytes of ``n_elements`` weights stored as ``type_name`` (whole blocks; rows must fit them)."""
+    return n_elements // block_size(type_name) * type_size(type_name)
+
+
 def check_shape(shape: tuple[int, ...], type_name: str) -> None:
     """Raise a one-line McsharpError unless a (rows, cols) matrix can be stored as ``type_name``."""
     bs = block_size(type_name)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import McsharpError
-from .formats import QUANT_TYPES, bits_per_weight, block_size, quantize_rtn
+from .formats import QUANT_TYPES, bits_per_weight, block_size, quantize_rtn, tensor_bytes
 
 # Expert candidates (DESIGN §3): scalar grids with CPU/CUDA mul_mat_id support, ascending size.
 # Cost exponents and budget scope (see solve_bit_plan): measured on the fixture, scripts/bench_quality.py.
@@ -58,10 +58,7 @@ class Recipe:
         return cls(target, t_in, t_in, storable_type(target, d_ff))
 
     def n_bytes(self, d_model: int, d_ff: int) -> int:
-        def nb(t: str, rows: int, cols: int) -> int:
-            return int(round(rows * cols * bits_per_weight(t) / 8))
-
-        return nb(self.gate, d_ff, d_model) + nb(self.up, d_ff, d_model) + nb(self.down, d_model, d_ff)
+        return sum(tensor_bytes(t, d_model * d_ff) for t in (self.gate, self.up, self.down))
 
 
 def expert_output_delta(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
@@ -149,7 +146,7 @@ class TensorImportance:
         return tuple(sorted(self.eps_fisher, key=bits_per_weight))
 
     def n_bytes(self, type_name: str) -> int:
-        return int(round(self.rows * self.cols * bits_per_weight(type_name) / 8))
+        return tensor_bytes(type_name, self.rows * self.cols)
 
 
 @dataclass
@@ -396,6 +393,17 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
                    alpha=alpha, beta=beta, gamma=gamma, scope=scope, metric=metric, tensor_types=tensor_types,
                    dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights, shrink=float(shrink),
                    cv_costs=cv_costs)
+
+
+def plan_checkpoint(model_dir, token_ids: torch.Tensor, bpw: float, mode: str = "mixed", scope: str = SCOPE,
+                    metric: str = METRIC, flip_probe: str | None = None, eps_source: str = EPS_SOURCE) -> BitPlan:
+    """Measure ``model_dir``'s importance on ``token_ids`` and solve its bit plan (what ``mcsharp plan`` and a
+    planning ``mcsharp convert`` run). A whole-file plan always prices in the Fisher metric, the only one in which
+    an expert's and a non-expert tensor's errors compare."""
+    imp = measure_importance(model_dir, token_ids, dense=scope == "file", flip_probe=flip_probe,
+                             eps_source=eps_source)
+    return solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
+                          metric="fisher" if scope == "file" else metric)
 
 
 SHRINK_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)

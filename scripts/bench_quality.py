@@ -273,7 +273,7 @@ def main() -> None:
             ours = scalar_type_for(t)
             rules.append((rf"^{re.escape(n)}$", ours))
             theirs_dense += b
-            ours_dense += n_el // F.block_size(ours) * F.type_size(ours)
+            ours_dense += F.tensor_bytes(ours, n_el)
         dense = DenseTypes(tensor_types=tuple(rules))
         n_w, spent = expert_totals(types)
         bpw = 8 * (spent + theirs_dense - ours_dense) / n_w
@@ -286,7 +286,7 @@ def main() -> None:
             if m:
                 ours = scalar_type_for(t)
                 layer_types.setdefault(int(m.group(1)), {})[m.group(2)] = ours
-                uniform_bytes += n_el // F.block_size(ours) * F.type_size(ours)
+                uniform_bytes += F.tensor_bytes(ours, n_el)
         n_e = base_imp.layers[0].n_expert
         plans["(c) uniform GPTQ"] = BitPlan(
             mode="stock", target_bpw=bpw, achieved_bpw=8 * uniform_bytes / n_w, expert_bytes=uniform_bytes,
