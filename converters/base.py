@@ -56,11 +56,15 @@ class MoeArchitecture:
         g, u, d = self.checkpoint_expert_names
         first = f"{prefix}{expert_keys}0.{g}.weight"
         if first in tensors:  # a dense layer (e.g. DeepSeek's first_k_dense_replace) has no experts
-            gate_up, down = [], []
+            # filled one expert at a time: a layer's experts are in memory once, not once per list and stack
+            g0, d0 = get(first), get(f"{prefix}{expert_keys}0.{d}.weight")
+            gate_up = torch.empty((n_expert, 2 * g0.shape[0], g0.shape[1]), dtype=g0.dtype)
+            down = torch.empty((n_expert, *d0.shape), dtype=d0.dtype)
             for e in range(n_expert):
                 base = f"{prefix}{expert_keys}{e}."
-                gate_up.append(torch.cat([get(base + f"{g}.weight"), get(base + f"{u}.weight")]))
-                down.append(get(base + f"{d}.weight"))
-            out[f"{self.moe_block}.experts.gate_up_proj"] = torch.stack(gate_up)
-            out[f"{self.moe_block}.experts.down_proj"] = torch.stack(down)
+                gate_up[e, :g0.shape[0]] = get(base + f"{g}.weight")
+                gate_up[e, g0.shape[0]:] = get(base + f"{u}.weight")
+                down[e] = get(base + f"{d}.weight")
+            out[f"{self.moe_block}.experts.gate_up_proj"] = gate_up
+            out[f"{self.moe_block}.experts.down_proj"] = down
         return out

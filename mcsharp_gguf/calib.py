@@ -11,6 +11,7 @@ import json
 import resource
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,22 +57,47 @@ def self_generated_text(model_dir: str | Path, n_tokens: int, prompts: tuple[str
     return "\n\n".join(pieces)
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
 class SafetensorsIndex:
-    """Lazy access to every tensor of a checkpoint by name (only what is asked for is read)."""
+    """Lazy access to every tensor of a checkpoint by name (only what is asked for is read).
+
+    Tensors are read with plain file reads, not memory maps: a mapped shard's pages would count in this
+    process's resident memory for as long as it stays open, i.e. the whole checkpoint by the last layer.
+    Every shard's header is checked at open (truncated or corrupt shard → one-line error naming it).
+    """
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
+        from .convert import safetensors_header
 
-        self._handles = []
         self.names: dict[str, Callable[[], torch.Tensor]] = {}
         for shard in sorted(model_dir.glob("*.safetensors")):
-            h = safe_open(str(shard), "pt")
-            self._handles.append(h)
-            for k in h.keys():
-                self.names[k] = (lambda h=h, k=k: h.get_tensor(k).float())
+            start, header = safetensors_header(shard)
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                if v["dtype"] not in _DTYPES:
+                    raise McsharpError(f"{shard}: tensor {k} is {v['dtype']}; supported: {', '.join(_DTYPES)} "
+                                       "(dequantise the checkpoint to bf16 first)")
+                self.names[k] = partial(_read_tensor, shard, start + v["data_offsets"][0],
+                                        v["data_offsets"][1] - v["data_offsets"][0], _DTYPES[v["dtype"]],
+                                        tuple(v["shape"]))
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.names[key]()
+
+
+def _read_tensor(path: Path, offset: int, n_bytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor of a safetensors shard as float32, read (not mapped) from ``path``."""
+    buf = bytearray(n_bytes)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(buf) != n_bytes:
+            raise McsharpError(f"{path} is truncated; re-download or re-save it")
+    if not n_bytes:
+        return torch.zeros(shape)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape).float()
 
 
 @dataclass
@@ -126,7 +152,9 @@ class LayerStream:
         layer = self.model.model.layers[i]
         layer.to_empty(device="cpu")
         sd = self.arch.layer_state_dict(self.tensors.names, i, self.n_expert)
-        missing, unexpected = layer.load_state_dict(sd, strict=False)
+        # assign: the module takes the loaded tensors as they are (a copy into to_empty's storage would hold the
+        # layer twice)
+        missing, unexpected = layer.load_state_dict(sd, strict=False, assign=True)
         if missing or unexpected:
             raise McsharpError(f"{self.model_dir}: layer {i} does not match {self.arch.name}'s layout "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-save the checkpoint")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -201,13 +202,15 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine
                    "after success).")
 @dense_type_options
 @otp_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (file, size, each stage's time and "
+                                                       "peak memory) on stdout instead of the path.")
 @click.option("-v", "--verbose", is_flag=True)
 def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, budget_scope: str,
             cost_metric: str, flip_probe: str | None, eps_source: str, plan_file: Path | None, calib: str,
             calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None,
             ffn_type: str | None, embd_type: str | None, output_type: str | None,
             tensor_types: tuple[tuple[str, str], ...], otp: bool, otp_target_frac: float, otp_hidden: int,
-            otp_refine_steps: int, verbose: bool) -> None:
+            otp_refine_steps: int, as_json: bool, verbose: bool) -> None:
     """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
 
     With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
@@ -216,7 +219,10 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
     from .convert import check_output_path, validate_model_dir
     from .pmq import BitPlan
     from .quantize import DenseTypes
+    from .stages import StageClock
 
+    t0 = time.perf_counter()
+    clock = StageClock(log=_log)
     if otp:
         _check_otp_options(otp_target_frac, otp_hidden)
     validate_model_dir(model_dir)
@@ -230,7 +236,10 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
     # calibration feeds planning, GPTQ and OTP training; a given plan packed with RTN needs none
     plans_now = bpw is not None and plan is None
     needs_calib = otp or plans_now or (planned and use_gptq)
-    ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len) if needs_calib else None
+    ids = None
+    if needs_calib:
+        with clock.stage("calibration"):
+            ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
     dense = DenseTypes(attn=attn_type, ffn=ffn_type, embd=embd_type, output=output_type, tensor_types=tensor_types)
     if dense.any() and not planned:
         raise McsharpError("--attn-type/--ffn-type/--embd-type/--output-type/--tensor-type quantise alongside a PMQ "
@@ -239,8 +248,16 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
                         scope=budget_scope, metric=cost_metric, flip_probe=flip_probe, eps_source=eps_source,
                         outtype=outtype, dense=dense, gptq=use_gptq, work_dir=work_dir,
                         otp_target_frac=otp_target_frac if otp else None,
-                        otp_hidden=otp_hidden, otp_refine_steps=otp_refine_steps, log=_log, verbose=verbose)
-    click.echo(str(out))
+                        otp_hidden=otp_hidden, otp_refine_steps=otp_refine_steps, log=_log, verbose=verbose,
+                        clock=clock)
+    wall, size = time.perf_counter() - t0, out.stat().st_size
+    peak = max((s.peak_rss_mb for s in clock.stages), default=0.0)
+    _log(f"[convert] {out}: {size / 1e9:.3f} GB in {wall:.0f} s, peak RSS {peak:.0f} MB")
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "file_bytes": size, "wall_s": wall, "peak_rss_mb": peak,
+                               "stages": clock.to_json()}, indent=2))
+    else:
+        click.echo(str(out))
 
 
 @cli.command()
@@ -255,12 +272,15 @@ def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, cost_metric:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .convert import check_output_path, validate_model_dir
     from .pmq import format_plan_table, plan_checkpoint, plot_plan
+    from .stages import StageClock
 
     validate_model_dir(model_dir)
     check_output_path(out)
-    ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
+    clock = StageClock(log=_log)
+    with clock.stage("calibration"):
+        ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
     result = plan_checkpoint(model_dir, ids, bpw, mode=mode, scope=budget_scope, metric=cost_metric,
-                             flip_probe=flip_probe, eps_source=eps_source)
+                             flip_probe=flip_probe, eps_source=eps_source, clock=clock)
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))

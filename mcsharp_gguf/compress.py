@@ -19,6 +19,7 @@ from .errors import McsharpError
 from .otp import OtpRouters
 from .pmq import EPS_SOURCE, METRIC, SCOPE, BitPlan
 from .quantize import DenseTypes
+from .stages import StageClock
 
 
 def _arch_and_layers(model_dir):
@@ -66,7 +67,8 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
                         eps_source: str = EPS_SOURCE, outtype: str = "f16",
                         dense: DenseTypes | None = None, gptq: bool = True, work_dir: Path | None = None,
                         otp_target_frac: float | None = None, otp_hidden: int = 32, otp_refine_steps: int = 0,
-                        log: Callable[[str], None] = print, verbose: bool = False) -> CompressResult:
+                        log: Callable[[str], None] = print, verbose: bool = False,
+                        clock: StageClock | None = None) -> CompressResult:
     """Convert ``model_dir`` to ``out`` with PMQ experts (``bpw`` budget or a given ``plan``) and/or OTP routers
     (``otp_target_frac`` set).
 
@@ -74,7 +76,8 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     finished layer in ``work_dir`` (default ``OUT.work``, removed after success unless given) so an interrupted
     run resumes with the same bytes. Non-expert tensors get ``outtype``, except the classes ``dense`` names
     (GPTQ'd in the same layer stream, RTN without ``gptq``); with ``scope="file"`` the plan chooses every
-    non-expert tensor's type too (``bpw`` is then over all of them and the experts).
+    non-expert tensor's type too (``bpw`` is then over all of them and the experts). ``clock`` records each
+    stage's wall time and peak memory (importance, plan, gptq, otp, write).
     """
     from .otp import otp_metadata, train_otp
     from .pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
@@ -82,6 +85,7 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     from .quantize import WorkDirQuantiser, quantize_experts
 
     out = Path(out)
+    clock = clock or StageClock(log=log)
     dense = dense if dense is not None and dense.any() else None
     if dense is not None and (scope == "file" or (plan is not None and plan.tensor_types)):
         raise McsharpError("a whole-file plan (--budget-scope file) chooses every non-expert type itself; drop "
@@ -89,7 +93,7 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     if plan is None and bpw is not None:
         log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
         plan = plan_checkpoint(model_dir, ids, bpw, mode=mode, scope=scope, metric=metric, flip_probe=flip_probe,
-                               eps_source=eps_source)
+                               eps_source=eps_source, clock=clock)
     if plan is not None and plan.tensor_types:
         dense = DenseTypes.exact(plan.tensor_types)
     hook = None
@@ -102,7 +106,8 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
             what = (f" and of {len(plan.tensor_types)} non-expert tensors" if plan.tensor_types
                     else f" and of {dense.to_json()}" if dense else "")
             log(f"[pmq] sequential GPTQ of the planned experts{what}")
-            served = quantize_experts(model_dir, plan, ids, work, dense=dense)
+            with clock.stage("gptq"):
+                served = quantize_experts(model_dir, plan, ids, work, dense=dense)
             quantiser = WorkDirQuantiser(served)
         hook = plan_hook(plan, quantiser)
         if dense is not None:
@@ -113,12 +118,14 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     routers = None
     if otp_target_frac is not None:
         log(f"[otp] training routers for executed fraction {otp_target_frac}")
-        routers = train_otp(model_dir, ids, target_frac=otp_target_frac, hidden=otp_hidden,
-                            refine_steps=otp_refine_steps, log=log)
-    convert_checkpoint(model_dir, out, outtype=outtype, hook=hook, verbose=verbose,
-                       extra_kv=_chain_kv(plan_metadata(plan) if plan is not None else None,
-                                          _dense_metadata(dense) if dense is not None else None,
-                                          otp_metadata(routers) if routers is not None else None))
+        with clock.stage("otp"):
+            routers = train_otp(model_dir, ids, target_frac=otp_target_frac, hidden=otp_hidden,
+                                refine_steps=otp_refine_steps, log=log)
+    with clock.stage("gguf write"):
+        convert_checkpoint(model_dir, out, outtype=outtype, hook=hook, verbose=verbose,
+                           extra_kv=_chain_kv(plan_metadata(plan) if plan is not None else None,
+                                              _dense_metadata(dense) if dense is not None else None,
+                                              otp_metadata(routers) if routers is not None else None))
     if plan is not None and gptq and work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     return CompressResult(out, plan, routers)

@@ -38,8 +38,9 @@ class ModelDirInfo:
     config: dict
 
 
-def _check_safetensors(path: Path) -> None:
-    """Refuse a truncated or corrupt safetensors file before the converter trips over it."""
+def _check_safetensors(path: Path) -> tuple[int, dict]:
+    """Refuse a truncated or corrupt safetensors file before the converter trips over it; returns (offset of the
+    data, header)."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         raw = fh.read(8)
@@ -55,6 +56,10 @@ def _check_safetensors(path: Path) -> None:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + hlen + end > size:
         raise McsharpError(f"{path} is truncated ({size} of {8 + hlen + end} bytes); re-download or re-save it")
+    return 8 + hlen, header
+
+
+safetensors_header = _check_safetensors
 
 
 def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import gguf
@@ -167,13 +168,32 @@ def _is_uniform(levels: tuple[int, ...]) -> bool:
     return levels == _rng(levels[0], levels[-1])
 
 
+@cache
+def _code_table(levels: tuple[int, ...]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(c0, codes, values) with which ``c = ceil(2t)`` finds the level nearest to t for any integer levels.
+
+    Ties go to the lower level (t exactly on a midpoint m picks the level below, as ``bucketize`` against the
+    midpoints does). The doubled midpoints 2m are integers, and 2m < 2t ⟺ 2m < ceil(2t), so the code is the
+    number of doubled midpoints below c: a table over c, clamped to [c0, c0 + len − 1]. 2t and its ceiling are
+    exact in float32, so this is bucketize's answer, found by one lookup instead of a binary search.
+    """
+    mids2 = [lo + hi for lo, hi in zip(levels[:-1], levels[1:], strict=True)]
+    c0 = mids2[0]
+    codes = torch.tensor([sum(m < c for m in mids2) for c in range(c0, mids2[-1] + 2)], dtype=torch.long)
+    return c0, codes, torch.tensor(levels, dtype=torch.float32)[codes]
+
+
+def _table_index(t: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    c0, codes, _ = _code_table(levels)
+    return torch.ceil(t * 2.0).clamp_(c0, c0 + len(codes) - 1).sub_(c0).long()
+
+
 def nearest_code(t: torch.Tensor, type_name: str) -> torch.Tensor:
     """Index of the level nearest to ``t`` (= (w - offset) / scale), as int64."""
     lv = _spec(type_name).levels
     if _is_uniform(lv):  # contiguous integers: round and clamp
         return (torch.round(t).clamp_(lv[0], lv[-1]) - lv[0]).long()
-    lt = torch.tensor(lv, dtype=torch.float32)
-    return torch.bucketize(t.contiguous(), (lt[1:] + lt[:-1]) * 0.5)
+    return _code_table(lv)[1][_table_index(t, lv)]
 
 
 def nearest_level(t: torch.Tensor, type_name: str) -> torch.Tensor:
@@ -181,7 +201,7 @@ def nearest_level(t: torch.Tensor, type_name: str) -> torch.Tensor:
     lv = _spec(type_name).levels
     if _is_uniform(lv):
         return torch.round(t).clamp_(lv[0], lv[-1])
-    return _levels_t(_spec(type_name))[nearest_code(t, type_name)]
+    return _code_table(lv)[2][_table_index(t, lv)]
 
 
 def _inv(s: torch.Tensor) -> torch.Tensor:

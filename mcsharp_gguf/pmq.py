@@ -396,14 +396,25 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
 
 
 def plan_checkpoint(model_dir, token_ids: torch.Tensor, bpw: float, mode: str = "mixed", scope: str = SCOPE,
-                    metric: str = METRIC, flip_probe: str | None = None, eps_source: str = EPS_SOURCE) -> BitPlan:
+                    metric: str = METRIC, flip_probe: str | None = None, eps_source: str = EPS_SOURCE,
+                    clock=None) -> BitPlan:
     """Measure ``model_dir``'s importance on ``token_ids`` and solve its bit plan (what ``mcsharp plan`` and a
-    planning ``mcsharp convert`` run). A whole-file plan always prices in the Fisher metric, the only one in which
-    an expert's and a non-expert tensor's errors compare."""
-    imp = measure_importance(model_dir, token_ids, dense=scope == "file", flip_probe=flip_probe,
-                             eps_source=eps_source)
-    return solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
-                          metric="fisher" if scope == "file" else metric)
+    planning ``mcsharp convert`` run); ``clock`` (a stages.StageClock) times the two stages."""
+    from .stages import StageClock
+
+    clock = clock or StageClock(log=lambda *_: None)
+    with clock.stage("importance"):
+        imp = measure_importance(model_dir, token_ids, dense=scope == "file", flip_probe=flip_probe,
+                                 eps_source=eps_source)
+    with clock.stage("plan (MILP)"):
+        return solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
+                              metric=plan_metric(scope, metric))
+
+
+def plan_metric(scope: str, metric: str) -> str:
+    """The cost metric a plan of ``scope`` prices in: a whole-file plan always in the Fisher metric, the only one
+    in which an expert's and a non-expert tensor's errors compare."""
+    return "fisher" if scope == "file" else metric
 
 
 SHRINK_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)

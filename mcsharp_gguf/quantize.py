@@ -69,11 +69,13 @@ def quantize_expert(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, types: di
 
 
 def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
-                           types: list[dict[str, str]], act, gptq: bool = True) -> dict:
+                           types: list[dict[str, str]], act, gptq: bool = True, in_place: bool = False) -> dict:
     """GPTQ of one layer's experts (quantize_expert on each, RTN where expert_hessians says so).
 
     ``types[e]`` maps gate/up/down → ggml type. Returns {"packed": {(e, proj): uint8}, "dequant": ...,
-    "tokens": per-expert token counts}.
+    "tokens": per-expert token counts}. ``in_place``: write each expert's dequantised weights into ``gate_up`` /
+    ``down`` as soon as it is done, and return no "dequant" (a layer's experts are then in memory once; an
+    expert's GPTQ reads only its own weights, so the experts after it are unaffected).
     """
     ff = down.shape[2]
     packed, dequant, tokens = {}, {}, []
@@ -84,8 +86,27 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
         res = quantize_expert(g, u, d, t, expert_hessians(g, u, xe, act, gptq))
         for p in PROJS:
             packed[(e, p)] = np.asarray(res[p].packed)
-            dequant[(e, p)] = res[p].dequant
-    return {"packed": packed, "dequant": dequant, "tokens": tokens, "types": types}
+        if in_place:
+            with torch.no_grad():
+                g.copy_(res["gate"].dequant)
+                u.copy_(res["up"].dequant)
+                d.copy_(res["down"].dequant)
+        else:
+            dequant.update({(e, p): res[p].dequant for p in PROJS})
+    return {"packed": packed, "tokens": tokens, "types": types, **({} if in_place else {"dequant": dequant})}
+
+
+def load_packed_experts(experts: torch.nn.Module, done: dict) -> None:
+    """Write a finished layer's experts (``done``, a work-dir layer) into ``experts``, decoded from their packed
+    bytes by libggml (bit-exact with what GPTQ computed)."""
+    from .formats import ggml_dequantize
+
+    ff = experts.down_proj.shape[2]
+    with torch.no_grad():
+        for e, t in enumerate(done["types"]):
+            for p, w in (("gate", experts.gate_up_proj[e, :ff]), ("up", experts.gate_up_proj[e, ff:]),
+                         ("down", experts.down_proj[e])):
+                w.copy_(torch.from_numpy(ggml_dequantize(done["packed"][(e, p)], t[p], tuple(w.shape))))
 
 
 @dataclass(frozen=True)
@@ -215,6 +236,7 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
             bar.update()
             continue
         path = _layer_file(work_dir, i)
+        applied = False  # the experts in the layer module are already the quantised ones
         if path.exists():
             done = torch.load(path, weights_only=False)
         else:
@@ -232,7 +254,9 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
                                                                    stream.n_expert, run), hidden)
                 types = [plan.recipes[f"{i}:{t}"] for t in plan.layers[i]]
                 done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(),
-                                                   cap.x, cap.top_k_index, types, experts.act_fn, gptq=gptq))
+                                                   cap.x, cap.top_k_index, types, experts.act_fn, gptq=gptq,
+                                                   in_place=True))
+                applied = True
             elif ffn:
                 _, hess = _with_hessians(hooks_for, run, hidden)
             if ffn:
@@ -241,13 +265,8 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
             torch.save(done, tmp)
             os.replace(tmp, path)
         _apply_dense(layer, done.get("dense", {}))  # (work dirs from before dense quantisation have none)
-        if planned:
-            experts = getattr(block, stream.arch.experts)
-            with torch.no_grad():  # the next layer calibrates on the quantised experts' outputs
-                for e in range(stream.n_expert):
-                    experts.gate_up_proj[e].copy_(torch.cat([done["dequant"][(e, "gate")],
-                                                             done["dequant"][(e, "up")]]))
-                    experts.down_proj[e].copy_(done["dequant"][(e, "down")])
+        if planned and not applied:  # the next layer calibrates on the quantised experts
+            load_packed_experts(getattr(block, stream.arch.experts), done)
         hidden = run(hidden)
         bar.update()
     bar.close()

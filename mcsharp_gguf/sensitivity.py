@@ -12,8 +12,10 @@ reverse pass loads one layer at a time, recomputes it with autograd and carries 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -93,32 +95,38 @@ def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, 
 
 def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
                    taps: Callable[[torch.nn.Module], dict[str, torch.nn.Module]] | None = None,
-                   tap_seqs: int = 8) -> Iterator[LayerGrads]:
+                   tap_seqs: int = 8, spill_dir: str | Path | None = None) -> Iterator[LayerGrads]:
     """Each decoder layer from the last to the first, as :class:`LayerGrads`; ``taps(layer)`` names the linears
     whose inputs and output gradients to record (on the first ``tap_seqs`` sequences). With ``taps``, an item
     with ``index`` n_layer (layer None) comes first, tapping the LM head ("lm_head"); after the first layer, an
     item with ``index`` -1 (layer None) carries ∇ w.r.t. the token embeddings' output in ``g_out``.
 
-    Memory: the inputs of every layer are kept (n_layer × tokens × d floats), weights one layer at a time.
+    Memory: weights one layer at a time; every layer's input hidden states (n_layer × tokens × d floats, 6 GB
+    for 48 layers of 16k tokens at d = 2048) go to a temporary directory (``spill_dir``, default the system's
+    temp dir) and are mapped back one layer at a time in the reverse pass.
     """
-    hidden = stream.embed(token_ids)
-    inputs: list[torch.Tensor | None] = []
-    for _, _, run in stream.layers(hidden):
-        inputs.append(hidden)
-        hidden = run(hidden)
-    g, head_tap = output_grad(stream, hidden, seed, tap_seqs if taps else 0)
-    if head_tap is not None:
-        yield LayerGrads(stream.n_layer, None, None, g, {"lm_head": head_tap})
-    pos, rope = stream.rotary(token_ids.shape[1])
-    for i in reversed(range(stream.n_layer)):
-        layer = stream.load_layer(i)
-        h_in = inputs[i]
-        g_in, tapped = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs)
-        yield LayerGrads(i, layer, h_in, g, tapped)
-        g = g_in
-        stream.unload_layer(i)
-        inputs[i] = None  # free as we go
-    yield LayerGrads(-1, None, None, g, {})
+    with tempfile.TemporaryDirectory(dir=spill_dir, prefix="mcsharp-inputs-") as tmp:
+        hidden = stream.embed(token_ids)
+        inputs: list[Path] = []
+        for i, _, run in stream.layers(hidden):
+            inputs.append(Path(tmp) / f"h{i:04d}.pt")
+            torch.save(hidden, inputs[-1])
+            hidden = run(hidden)
+        g, head_tap = output_grad(stream, hidden, seed, tap_seqs if taps else 0)
+        del hidden
+        if head_tap is not None:
+            yield LayerGrads(stream.n_layer, None, None, g, {"lm_head": head_tap})
+        pos, rope = stream.rotary(token_ids.shape[1])
+        for i in reversed(range(stream.n_layer)):
+            layer = stream.load_layer(i)
+            h_in = torch.load(inputs[i], mmap=True)
+            g_in, tapped = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs)
+            yield LayerGrads(i, layer, h_in, g, tapped)
+            g = g_in
+            stream.unload_layer(i)
+            del h_in
+            inputs[i].unlink()  # free the disk as we go
+        yield LayerGrads(-1, None, None, g, {})
 
 
 def perturbation_kl(stream: LayerStream, token_ids: torch.Tensor,

@@ -214,3 +214,16 @@ def test_real_fixture_weights_exact(t, moe_fixture):
             assert_exact(F.quantize_rtn(W, t), tuple(W.shape))
             im = torch.rand(W.shape[1], generator=torch.Generator().manual_seed(9))
             assert_exact(F.quantize_rtn(W, t, im), tuple(W.shape))
+
+
+@pytest.mark.parametrize("t", [t for t in F.QUANT_TYPES if not F._is_uniform(F._spec(t).levels)])
+def test_nearest_code_table_is_bucketize(t):
+    """The lookup-table nearest level (non-contiguous levels: IQ4_NL/IQ4_XS, Q1_0) is exactly torch.bucketize
+    against the midpoints, ties and values far outside the levels included."""
+    lt = torch.tensor(F._spec(t).levels, dtype=torch.float32)
+    mids = (lt[1:] + lt[:-1]) * 0.5
+    x = torch.cat([torch.randn(200_000, generator=torch.Generator().manual_seed(3)) * 100, mids, lt,
+                   torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), torch.tensor([-1e30, 1e30, 0.0])])
+    ref = torch.bucketize(x, mids)
+    assert torch.equal(F.nearest_code(x, t), ref)
+    assert torch.equal(F.nearest_level(x, t), lt[ref])

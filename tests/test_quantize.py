@@ -93,6 +93,7 @@ def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
     """With eps_source="gptq", eps is the MoE-block output error of the expert exactly as quantize_experts writes
     it; and GPTQ's error is below the RTN proxy's at 2 bits."""
     from mcsharp_gguf.calib import LayerStream, capture_moe
+    from mcsharp_gguf.formats import ggml_dequantize
     from mcsharp_gguf.pmq import BitPlan, Recipe
 
     model_dir, ids, _ = setup
@@ -122,7 +123,8 @@ def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
         tok, slot = torch.where(cap.top_k_index == e)
         x, w = cap.x[tok], cap.top_k_weights[tok, slot]
         g, u, d = experts.gate_up_proj[e, :ff], experts.gate_up_proj[e, ff:], experts.down_proj[e]
-        gq, uq, dq = (done["dequant"][(e, p)] for p in ("gate", "up", "down"))
+        gq, uq, dq = (torch.from_numpy(ggml_dequantize(done["packed"][(e, p)], done["types"][e][p], tuple(w.shape)))
+                      for p, w in (("gate", g), ("up", u), ("down", d)))
         act = experts.act_fn
         with torch.no_grad():
             delta = ((act(x @ gq.T) * (x @ uq.T)) @ dq.T - (act(x @ g.T) * (x @ u.T)) @ d.T) * w[:, None]
