@@ -215,7 +215,7 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
 
     With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
     """
-    from .compress import compress_checkpoint
+    from .compress import check_disk, compress_checkpoint
     from .convert import check_output_path, validate_model_dir
     from .pmq import BitPlan
     from .quantize import DenseTypes
@@ -236,6 +236,9 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
     # calibration feeds planning, GPTQ and OTP training; a given plan packed with RTN needs none
     plans_now = bpw is not None and plan is None
     needs_calib = otp or plans_now or (planned and use_gptq)
+    # before calibration: a conversion that cannot fit on the disk fails now, not hours in
+    check_disk(model_dir, out, outtype, bpw if plan is None else plan.target_bpw, plans_now, planned and use_gptq,
+               work_dir or out.with_name(out.name + ".work"), calib_seqs * calib_len if needs_calib else 0)
     ids = None
     if needs_calib:
         with clock.stage("calibration"):

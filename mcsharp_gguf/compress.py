@@ -32,6 +32,21 @@ def _arch_and_layers(model_dir):
     return get_architecture(cfg["architectures"][0]), int(cfg.get("text_config", cfg)["num_hidden_layers"])
 
 
+def check_disk(model_dir, out: Path, outtype: str, bpw: float | None, planning: bool, gptq: bool, work_dir: Path,
+               n_tokens: int) -> None:
+    """convert.check_free_disk for a compressed conversion: the importance pass (``planning``) spills every
+    layer's input states (n_layer × ``n_tokens`` × d float32) into ``work_dir``; ``gptq`` keeps its packed
+    layers there."""
+    import json
+
+    from .convert import check_free_disk
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    spill = int(cfg["num_hidden_layers"]) * n_tokens * int(cfg["hidden_size"]) * 4 if planning else 0
+    check_free_disk(model_dir, out, outtype, bpw, work_dir, gptq, spill)
+
+
 @dataclass
 class CompressResult:
     """What a compressed conversion wrote and decided."""
@@ -72,12 +87,12 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     """Convert ``model_dir`` to ``out`` with PMQ experts (``bpw`` budget or a given ``plan``) and/or OTP routers
     (``otp_target_frac`` set).
 
-    ``ids`` (calibration token ids, (n_seq, seq_len)) is needed to plan, for GPTQ and for OTP. GPTQ keeps every
-    finished layer in ``work_dir`` (default ``OUT.work``, removed after success unless given) so an interrupted
-    run resumes with the same bytes. Non-expert tensors get ``outtype``, except the classes ``dense`` names
-    (GPTQ'd in the same layer stream, RTN without ``gptq``); with ``scope="file"`` the plan chooses every
-    non-expert tensor's type too (``bpw`` is then over all of them and the experts). ``clock`` records each
-    stage's wall time and peak memory (importance, plan, gptq, otp, write).
+    ``ids`` (calibration token ids, (n_seq, seq_len)) is needed to plan, for GPTQ and for OTP. The importance pass
+    and GPTQ keep every finished layer in ``work_dir`` (default ``OUT.work``, removed after success unless given)
+    so an interrupted run resumes with the same bytes. Non-expert tensors get ``outtype``, except the
+    classes ``dense`` names (GPTQ'd in the same layer stream, RTN without ``gptq``); with ``scope="file"`` the
+    plan chooses every non-expert tensor's type too (``bpw`` is then over all of them and the experts).
+    ``clock`` records each stage's wall time and peak memory (importance, plan, gptq, otp, write).
     """
     from .otp import otp_metadata, train_otp
     from .pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
@@ -86,6 +101,9 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
 
     out = Path(out)
     clock = clock or StageClock(log=log)
+    work = work_dir or out.with_name(out.name + ".work")
+    check_disk(model_dir, out, outtype, bpw if plan is None else plan.target_bpw, plan is None and bpw is not None,
+               gptq, work, 0 if ids is None else ids.numel())
     dense = dense if dense is not None and dense.any() else None
     if dense is not None and (scope == "file" or (plan is not None and plan.tensor_types)):
         raise McsharpError("a whole-file plan (--budget-scope file) chooses every non-expert type itself; drop "
@@ -93,11 +111,10 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
     if plan is None and bpw is not None:
         log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
         plan = plan_checkpoint(model_dir, ids, bpw, mode=mode, scope=scope, metric=metric, flip_probe=flip_probe,
-                               eps_source=eps_source, clock=clock)
+                               eps_source=eps_source, clock=clock, work_dir=work)
     if plan is not None and plan.tensor_types:
         dense = DenseTypes.exact(plan.tensor_types)
     hook = None
-    work = work_dir or out.with_name(out.name + ".work")
     if plan is not None:
         log(format_plan_table(plan))
         quantiser = rtn_quantiser
@@ -126,6 +143,6 @@ def compress_checkpoint(model_dir: str | Path, out: str | Path, ids: torch.Tenso
                            extra_kv=_chain_kv(plan_metadata(plan) if plan is not None else None,
                                               _dense_metadata(dense) if dense is not None else None,
                                               otp_metadata(routers) if routers is not None else None))
-    if plan is not None and gptq and work_dir is None:
+    if work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     return CompressResult(out, plan, routers)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
@@ -100,6 +102,55 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
         raise McsharpError(f"{path}: architecture {hf_arch} is not supported by the pinned llama.cpp converter; "
                            f"supported MoE architectures: {', '.join(supported_architectures())}") from None
     return ModelDirInfo(path=path, hf_arch=hf_arch, config=config)
+
+
+_OUT_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5}
+
+
+def checkpoint_weights(model_dir: str | Path) -> int:
+    """Number of weights in a checkpoint's safetensors shards (headers only)."""
+    n = 0
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        _, header = _check_safetensors(shard)
+        n += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return n
+
+
+def _free_bytes(path: Path) -> int:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_free_disk(model_dir: str | Path, out: str | Path, outtype: str = "f16", bpw: float | None = None,
+                    work_dir: str | Path | None = None, gptq: bool = False, spill_bytes: int = 0) -> None:
+    """Refuse to start a conversion that cannot finish for lack of disk: the output (every weight at ``bpw``, or
+    at ``outtype`` without a plan, + 2% for metadata), with ``gptq`` the work dir's packed layers (the planned
+    weights again) and the importance pass's spilled layer inputs (``spill_bytes``, in ``work_dir``, else in the
+    system's temp dir)."""
+    n = checkpoint_weights(model_dir)
+    out = Path(out)
+    bits = _OUT_BITS[outtype] if bpw is None else max(bpw, 1.0) + 0.25  # router, norms stay wide
+    need = {out.parent: int(1.02 * n * bits / 8)}
+    wd = Path(work_dir).parent if work_dir is not None else Path(tempfile.gettempdir())
+    if gptq and bpw is not None:
+        need[wd] = need.get(wd, 0) + int(1.02 * n * bits / 8)
+    if spill_bytes:
+        need[wd] = need.get(wd, 0) + spill_bytes
+    by_fs: dict[int, tuple[Path, int]] = {}
+    for p, b in need.items():
+        q = p.resolve()
+        while not q.exists():
+            q = q.parent
+        dev = q.stat().st_dev
+        by_fs[dev] = (by_fs.get(dev, (p, 0))[0], by_fs.get(dev, (p, 0))[1] + b)
+    for p, b in by_fs.values():
+        free = _free_bytes(p)
+        if free < b:
+            raise McsharpError(f"not enough free disk in {p}: this conversion needs {b / 1e9:.1f} GB there (output, "
+                               f"work dir, spilled calibration states), {free / 1e9:.1f} GB are free; free some "
+                               "space or choose -o / --work-dir / TMPDIR on a larger disk")
 
 
 def check_output_path(out: str | Path) -> Path:

@@ -645,9 +645,24 @@ class QuantResult:
         return bits_per_weight(self.type_name)
 
 
-def finish(codes: torch.Tensor, grid: Grid) -> QuantResult:
-    """Pack codes on grid and decode them the way ggml does."""
-    return QuantResult(grid.type_name, pack(codes, grid), grid_dequant(codes, grid), codes.to(torch.uint8), grid)
+def _grid_rows(grid: Grid, r0: int, r1: int) -> Grid:
+    """Rows r0:r1 of a grid."""
+    return Grid(grid.type_name, grid.scale[r0:r1], None if grid.offset is None else grid.offset[r0:r1],
+                {k: v[r0:r1] for k, v in grid.fields.items()})
+
+
+def finish(codes: torch.Tensor, grid: Grid, chunk_rows: int = 1024) -> QuantResult:
+    """Pack codes on grid and decode them the way ggml does (``chunk_rows`` rows at a time: the per-element
+    scales and index tensors of a whole LM head would be several times its size)."""
+    codes = codes.to(torch.uint8)
+    rows, n = codes.shape
+    packed = np.empty((rows, n // block_size(grid.type_name) * type_size(grid.type_name)), np.uint8)
+    deq = torch.empty(rows, n)
+    for r0 in range(0, rows, chunk_rows):
+        c, g = codes[r0:r0 + chunk_rows], _grid_rows(grid, r0, r0 + chunk_rows)
+        packed[r0:r0 + chunk_rows] = pack(c, g)
+        deq[r0:r0 + chunk_rows] = grid_dequant(c, g)
+    return QuantResult(grid.type_name, packed, deq, codes, grid)
 
 
 def quantize_rtn(W: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = None,
@@ -661,9 +676,9 @@ def quantize_rtn(W: torch.Tensor, type_name: str, imatrix: torch.Tensor | None =
         x = W[r0:r0 + chunk_rows]
         g = fit_grid(x, type_name, None if imatrix is None else imatrix.float().reshape(1, -1))
         grids.append(g)
-        codes.append(grid_codes(x, g))
+        codes.append(grid_codes(x, g).to(torch.uint8))
     grid = Grid.cat(grids, dim=0)
-    return finish(torch.cat(codes, 0), grid)
+    return finish(torch.cat(codes, 0), grid, chunk_rows)
 
 
 # --------------------------------------------------------------------------------------------------------------

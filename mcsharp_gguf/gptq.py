@@ -22,6 +22,7 @@ from .errors import McsharpError
 from .formats import (
     Grid,
     QuantResult,
+    _is_uniform,
     _levels_t,
     _spec,
     block_size,
@@ -33,6 +34,7 @@ from .formats import (
 )
 
 GROUP = 32  # columns per rank-1 group inside a lazy block (a divisor of every ggml block size)
+ROW_CHUNK = 16384  # rows walked together (every expert projection of the supported models is one chunk)
 
 
 class HessianAccumulator:
@@ -94,15 +96,18 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     raise McsharpError("GPTQ: Hessian is not positive definite even with heavy damping; check the calibration inputs")
 
 
-def _prepare(W: torch.Tensor, H: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    check_shape(tuple(W.shape), type_name)
-    cols = W.shape[1]
+def _prepare_h(H: torch.Tensor, cols: int) -> torch.Tensor:
     if tuple(H.shape) != (cols, cols):
         raise McsharpError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match the {cols} input columns of W")
     H = H.float().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0  # columns that never saw an input: isolated, their error propagates nowhere
-    return W.detach().float().cpu().clone(), H
+    return H
+
+
+def _prepare(W: torch.Tensor, H: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_shape(tuple(W.shape), type_name)
+    return W.detach().float().cpu().clone(), _prepare_h(H, W.shape[1])
 
 
 def _quant_col(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, inv_s: torch.Tensor, type_name: str
@@ -113,27 +118,44 @@ def _quant_col(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, inv_s: 
     return level, (q + o if o is not None else q)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, block: int = 128
-                  ) -> QuantResult:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, block: int = 128,
+                  row_chunk: int = ROW_CHUNK) -> QuantResult:
     """GPTQ of W (rows=out, cols=in) with Hessian H (cols, cols) on ``type_name``'s ggml grid.
 
     ``block`` is the lazy-batch width, rounded up to a multiple of the ggml block. Each ggml block's grid is fitted
     (weighted by the GPTQ saliency 1/U[j,j]², i.e. how much an error in column j costs after compensation) from
     the error-updated weights when the walk reaches it. Returns packed bytes and the exact ggml dequantisation.
+
+    Rows never interact in GPTQ (the error of a column moves along its own row), so a tall matrix (an LM head:
+    150k rows) is walked ``row_chunk`` rows at a time: its working copies then take a chunk's memory, not the
+    whole matrix's several times over.
     """
-    W, H = _prepare(W, H, type_name)
-    rows, cols = W.shape
+    check_shape(tuple(W.shape), type_name)
+    H = _prepare_h(H, W.shape[1])
+    U = inverse_cholesky_upper(H, damp)
     sp = _spec(type_name)
+    rows, cols = W.shape
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    grids: list[Grid] = []
+    for r0 in range(0, rows, row_chunk):
+        levels, grid = _gptq_rows(W[r0:r0 + row_chunk].detach().float().cpu().T.contiguous(), U, type_name, block)
+        grids.append(grid)
+        lv = levels.T.float()
+        codes[r0:r0 + row_chunk] = (lv - sp.levels[0]) if _is_uniform(sp.levels) else \
+            torch.bucketize(lv.contiguous(), _levels_t(sp))
+        del levels, lv
+    return finish(codes, grids[0] if len(grids) == 1 else Grid.cat(grids, dim=0))
+
+
+def _gptq_rows(Wt: torch.Tensor, U: torch.Tensor, type_name: str, block: int) -> tuple[torch.Tensor, Grid]:
+    """The GPTQ walk over the columns of ``Wt`` (cols, rows), updated in place: (the level of every weight as
+    (cols, rows) int16, the fitted grid)."""
+    cols, rows = Wt.shape
     B = block_size(type_name)
     lazy = max(B, -(-block // B) * B)
     grp = min(GROUP, B)
-    U = inverse_cholesky_upper(H, damp)
     # per-column weight of the grid fit (on the real fixture about as good as diag(H), better than imatrix·sqrt(σ²+x²))
     sal = 1.0 / torch.diagonal(U) ** 2
-    lv = _levels_t(sp)
-    uniform = sp.levels == tuple(range(sp.levels[0], sp.levels[-1] + 1))
-
-    Wt = W.T.contiguous()  # (cols, rows): a column is a contiguous row
     levels = torch.empty(cols, rows, dtype=torch.int16)
     grids: list[Grid] = []
     for i1 in range(0, cols, lazy):
@@ -161,9 +183,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float 
                     W1[g1:].addmm_(U1[g0:g1, g1:].T, E1[g0:g1], alpha=-1.0)
         if i2 < cols:  # push the finished lazy block into the rest of the matrix
             Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
-
-    codes = (levels.T.float() - sp.levels[0]) if uniform else torch.bucketize(levels.T.float().contiguous(), lv)
-    return finish(codes.to(torch.uint8), Grid.cat(grids))
+    return levels, Grid.cat(grids)
 
 
 def gptq_textbook(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01) -> QuantResult:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,6 +120,7 @@ class LayerImportance:
     # eps_fisher over the tokens of calibration fold A (the even sequences) only; B's is sqrt(all² − A²).
     # Two independent halves of the same estimate: what cross-validating a plan needs (choose_shrinkage).
     eps_fisher_a: dict[str, list[float]] = field(default_factory=dict)
+    tokens: list[int] = field(default_factory=list)  # calibration tokens routed to each expert
 
     @property
     def n_expert(self) -> int:
@@ -173,6 +175,9 @@ class BitPlan:
     # cv_costs: shrink → out-of-fold cost of the plans it gave, when shrink was chosen by cross-validation
     shrink: float = 1.0
     cv_costs: dict[str, float] = field(default_factory=dict)
+    # calibration coverage: layer → {"tokens": per-expert routed tokens, "d_model", "d_ff"}; an expert with fewer
+    # tokens than a projection's input width gets RTN there instead of GPTQ (quantize.expert_hessians)
+    coverage: dict[int, dict] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -181,6 +186,7 @@ class BitPlan:
     def from_json(cls, text: str) -> BitPlan:
         d = json.loads(text)
         d["layers"] = {int(k): v for k, v in d["layers"].items()}
+        d["coverage"] = {int(k): v for k, v in d.get("coverage", {}).items()}
         return cls(**d)
 
 
@@ -392,20 +398,22 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
                    expert_bytes=int(spent), expert_weights=n_weights, layers=plan_layers, recipes=recipes,
                    alpha=alpha, beta=beta, gamma=gamma, scope=scope, metric=metric, tensor_types=tensor_types,
                    dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights, shrink=float(shrink),
-                   cv_costs=cv_costs)
+                   cv_costs=cv_costs, coverage={imp.layer: {"tokens": imp.tokens, "d_model": imp.d_model,
+                                                            "d_ff": imp.d_ff} for imp in layers if imp.tokens})
 
 
 def plan_checkpoint(model_dir, token_ids: torch.Tensor, bpw: float, mode: str = "mixed", scope: str = SCOPE,
                     metric: str = METRIC, flip_probe: str | None = None, eps_source: str = EPS_SOURCE,
-                    clock=None) -> BitPlan:
+                    clock=None, work_dir=None) -> BitPlan:
     """Measure ``model_dir``'s importance on ``token_ids`` and solve its bit plan (what ``mcsharp plan`` and a
-    planning ``mcsharp convert`` run); ``clock`` (a stages.StageClock) times the two stages."""
+    planning ``mcsharp convert`` run); ``clock`` (a stages.StageClock) times the two stages; ``work_dir`` keeps
+    the importance pass resumable (measure_importance)."""
     from .stages import StageClock
 
     clock = clock or StageClock(log=lambda *_: None)
     with clock.stage("importance"):
         imp = measure_importance(model_dir, token_ids, dense=scope == "file", flip_probe=flip_probe,
-                                 eps_source=eps_source)
+                                 eps_source=eps_source, work_dir=work_dir)
     with clock.stage("plan (MILP)"):
         return solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
                               metric=plan_metric(scope, metric))
@@ -490,6 +498,8 @@ def format_plan_table(plan: BitPlan) -> str:
             f"{plan.expert_bytes / 1e6:.2f} MB of expert weights", head, "-" * len(head)]
     for layer in sorted(plan.layers):
         rows.append(f"{layer:5d} | " + " ".join(f"{t:<6s}" for t in plan.layers[layer]))
+    if plan.coverage:
+        rows.append(format_coverage(plan.coverage))
     if plan.cv_costs:
         rows.append(f"per-expert costs shrunk toward the layer mean: shrink {plan.shrink:g}, chosen by two-fold "
                     "cross-validation (out-of-fold cost per shrink: "
@@ -504,6 +514,19 @@ def format_plan_table(plan: BitPlan) -> str:
             by_group.setdefault(group or "-", []).append(f"{local}={t}")
         rows += [f"{g:>7s} | " + " ".join(v) for g, v in by_group.items()]
     return "\n".join(rows)
+
+
+def format_coverage(coverage: dict[int, dict]) -> str:
+    """One line on how well the calibration tokens covered the experts, and which fall back to RTN."""
+    toks = np.concatenate([np.asarray(c["tokens"]) for c in coverage.values()])
+    n_in = sum(int((np.asarray(c["tokens"]) < c["d_model"]).sum()) for c in coverage.values())
+    n_ff = sum(int((np.asarray(c["tokens"]) < c["d_ff"]).sum()) for c in coverage.values())
+    starved = [f"{lay}:{e}" for lay, c in sorted(coverage.items()) for e, t in enumerate(c["tokens"])
+               if t < c["d_model"]]
+    shown = ", ".join(starved[:12]) + (f", … ({len(starved)} in all)" if len(starved) > 12 else "")
+    return (f"calibration tokens per expert: min {int(toks.min())}, median {int(np.median(toks))}, max "
+            f"{int(toks.max())}; fewer than the input width (RTN instead of GPTQ): gate/up of {n_in}, down of "
+            f"{n_ff} of {toks.size} experts" + (f" [layer:expert {shown}]" if starved else ""))
 
 
 def _layer_key(name: str) -> tuple[int, str]:
@@ -578,11 +601,147 @@ def fold_a_mask(n_tokens: int, seq_len: int) -> torch.Tensor:
     return (torch.arange(n_tokens) // seq_len) % 2 == 0
 
 
+@dataclass
+class _Measure:
+    """What every item of one importance pass shares (see measure_importance)."""
+
+    stream: object  # calib.LayerStream
+    token_ids: torch.Tensor
+    targets: tuple[str, ...]
+    dense_types: tuple[str, ...]
+    gptq: bool
+    tap_scale: float
+    flip_probe: str | None
+    in_a: torch.Tensor  # fold A mask over all calibration tokens
+    tied: bool  # the LM head is the token embedding (GGUF then has no output.weight)
+
+
+def _head_record(m: _Measure, item) -> dict:
+    """The LM head's Fisher errors (a TensorImportance unless tied: then they add to the embedding's)."""
+    head = m.stream.lm_head()
+    x, g = item.taps["lm_head"]
+    eps, eps_a = _dense_fisher(head, x, g, m.dense_types, m.in_a[:x.shape[0]], gptq=m.gptq and not m.tied,
+                               scale=m.tap_scale)
+    tensors = [] if m.tied else [asdict(TensorImportance("output.weight", "output", *head.shape, eps,
+                                                         eps_fisher_a=eps_a))]
+    return {"tensors": tensors, "head_eps": eps, "head_eps_a": eps_a}
+
+
+def _embedding_record(m: _Measure, item, head: dict) -> dict:
+    """The token embedding's Fisher errors (RTN, as the file stores it; a tied head's errors added)."""
+    emb = m.stream.tensors["model.embed_tokens.weight"]
+    ids = m.token_ids.flatten()
+    used, where = torch.unique(ids, return_inverse=True)  # rows are independent: quantise those seen
+    g = item.g_out.reshape(ids.shape[0], -1)
+    eps, eps_a = {}, {}
+    for t in dict.fromkeys(storable_type(t, emb.shape[1]) for t in m.dense_types):
+        de = quantize_rtn(emb[used], t).dequant - emb[used]
+        eps[t], eps_a[t] = fisher_error_split((g * de[where]).sum(1).square(), m.in_a)
+        if m.tied:
+            eps[t] = float(np.hypot(eps[t], head["head_eps"][t]))
+            eps_a[t] = float(np.hypot(eps_a[t], head["head_eps_a"][t]))
+    return {"tensors": [asdict(TensorImportance("token_embd.weight", "embd", *emb.shape, eps, eps_fisher_a=eps_a))]}
+
+
+def _layer_record(m: _Measure, item, names) -> dict:
+    """One decoder layer: its tapped non-expert linears' Fisher errors and, for an MoE layer, phi, w and every
+    (expert, recipe)'s eps (plain and Fisher, all tokens and fold A)."""
+    from .calib import capture_moe
+    from .quantize import checkpoint_name, dense_linears, expert_hessians, quantize_expert
+
+    stream, i, layer = m.stream, item.index, item.layer
+    tensors = []
+    for n, (cls, mod) in dense_linears(layer, stream.arch).items():
+        gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
+        if gname is not None and n in item.taps:
+            w, (x, g) = mod.weight.detach(), item.taps[n]
+            eps_t, eps_t_a = _dense_fisher(w, x, g, m.dense_types, m.in_a[:x.shape[0]], gptq=m.gptq,
+                                           scale=m.tap_scale)
+            tensors.append(asdict(TensorImportance(gname, cls, *w.shape, eps_t, eps_fisher_a=eps_t_a)))
+    block = stream.moe_block(layer)
+    if block is None:
+        return {"tensors": tensors, "layer": None}
+    h_in, g_out = item.h_in, item.g_out
+    cap, h_out = capture_moe(block, stream.arch, stream.n_expert, stream.runner(layer, h_in.shape[1]), h_in)
+    grad = g_out.reshape(-1, g_out.shape[-1])
+    experts = getattr(block, stream.arch.experts)
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    d_model, d_ff = gate_up.shape[2], down.shape[2]
+    eps: dict[str, list[float]] = {t: [] for t in m.targets}
+    eps_fisher: dict[str, list[float]] = {t: [] for t in m.targets}
+    eps_fisher_a: dict[str, list[float]] = {t: [] for t in m.targets}
+    probe = []  # RTN Fisher error at flip_probe: what the flip probe's real KL is compared with
+    for e in range(stream.n_expert):
+        tok, slot = torch.where(cap.top_k_index == e)
+        x, w = cap.x[tok], cap.top_k_weights[tok, slot]
+        g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
+        hessians = expert_hessians(g, u, x, experts.act_fn) if m.gptq else (None, None)
+        for t in m.targets:
+            if x.shape[0] == 0:
+                for acc in (eps, eps_fisher, eps_fisher_a):
+                    acc[t].append(0.0)
+                continue
+            r = Recipe.for_shapes(t, d_model, d_ff)
+            q = None
+            if m.gptq:
+                res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
+                q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
+            delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
+            eps[t].append(float(delta.norm()))
+            e_all, e_a = fisher_error_split((delta * grad[tok]).sum(1).square(), m.in_a[tok])
+            eps_fisher[t].append(e_all)
+            eps_fisher_a[t].append(e_a)
+            if t == m.flip_probe:
+                probe.append(e_all if not m.gptq else fisher_error(
+                    expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok]))
+    phi, wmass = cap.stats.normalised()
+    imp = LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps, out_norm=float(h_out.float().norm()),
+                          eps_fisher=eps_fisher, eps_fisher_a=eps_fisher_a, tokens=[int(f) for f in cap.stats.freq])
+    return {"tensors": tensors, "layer": asdict(imp), "probe": probe}
+
+
+def _importance_state(work_dir, key: str, n_layer: int, head_needed: bool) -> tuple[Path | None, dict, int | None]:
+    """(state dir, finished item records, layer to resume below) of an importance pass kept in ``work_dir``.
+    A state of other inputs (``key``) or one that cannot be continued is cleared."""
+    import shutil
+
+    from .sensitivity import resumable_from
+
+    if work_dir is None:
+        return None, {}, None
+    state = Path(work_dir) / "importance"
+    if (state / "key.txt").exists() and (state / "key.txt").read_text() != key:
+        shutil.rmtree(state)
+    records = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(state.glob("item-*.json"))}
+    resume = resumable_from(state, {i for i in records if 0 <= i < n_layer}, n_layer)
+    if resume is None or (head_needed and n_layer not in records):
+        shutil.rmtree(state, ignore_errors=True)
+        records, resume = {}, None
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "key.txt").write_text(key)
+    return state, {i: r for i, r in records.items() if resume is not None and (i >= resume)}, resume
+
+
+def _importance_key(model_dir, token_ids: torch.Tensor, **settings) -> str:
+    """What an importance pass's results depend on: the checkpoint's config and shard headers, the tokens and
+    the settings."""
+    import hashlib
+
+    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(shard.name.encode() + str(shard.stat().st_size).encode())
+        with open(shard, "rb") as f:
+            h.update(f.read(1 << 16))
+    h.update(token_ids.numpy().tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, ...] = EXPERT_TYPES,
                        progress: bool = True, seed: int = 0, dense: bool = False,
                        dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
-                       flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE
-                       ) -> ModelImportance:
+                       flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE,
+                       work_dir=None) -> ModelImportance:
     """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
     (expert, recipe) eps both at the block output and in the output-KL (Fisher) metric; with
     ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
@@ -595,117 +754,58 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     ``eps_source``: the quantiser behind eps. ``rtn`` is the fast proxy; ``gptq`` quantises each (expert, type)
     and each planned linear as convert will (GPTQ on the Hessian of the inputs it is measured on; the token
     embedding, RTN in the file, stays RTN), 1.7× the time on the fixture.
+
+    ``work_dir``: keep the pass's state (spilled layer inputs, gradients, each finished layer's results) in
+    ``work_dir/importance``, so a run stopped at layer N continues there with the same result.
     """
     from tqdm import tqdm
 
-    from .calib import LayerStream, capture_moe
-    from .quantize import checkpoint_name, dense_linears, expert_hessians, gguf_name_map, quantize_expert
+    from .calib import LayerStream
+    from .quantize import dense_linears, gguf_name_map
     from .sensitivity import reverse_layers
 
     if eps_source not in ("rtn", "gptq"):
         raise McsharpError(f"eps source {eps_source} is not one of rtn, gptq")
-    gptq = eps_source == "gptq"
-    tap_scale = (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5
     if flip_probe is not None and flip_probe not in targets:
         raise McsharpError(f"--flip-probe {flip_probe} is not one of the candidate types {', '.join(targets)}")
     stream = LayerStream.open(model_dir)
+    m = _Measure(stream, token_ids, tuple(targets), tuple(dense_types), eps_source == "gptq",
+                 (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5, flip_probe,
+                 fold_a_mask(token_ids.numel(), token_ids.shape[1]), stream.lm_head_name() != "lm_head.weight")
     names = gguf_name_map(stream.arch, stream.n_layer)
-    out: list[LayerImportance] = []
-    tensors: list[TensorImportance] = []
-    tied = stream.lm_head_name() != "lm_head.weight"  # GGUF then has no output.weight: the head is token_embd
-    head_eps: dict[str, float] = {}
-    head_eps_a: dict[str, float] = {}
-    seq_len = token_ids.shape[1]
-    in_a_all = fold_a_mask(token_ids.numel(), seq_len)
-    probe_fisher: dict[int, list[float]] = {}
+    key = _importance_key(model_dir, token_ids, targets=m.targets, dense=dense, dense_types=m.dense_types,
+                          tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=1)
+    state, records, resume = _importance_state(work_dir, key, stream.n_layer, dense)
 
     def taps(layer):
-        return {n: m for n, (_, m) in dense_linears(layer, stream.arch).items()}
+        return {n: mod for n, (_, mod) in dense_linears(layer, stream.arch).items()}
 
-    bar = tqdm(total=stream.n_layer, desc="importance", unit="layer", disable=not progress)
-    for item in reverse_layers(stream, token_ids, seed=seed, taps=taps if dense else None, tap_seqs=tap_seqs):
-        i, layer = item.index, item.layer
-        if layer is None:
-            if i >= 0:  # the LM head
-                head = stream.lm_head()
-                x, g = item.taps["lm_head"]
-                head_eps, head_eps_a = _dense_fisher(head, x, g, dense_types, in_a_all[:x.shape[0]],
-                                                     gptq=gptq and not tied, scale=tap_scale)
-                if not tied:
-                    tensors.append(TensorImportance("output.weight", "output", *head.shape, head_eps,
-                                                    eps_fisher_a=head_eps_a))
-            elif dense:  # the token embedding (a tied head is this same GGUF tensor: both errors count)
-                emb = stream.tensors["model.embed_tokens.weight"]
-                ids = token_ids.flatten()
-                used, where = torch.unique(ids, return_inverse=True)  # rows are independent: quantise those seen
-                g = item.g_out.reshape(ids.shape[0], -1)
-                eps, eps_a = {}, {}
-                for t in dict.fromkeys(storable_type(t, emb.shape[1]) for t in dense_types):
-                    de = quantize_rtn(emb[used], t).dequant - emb[used]
-                    eps[t], eps_a[t] = fisher_error_split((g * de[where]).sum(1).square(), in_a_all)
-                    if tied:
-                        eps[t], eps_a[t] = float(np.hypot(eps[t], head_eps[t])), float(np.hypot(eps_a[t],
-                                                                                                 head_eps_a[t]))
-                tensors.append(TensorImportance("token_embd.weight", "embd", *emb.shape, eps, eps_fisher_a=eps_a))
-            continue
-        for n, (cls, mod) in dense_linears(layer, stream.arch).items():
-            gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
-            if gname is not None and n in item.taps:
-                w, (x, g) = mod.weight.detach(), item.taps[n]
-                eps_t, eps_t_a = _dense_fisher(w, x, g, dense_types, in_a_all[:x.shape[0]], gptq=gptq,
-                                               scale=tap_scale)
-                tensors.append(TensorImportance(gname, cls, *w.shape, eps_t, eps_fisher_a=eps_t_a))
-        block = stream.moe_block(layer)
-        if block is None:
+    bar = tqdm(total=stream.n_layer, initial=stream.n_layer - (stream.n_layer if resume is None else resume),
+               desc="importance", unit="layer", disable=not progress)
+    for item in reverse_layers(stream, token_ids, seed=seed, taps=taps if dense else None, tap_seqs=tap_seqs,
+                               state_dir=state, resume_at=resume):
+        i = item.index
+        if item.layer is None and i >= 0:
+            rec = _head_record(m, item)
+        elif item.layer is None:
+            rec = _embedding_record(m, item, records.get(stream.n_layer, {})) if dense else {"tensors": []}
+        else:
+            rec = _layer_record(m, item, names)
             bar.update()
-            continue
-        h_in, g_out = item.h_in, item.g_out
-        cap, h_out = capture_moe(block, stream.arch, stream.n_expert, stream.runner(layer, h_in.shape[1]), h_in)
-        grad = g_out.reshape(-1, g_out.shape[-1])
-        experts = getattr(block, stream.arch.experts)
-        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
-        d_model, d_ff = gate_up.shape[2], down.shape[2]
-        eps: dict[str, list[float]] = {t: [] for t in targets}
-        eps_fisher: dict[str, list[float]] = {t: [] for t in targets}
-        eps_fisher_a: dict[str, list[float]] = {t: [] for t in targets}
-        probe_fisher[i] = []  # RTN Fisher error at flip_probe: what the flip probe's real KL is compared with
-        for e in range(stream.n_expert):
-            tok, slot = torch.where(cap.top_k_index == e)
-            x, w = cap.x[tok], cap.top_k_weights[tok, slot]
-            g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
-            hessians = expert_hessians(g, u, x, experts.act_fn) if gptq else (None, None)
-            for t in targets:
-                if x.shape[0] == 0:
-                    eps[t].append(0.0)
-                    eps_fisher[t].append(0.0)
-                    eps_fisher_a[t].append(0.0)
-                    continue
-                r = Recipe.for_shapes(t, d_model, d_ff)
-                q = None
-                if gptq:
-                    res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
-                    q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
-                delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
-                eps[t].append(float(delta.norm()))
-                e_all, e_a = fisher_error_split((delta * grad[tok]).sum(1).square(), in_a_all[tok])
-                eps_fisher[t].append(e_all)
-                eps_fisher_a[t].append(e_a)
-                if t == flip_probe:
-                    probe_fisher[i].append(eps_fisher[t][-1] if not gptq else fisher_error(
-                        expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok]))
-        phi, wmass = cap.stats.normalised()
-        out.append(LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps,
-                                   out_norm=float(h_out.float().norm()), eps_fisher=eps_fisher,
-                                   eps_fisher_a=eps_fisher_a))
-        bar.update()
+        records[i] = rec
+        if state is not None:
+            tmp = state / f"item-{i:05d}.tmp"
+            tmp.write_text(json.dumps(rec))
+            tmp.replace(state / f"item-{i:05d}.json")
     bar.close()
+    out = sorted((LayerImportance(**r["layer"]) for r in records.values() if r.get("layer")), key=lambda x: x.layer)
+    tensors = [TensorImportance(**t) for r in records.values() for t in r["tensors"]]
     if not out:
         raise McsharpError(f"{model_dir} has no MoE layers; PMQ needs a Mixture-of-Experts checkpoint")
-    out.sort(key=lambda imp: imp.layer)
     if flip_probe is not None:
         n_probe = min(probe_seqs, token_ids.shape[0])
         _measure_flip_factors(stream, token_ids[:n_probe], out, flip_probe, token_ids.shape[0] / n_probe,
-                              probe_fisher)
+                              {i: r["probe"] for i, r in records.items() if r.get("layer")})
         by_layer = {imp.layer: imp.flip_factor for imp in out}
         moe = sorted(by_layer)
         for ti in tensors:

@@ -190,8 +190,7 @@ def row_keys(w: torch.Tensor) -> list[bytes]:
 def _quantize_linear(w: torch.Tensor, h: HessianAccumulator | None, type_name: str) -> dict:
     t = storable_type(type_name, w.shape[1])
     res = gptq_quantize(w, h.H, t) if h is not None and h.n > 0 else quantize_rtn(w, t)
-    return {"type": t, "packed": np.asarray(res.packed), "dequant": res.dequant, "row_keys": row_keys(w),
-            "shape": tuple(w.shape)}
+    return {"type": t, "packed": np.asarray(res.packed), "row_keys": row_keys(w), "shape": tuple(w.shape)}
 
 
 def quantize_dense(mods: dict[str, tuple[str, torch.nn.Linear]], hess: dict[str, HessianAccumulator], arch,
@@ -204,9 +203,14 @@ def quantize_dense(mods: dict[str, tuple[str, torch.nn.Linear]], hess: dict[str,
 
 
 def _apply_dense(layer: torch.nn.Module, done: dict[str, dict]) -> None:
+    """Load quantised dense linears into ``layer``, decoded from their packed bytes (the work dir keeps no float
+    copy: it would be 4× the packed size)."""
+    from .formats import ggml_dequantize
+
     with torch.no_grad():
         for entry in done.values():
-            layer.get_submodule(entry["local"]).weight.copy_(entry["dequant"])
+            w = layer.get_submodule(entry["local"]).weight
+            w.copy_(torch.from_numpy(ggml_dequantize(entry["packed"], entry["type"], tuple(w.shape))))
 
 
 def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir: Path, gptq: bool = True,
@@ -277,7 +281,6 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
         if gptq:
             h.add(stream.final_norm(hidden))
         res = _quantize_linear(head, h if gptq else None, out_type)
-        del res["dequant"]  # nothing runs after the head: keep the work dir small
         tmp = _output_file(work_dir).with_suffix(".tmp")
         torch.save({stream.lm_head_name(): res}, tmp)
         os.replace(tmp, _output_file(work_dir))

@@ -95,38 +95,70 @@ def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, 
 
 def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
                    taps: Callable[[torch.nn.Module], dict[str, torch.nn.Module]] | None = None,
-                   tap_seqs: int = 8, spill_dir: str | Path | None = None) -> Iterator[LayerGrads]:
+                   tap_seqs: int = 8, state_dir: str | Path | None = None, resume_at: int | None = None
+                   ) -> Iterator[LayerGrads]:
     """Each decoder layer from the last to the first, as :class:`LayerGrads`; ``taps(layer)`` names the linears
     whose inputs and output gradients to record (on the first ``tap_seqs`` sequences). With ``taps``, an item
     with ``index`` n_layer (layer None) comes first, tapping the LM head ("lm_head"); after the first layer, an
     item with ``index`` -1 (layer None) carries ∇ w.r.t. the token embeddings' output in ``g_out``.
 
     Memory: weights one layer at a time; every layer's input hidden states (n_layer × tokens × d floats, 6 GB
-    for 48 layers of 16k tokens at d = 2048) go to a temporary directory (``spill_dir``, default the system's
-    temp dir) and are mapped back one layer at a time in the reverse pass.
+    for 48 layers of 16k tokens at d = 2048) go to disk and are mapped back one layer at a time in the reverse
+    pass. ``state_dir`` keeps them there (default: a temporary directory) together with ``g{i}.pt``, the
+    gradient at layer i's input, saved before layer i is yielded: a run stopped after the caller finished layer
+    r can continue with ``resume_at=r`` (see :func:`resumable_from`) — no forward pass, layers r-1 … 0 and the
+    embedding item, bit-identical to an uninterrupted run.
     """
-    with tempfile.TemporaryDirectory(dir=spill_dir, prefix="mcsharp-inputs-") as tmp:
-        hidden = stream.embed(token_ids)
-        inputs: list[Path] = []
-        for i, _, run in stream.layers(hidden):
-            inputs.append(Path(tmp) / f"h{i:04d}.pt")
-            torch.save(hidden, inputs[-1])
-            hidden = run(hidden)
-        g, head_tap = output_grad(stream, hidden, seed, tap_seqs if taps else 0)
-        del hidden
-        if head_tap is not None:
-            yield LayerGrads(stream.n_layer, None, None, g, {"lm_head": head_tap})
+    with tempfile.TemporaryDirectory(prefix="mcsharp-inputs-") as tmp:
+        spill = Path(state_dir) if state_dir is not None else Path(tmp)
+        spill.mkdir(parents=True, exist_ok=True)
+        if resume_at is None:
+            hidden = stream.embed(token_ids)
+            for i, _, run in stream.layers(hidden):
+                _save(hidden, spill / f"h{i:04d}.pt")
+                hidden = run(hidden)
+            g, head_tap = output_grad(stream, hidden, seed, tap_seqs if taps else 0)
+            del hidden
+            if head_tap is not None:
+                yield LayerGrads(stream.n_layer, None, None, g, {"lm_head": head_tap})
+            top = stream.n_layer
+        else:
+            g, top = torch.load(spill / f"g{resume_at:04d}.pt"), resume_at
         pos, rope = stream.rotary(token_ids.shape[1])
-        for i in reversed(range(stream.n_layer)):
+        for i in reversed(range(top)):
             layer = stream.load_layer(i)
-            h_in = torch.load(inputs[i], mmap=True)
+            h_in = torch.load(spill / f"h{i:04d}.pt", mmap=True)
             g_in, tapped = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs)
+            _save(g_in, spill / f"g{i:04d}.pt")
             yield LayerGrads(i, layer, h_in, g, tapped)
             g = g_in
             stream.unload_layer(i)
             del h_in
-            inputs[i].unlink()  # free the disk as we go
+            (spill / f"h{i:04d}.pt").unlink()  # free the disk as we go
+            (spill / f"g{i + 1:04d}.pt").unlink(missing_ok=True)
         yield LayerGrads(-1, None, None, g, {})
+
+
+def resumable_from(state_dir: str | Path, done: set[int], n_layer: int) -> int | None:
+    """The layer a reverse pass kept in ``state_dir`` can continue below, given the layers whose items the caller
+    finished (``done``): the lowest r with every layer r … n_layer-1 done, its input gradient saved and every input
+    below it kept; None when nothing can be reused."""
+    state_dir = Path(state_dir)
+    r = None
+    while (n_layer - 1 if r is None else r - 1) in done:
+        r = n_layer - 1 if r is None else r - 1
+    if r is None or not (state_dir / f"g{r:04d}.pt").exists():
+        return None
+    if not all((state_dir / f"h{i:04d}.pt").exists() for i in range(r)):
+        return None
+    return r
+
+
+def _save(t: torch.Tensor, path: Path) -> None:
+    """torch.save through a temporary name: a killed run never leaves a half-written state file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(t, tmp)
+    tmp.replace(path)
 
 
 def perturbation_kl(stream: LayerStream, token_ids: torch.Tensor,

@@ -61,3 +61,27 @@ class StageClock:
 
     def to_json(self) -> list[dict]:
         return [asdict(s) for s in self.stages]
+
+
+# A small launcher reports its child's peak RSS: a child forked straight from a large process would count that
+# process's resident pages in its own peak (Linux carries the high-water mark across fork and exec).
+_PEAK_RSS = ("import resource, subprocess, sys\n"
+             "rc = subprocess.call(sys.argv[2:])\n"
+             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+             "sys.exit(rc)")
+
+
+def run_with_peak_rss(cmd: list[str], env: dict | None = None) -> tuple[float, float, int, str]:
+    """Run ``cmd`` as its own process; (wall seconds, its peak RSS in MB, exit code, its stderr)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        peak, err = Path(tmp) / "peak", Path(tmp) / "stderr"
+        with err.open("w") as f:  # a file, not a pipe: a chatty tool must not block on a full pipe
+            rc = subprocess.call([sys.executable, "-c", _PEAK_RSS, str(peak), *cmd], stdout=subprocess.DEVNULL,
+                                 stderr=f, env=env)
+        rss = int(peak.read_text()) / 1024 if peak.exists() else 0.0
+        return time.time() - t0, rss, rc, err.read_text()

@@ -253,8 +253,13 @@ def build(opts: BuildOptions | None = None, jobs: int | None = None, log=print, 
     jobs = jobs or os.cpu_count() or 2
     log(f"[setup] building {', '.join(opts.targets())} with {jobs} jobs (first build takes ~10 min)")
     with open(work / "build.log", "w") as fh:
-        res = subprocess.run(["cmake", "--build", str(bld), "--config", "Release", "-j", str(jobs),
-                              "--target", *opts.targets()], stdout=fh, stderr=subprocess.STDOUT)
+        # one target at a time: several --target in one parallel make build their shared dependencies
+        # concurrently and can race (seen: llama-quantize linked before its -impl library was complete)
+        for target in opts.targets():
+            res = subprocess.run(["cmake", "--build", str(bld), "--config", "Release", "-j", str(jobs),
+                                  "--target", target], stdout=fh, stderr=subprocess.STDOUT)
+            if res.returncode != 0:
+                break
     if res.returncode != 0:
         tail = (work / "build.log").read_text(errors="replace")[-3000:]
         raise NativeBuildError(f"native build failed (log: {work / 'build.log'}):\n{tail}")

@@ -39,9 +39,7 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -91,25 +89,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# A small launcher reports its child's peak RSS: a child forked straight from this (large) process would count
-# this process's resident pages in its own peak (Linux carries the high-water mark across fork and exec).
-_PEAK_RSS = ("import resource, subprocess, sys\n"
-             "rc = subprocess.call(sys.argv[2:])\n"
-             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
-             "sys.exit(rc)")
-
-
 def run(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd``; (wall seconds, its peak RSS in MB)."""
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        peak, err = Path(tmp) / "peak", Path(tmp) / "stderr"
-        with err.open("w") as f:  # a file, not a pipe: a chatty tool must not block on a full pipe
-            rc = subprocess.call([sys.executable, "-c", _PEAK_RSS, str(peak), *cmd], stdout=subprocess.DEVNULL,
-                                 stderr=f)
-        if rc != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{err.read_text()[-3000:]}")
-        return time.time() - t0, int(peak.read_text()) / 1024
+    from mcsharp_gguf.stages import run_with_peak_rss
+
+    wall, rss, rc, err = run_with_peak_rss(cmd)
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return wall, rss
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:

@@ -24,29 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench_quality import _PEAK_RSS, CALIB_CHARS, log, tensor_types
+from bench_quality import CALIB_CHARS, log, tensor_types
 
 STAGE_RE = re.compile(r"^\[stage\] (.+): ([\d.]+) s, peak RSS (\d+) MB$")
 
 
 def run_logged(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
     """Run ``cmd``; (wall seconds, its peak RSS in MB, its stderr)."""
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        peak, err = Path(tmp) / "peak", Path(tmp) / "stderr"
-        with err.open("w") as f:
-            rc = subprocess.call([sys.executable, "-c", _PEAK_RSS, str(peak), *cmd], stdout=subprocess.DEVNULL,
-                                 stderr=f, env=env)
-        text = err.read_text()
-        if rc != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-        return time.time() - t0, int(peak.read_text()) / 1024, text
+    from mcsharp_gguf.stages import run_with_peak_rss
+
+    wall, rss, rc, err = run_with_peak_rss(cmd, env)
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return wall, rss, err
 
 
 def planned_bpw(path: Path) -> tuple[float, int]:
