@@ -729,7 +729,8 @@ def _importance_key(model_dir, token_ids: torch.Tensor, **settings) -> str:
 
     h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
     for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        h.update(shard.name.encode() + str(shard.stat().st_size).encode())
+        st = shard.stat()  # a re-saved checkpoint (new mtime) is measured anew
+        h.update(shard.name.encode() + str((st.st_size, st.st_mtime_ns)).encode())
         with open(shard, "rb") as f:
             h.update(f.read(1 << 16))
     h.update(token_ids.numpy().tobytes())

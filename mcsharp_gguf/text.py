@@ -28,6 +28,11 @@ def calibration_text(n_chars: int = 60_000, offset: int = 0) -> str:
     return corpus[offset: offset + n_chars]
 
 
+def calibration_text_limit() -> int:
+    """How many characters of calibration text there are (everything before the held-out range)."""
+    return len(pydoc_corpus()) - HELDOUT_CHARS
+
+
 def heldout_text() -> str:
     """The held-out evaluation text (last HELDOUT_CHARS of the corpus)."""
     return pydoc_corpus()[-HELDOUT_CHARS:]

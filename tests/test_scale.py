@@ -73,8 +73,16 @@ def test_unsupported_architecture_lists_the_supported(tiny_model, tmp_path):
     assert all(a in str(e.value) for a in supported_architectures())
 
 
+@pytest.fixture(scope="module")
+def olmoe_layer(tmp_path_factory) -> Path:
+    """One decoder layer of OLMoE-1B-7B's real shapes (64 experts × 1024 × 2048, 0.8 GB in bf16)."""
+    from mcsharp_gguf.scale import write_real_shape_checkpoint
+
+    return write_real_shape_checkpoint("olmoe-1b-7b", tmp_path_factory.mktemp("scale") / "olmoe", 1)
+
+
 @pytest.mark.slow
-def test_real_shape_checkpoint_matches_its_model(tmp_path):
+def test_real_shape_checkpoint_matches_its_model(olmoe_layer, tmp_path):
     """OLMoE-1B-7B's shapes at one layer: every tensor the architecture adapter stacks is there with the real
     shapes, llama.cpp's converter accepts the directory, and the layer stream loads the layer as transformers
     lays it out."""
@@ -83,7 +91,7 @@ def test_real_shape_checkpoint_matches_its_model(tmp_path):
     from mcsharp_gguf.scale import SHAPES, layer_bytes_bf16, write_real_shape_checkpoint
 
     shape = SHAPES["olmoe-1b-7b"].config
-    model = write_real_shape_checkpoint("olmoe-1b-7b", tmp_path / "olmoe", 1)
+    model = olmoe_layer
     index = json.loads((model / "model.safetensors.index.json").read_text())
     names = index["weight_map"]
     e, ff, d = shape["num_experts"], shape["intermediate_size"], shape["hidden_size"]
@@ -105,14 +113,14 @@ def test_real_shape_checkpoint_matches_its_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_conversion_peak_rss_within_one_layer_bound(tmp_path):
+def test_conversion_peak_rss_within_one_layer_bound(olmoe_layer, tmp_path):
     """A whole compressed conversion (importance, MILP, GPTQ, write) of a real-shape checkpoint stays within
     2 × one decoder layer in bf16 + 3 GB of resident memory, measured as its own process."""
-    from mcsharp_gguf.scale import layer_bytes_bf16, write_real_shape_checkpoint
+    from mcsharp_gguf.scale import layer_bytes_bf16
     from mcsharp_gguf.stages import run_with_peak_rss
     from mcsharp_gguf.text import calibration_text
 
-    model = write_real_shape_checkpoint("olmoe-1b-7b", tmp_path / "olmoe", 2)
+    model = olmoe_layer
     calib = tmp_path / "calib.txt"
     calib.write_text(calibration_text(20_000))
     out = tmp_path / "out.gguf"
