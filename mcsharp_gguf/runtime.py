@@ -10,6 +10,8 @@ import ctypes
 import os
 import sys
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -74,6 +76,32 @@ def last_llama_error() -> str:
     return _LOG_LINES[-1] if _LOG_LINES else ""
 
 
+@contextmanager
+def _plain_cpu_buffers(llama_cpp: ModuleType) -> Iterator[None]:
+    """Load weights into plain CPU buffers (``use_extra_bufts = false``, which llama-cpp-python does not expose).
+
+    On CPUs with AMX (built with GGML_NATIVE), llama.cpp otherwise puts some weights into its AMX / repack
+    buffer types, and graphs it cannot schedule there abort the process (seen: a DeepSeek-V2 F16 file,
+    ``GGML_ASSERT(*cur_backend_id != -1)`` in ggml_backend_sched_split_graph) or compute other results than on
+    every other CPU. Plain buffers give the same graph on every machine; the patched and the stock runtime both
+    load this way, so speed ratios between them are unaffected.
+    """
+    import llama_cpp.llama as llama_mod
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_mod.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_mod.llama_cpp.llama_model_default_params = default
+
+
 def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None,
                kv_overrides: dict[str, Any] | None = None, verbose: bool = False, **kw: Any):
     """Open a GGUF with the patched runtime (CPU), all logits kept by default."""
@@ -84,9 +112,10 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
     _LOG_LINES.clear()
     _LOG_STATE["verbose"] = verbose
     try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, n_gpu_layers=0,
-                               n_threads=n_threads or os.cpu_count(), n_batch=min(n_ctx, 512),
-                               kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
+        with _plain_cpu_buffers(llama_cpp):
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, n_gpu_layers=0,
+                                   n_threads=n_threads or os.cpu_count(), n_batch=min(n_ctx, 512),
+                                   kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
     except ValueError:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
         reason = last_llama_error() or "no reason logged"
         fix = ("choose a pruning option the file supports (--otp / --top-k / --prune-mu)" if "mcsharp." in reason

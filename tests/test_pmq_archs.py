@@ -48,6 +48,16 @@ os.environ["LLAMA_CPP_LIB_PATH"] = sys.argv[1]
 import llama_cpp
 assert not hasattr(llama_cpp.llama_cpp._lib, "mcsharp_moe_slot_counter_reset"), "not the unpatched library"
 toks = [int(t) for t in np.load(sys.argv[3])]
+_default = llama_cpp.llama_model_default_params  # plain CPU buffers, as mcsharp_gguf.runtime.load_model loads
+
+
+def _plain():
+    p = _default()
+    p.use_extra_bufts = False
+    return p
+
+
+llama_cpp.llama.llama_cpp.llama_model_default_params = _plain
 llm = llama_cpp.Llama(model_path=sys.argv[2], n_ctx=len(toks), n_batch=len(toks), n_gpu_layers=0,
                       n_threads=os.cpu_count(), logits_all=True, verbose=False, seed=0)
 llm.eval(toks)
