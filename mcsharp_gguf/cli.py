@@ -260,7 +260,7 @@ def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: s
                         otp_hidden=otp_hidden, otp_refine_steps=otp_refine_steps, log=_log, verbose=verbose,
                         clock=clock)
     wall, size = time.perf_counter() - t0, out.stat().st_size
-    peak = max((s.peak_rss_mb for s in clock.stages), default=0.0)
+    peak = clock.peak_mb()
     _log(f"[convert] {out}: {size / 1e9:.3f} GB in {wall:.0f} s, peak RSS {peak:.0f} MB")
     if as_json:
         click.echo(json.dumps({"out": str(out), "file_bytes": size, "wall_s": wall, "peak_rss_mb": peak,

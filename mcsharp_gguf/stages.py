@@ -2,7 +2,8 @@
 
 Each stage's peak is its own: on Linux the process's high-water mark (VmHWM) is reset when a stage starts
 (``/proc/self/clear_refs``), so a later, smaller stage does not inherit an earlier stage's peak. Elsewhere the
-peak is the process's peak so far.
+peak is the process's peak so far. The reset also lowers what the kernel reports as the process's own peak
+(``ru_maxrss`` seen by a parent): a process's true peak is the largest of its stages' (``StageClock.peak_mb``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class StageClock:
         st = StageTime(name, time.perf_counter() - t0, _peak_mb(reset_ok))
         self.stages.append(st)
         self.log(f"[stage] {name}: {st.wall_s:.1f} s, peak RSS {st.peak_rss_mb:.0f} MB")
+
+    def peak_mb(self) -> float:
+        """The largest peak of any stage (MB)."""
+        return max((s.peak_rss_mb for s in self.stages), default=0.0)
 
     def to_json(self) -> list[dict]:
         return [asdict(s) for s in self.stages]

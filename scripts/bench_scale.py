@@ -111,6 +111,8 @@ def main() -> None:
         "--calib", str(calib), "--calib-seqs", str(args.calib_seqs), "--calib-len", "512", "-o", str(ours)])
     stages = [{"stage": m.group(1), "wall_s": float(m.group(2)), "peak_rss_mb": float(m.group(3))}
               for m in map(STAGE_RE.match, err.splitlines()) if m]
+    # the stages reset the process's high-water mark (stages.py): its peak is the largest stage's
+    rows[-1]["peak_rss_mb"] = max([rows[-1]["peak_rss_mb"]] + [s["peak_rss_mb"] for s in stages])
 
     n, full = args.layers, shape.n_layer
     bound_mb = (2 * layer_bytes_bf16(model, n - 1) + 3e9) / 2**20

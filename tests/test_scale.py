@@ -128,11 +128,13 @@ def test_conversion_peak_rss_within_one_layer_bound(olmoe_layer, tmp_path):
                                             str(out), "--bpw", "3.5", "--budget-scope", "file", "--mode", "stock",
                                             "--calib", str(calib), "--calib-seqs", "2", "--json"])
     assert rc == 0, err[-3000:]
+    stages = [ln for ln in err.splitlines() if ln.startswith("[stage] ")]
+    # each stage resets the kernel's high-water mark (stages.py): the process's peak is the largest stage's
+    rss = max([rss] + [float(ln.rsplit("peak RSS ", 1)[1].split()[0]) for ln in stages])
     bound_mb = (2 * layer_bytes_bf16(model) + 3e9) / 2**20
     assert rss <= bound_mb, f"peak RSS {rss:.0f} MB > bound {bound_mb:.0f} MB"
     # the layer really was materialised in float32: the bound is not met by doing nothing
     assert rss > 2 * layer_bytes_bf16(model) / 2**20
-    stages = [ln for ln in err.splitlines() if ln.startswith("[stage] ")]
     assert [s.split(":")[0] for s in stages] == ["[stage] calibration", "[stage] importance",
                                                  "[stage] plan (MILP)", "[stage] gptq", "[stage] gguf write"]
     assert out.stat().st_size > 0 and math.isfinite(wall)
