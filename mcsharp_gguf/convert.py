@@ -40,7 +40,7 @@ class ModelDirInfo:
     config: dict
 
 
-def _check_safetensors(path: Path) -> tuple[int, dict]:
+def safetensors_header(path: Path) -> tuple[int, dict]:
     """Refuse a truncated or corrupt safetensors file before the converter trips over it; returns (offset of the
     data, header)."""
     size = path.stat().st_size
@@ -59,9 +59,6 @@ def _check_safetensors(path: Path) -> tuple[int, dict]:
     if 8 + hlen + end > size:
         raise McsharpError(f"{path} is truncated ({size} of {8 + hlen + end} bytes); re-download or re-save it")
     return 8 + hlen, header
-
-
-safetensors_header = _check_safetensors
 
 
 def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
@@ -91,7 +88,7 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
             if not (path / shard).is_file():
                 raise McsharpError(f"{path / shard} is listed in {index.name} but missing; re-download it")
     for shard in shards:
-        _check_safetensors(shard)
+        safetensors_header(shard)
     conversion = import_conversion()
     hf_arch = archs[0]
     try:
@@ -111,16 +108,21 @@ def checkpoint_weights(model_dir: str | Path) -> int:
     """Number of weights in a checkpoint's safetensors shards (headers only)."""
     n = 0
     for shard in sorted(Path(model_dir).glob("*.safetensors")):
-        _, header = _check_safetensors(shard)
+        _, header = safetensors_header(shard)
         n += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return n
 
 
-def _free_bytes(path: Path) -> int:
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (where its bytes would go)."""
     path = path.resolve()
     while not path.exists():
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing(path)).free
 
 
 def check_free_disk(model_dir: str | Path, out: str | Path, outtype: str = "f16", bpw: float | None = None,
@@ -130,21 +132,15 @@ def check_free_disk(model_dir: str | Path, out: str | Path, outtype: str = "f16"
     weights again) and the importance pass's spilled layer inputs (``spill_bytes``, in ``work_dir``, else in the
     system's temp dir)."""
     n = checkpoint_weights(model_dir)
-    out = Path(out)
     bits = _OUT_BITS[outtype] if bpw is None else max(bpw, 1.0) + 0.25  # router, norms stay wide
-    need = {out.parent: int(1.02 * n * bits / 8)}
     wd = Path(work_dir).parent if work_dir is not None else Path(tempfile.gettempdir())
-    if gptq and bpw is not None:
-        need[wd] = need.get(wd, 0) + int(1.02 * n * bits / 8)
-    if spill_bytes:
-        need[wd] = need.get(wd, 0) + spill_bytes
-    by_fs: dict[int, tuple[Path, int]] = {}
-    for p, b in need.items():
-        q = p.resolve()
-        while not q.exists():
-            q = q.parent
-        dev = q.stat().st_dev
-        by_fs[dev] = (by_fs.get(dev, (p, 0))[0], by_fs.get(dev, (p, 0))[1] + b)
+    needs = [(Path(out).parent, int(1.02 * n * bits / 8)),
+             (wd, int(1.02 * n * bits / 8) if gptq and bpw is not None else 0), (wd, spill_bytes)]
+    by_fs: dict[int, tuple[Path, int]] = {}  # device → (a path on it, bytes needed there)
+    for p, b in needs:
+        dev = _existing(p).stat().st_dev
+        first, total = by_fs.get(dev, (p, 0))
+        by_fs[dev] = (first, total + b)
     for p, b in by_fs.values():
         free = _free_bytes(p)
         if free < b:

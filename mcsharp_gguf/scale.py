@@ -118,7 +118,6 @@ def write_real_shape_checkpoint(shape_name: str, out_dir: str | Path, n_layer: i
         skeleton = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     n_expert = int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
                    or cfg.n_routed_experts)
-    layer_params = [(k, tuple(v.shape)) for k, v in skeleton.model.layers[0].state_dict().items()]
     shards = [f"model-{i + 1:05d}-of-{n_layer + 1:05d}.safetensors" for i in range(n_layer + 1)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
@@ -129,7 +128,7 @@ def write_real_shape_checkpoint(shape_name: str, out_dir: str | Path, n_layer: i
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
             params = {k: tuple(v.shape) for k, v in skeleton.model.layers[i].state_dict().items()}
             tensors = {}
-            for local, shp in (params.items() if i else layer_params):
+            for local, shp in params.items():
                 for name, s in _checkpoint_names(arch, local, n_expert, shp):
                     full = f"model.layers.{i}.{name}"
                     tensors[full] = _init(full, s, gen, n_expert)
