@@ -100,6 +100,11 @@ def _read_tensor(path: Path, offset: int, n_bytes: int, dtype: torch.dtype, shap
     return torch.frombuffer(buf, dtype=dtype).reshape(shape).float()
 
 
+# A pass's work on one decoder layer: (index, materialised layer, run = the layer over all sequences, its input
+# hidden states) → the next layer's input (usually run(hidden), or the output of the layer as the pass changed it).
+LayerStep = Callable[[int, torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class LayerStream:
     """A transformers model skeleton whose decoder layers are materialised one at a time."""
@@ -166,6 +171,18 @@ class LayerStream:
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         block = getattr(layer, self.arch.moe_block, None)
         return block if block is not None and hasattr(block, self.arch.experts) else None
+
+    def sweep(self, hidden: torch.Tensor, step: LayerStep, desc: str, progress: bool = True) -> torch.Tensor:
+        """The one layer loop every forward pass runs (GPTQ, OTP capture, the importance pass's input spill,
+        perturbation probes): each decoder layer is materialised once, ``step(i, layer, run, hidden)`` does the
+        pass's work on it and returns the next layer's input; one progress bar (``desc``) counts the layers.
+        Returns the last layer's output."""
+        from tqdm import tqdm
+
+        for i, layer, run in tqdm(self.layers(hidden), total=self.n_layer, desc=desc, unit="layer",
+                                  disable=not progress):
+            hidden = step(i, layer, run, hidden)
+        return hidden
 
     def layers(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.nn.Module, Callable]]:
         """Yield (i, layer, run) for each decoder layer; ``run(hidden) -> hidden`` runs it on all sequences."""

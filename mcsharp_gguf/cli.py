@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 
 from .errors import McsharpError
 from .native.build import NativeBuildError
-
-# pmq.SCOPE / METRIC / EPS_SOURCE, spelled here so the CLI starts without importing torch
-# (tests/test_cli_errors.py checks)
-PLAN_SCOPE, PLAN_METRIC, PLAN_EPS = "global", "fisher", "gptq"
 
 
 def _log(msg: str) -> None:
@@ -62,17 +57,10 @@ def fixture(out_dir: Path) -> None:
 
 
 def _calibration_ids(model_dir: Path, calib: str, calib_seqs: int, calib_len: int):
-    from .calib import calibration_token_ids, self_generated_text
-    from .text import calibration_text, calibration_text_limit, read_text_file
+    from .pipeline import calibration_ids
+    from .recipe import Recipe
 
-    if calib == "builtin":
-        # English prose and code, streamed from the stdlib; ~4 characters a token, never the held-out part
-        text = calibration_text(min(calibration_text_limit(), calib_seqs * calib_len * 6))
-    elif calib == "self":
-        text = self_generated_text(model_dir, calib_seqs * calib_len * 2)
-    else:
-        text = read_text_file(calib, what="--calib")
-    return calibration_token_ids(model_dir, text, calib_seqs, calib_len)
+    return calibration_ids(Recipe(preset="F16", calib=calib, calib_seqs=calib_seqs, calib_len=calib_len), model_dir)
 
 
 def _option_group(options: list):
@@ -85,64 +73,94 @@ def _option_group(options: list):
     return apply
 
 
-_calib_options = [
-    click.option("--calib", default="builtin", show_default=True,
-                 help="Calibration text file; 'builtin' (Python's own documentation, never the text `eval` scores); "
-                      "or 'self' for text sampled from the model itself (loads the whole model in bf16)."),
-    click.option("--calib-seqs", default=8, show_default=True, help="Calibration sequences."),
-    click.option("--calib-len", default=512, show_default=True, help="Tokens per calibration sequence."),
+def _show_advanced(ctx: click.Context, param, value: bool) -> None:
+    # eager: un-hide the experiment knobs and print the full help
+    if not value or ctx.resilient_parsing:
+        return
+    for p in ctx.command.params:
+        p.hidden = False
+    click.echo(ctx.get_help())
+    ctx.exit()
+
+
+def _advanced(*args, **kw):
+    """An option kept out of ``--help`` (listed by ``--help-advanced``): experiment knobs, not user settings."""
+    return click.option(*args, hidden=True, **kw)
+
+
+_CALIB = click.option("--calib", default="builtin", show_default=True,
+                      help="Calibration text file; 'builtin' (Python's own documentation, never the text `eval` "
+                           "scores); 'self' samples text from the model (loads the whole model).")
+_calib_size_options = [
+    _advanced("--calib-seqs", default=8, show_default=True, help="Calibration sequences."),
+    _advanced("--calib-len", default=512, show_default=True, help="Tokens per calibration sequence."),
 ]
+calib_options = _option_group([_CALIB, *_calib_size_options])
 
 
-calib_options = _option_group(_calib_options)
+def _parse_size(ctx, param, value):
+    from .recipe import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except McsharpError as e:
+        raise click.BadParameter(str(e)) from None
 
 
-_plan_options = [
-    click.option("--mode", type=click.Choice(["mixed", "stock"]), default="mixed", show_default=True),
-    click.option("--budget-scope", type=click.Choice(["layer", "global", "file"]), default=PLAN_SCOPE,
-                 show_default=True,
-                 help="PMQ: one bit budget per MoE layer, one shared by all layers, or (file) one over the experts "
-                      "and every non-expert tensor together, all types chosen by the planner (see README)."),
-    click.option("--cost", "cost_metric", type=click.Choice(["fisher", "mc"]), default=PLAN_METRIC,
-                 show_default=True,
-                 help="PMQ cost: estimated output KL (Fisher metric) or MC's phi·w^1.5·eps² (file scope: fisher)."),
-    click.option("--flip-probe", default=None, metavar="TYPE",
-                 help="PMQ: scale each layer's Fisher costs by its measured real/estimated KL at TYPE (top-k flips "
-                      "downstream; ~n_layer²/2 extra layer passes over 4 sequences; see README)."),
-    click.option("--eps", "eps_source", type=click.Choice(["rtn", "gptq"]), default=PLAN_EPS, show_default=True,
-                 help="PMQ: measure each candidate type's error with GPTQ, as convert quantises, or with the "
-                      "faster RTN proxy (GPTQ takes 1.7x the importance time and plans better; see README)."),
+_budget_options = [
+    click.option("--preset", default=None, metavar="NAME",
+                 help="Spend the bytes llama-quantize's preset NAME would on this model (Q4_K_M, Q3_K_M, Q2_K, "
+                      "IQ2_XS, ...; computed from the tensor shapes). F16 / BF16 / F32: plain conversion. "
+                      "Default (no budget): Q3_K_M."),
+    click.option("--size", "size_bytes", default=None, callback=_parse_size, metavar="SIZE",
+                 help="Target file size, e.g. 12GB, 800MB."),
+    click.option("--bpw", type=float, default=None, help="Bits per planned weight (experts and every typed tensor)."),
+    click.option("--mode", type=click.Choice(["stock", "mixed"]), default="stock", show_default=True,
+                 help="stock: stock ggml types, loads in any llama.cpp; mixed: experts of one tensor may differ "
+                      "(needs this project's patched runtime)."),
 ]
-
-
-plan_options = _option_group(_plan_options)
-
-
-_otp_train_options = [
-    click.option("--otp-target-frac", default=0.75, show_default=True,
-                 help="OTP: fraction of the top-k expert slots to execute (on the calibration tokens)."),
-    click.option("--otp-hidden", default=32, show_default=True, help="OTP: hidden width of each layer's router."),
-    click.option("--otp-refine-steps", default=0, show_default=True,
-                 help="OTP: then refine all routers end to end on the logits' KL for this many steps (loads the "
-                      "whole model in fp32; 0 = layer-wise training only)."),
+_plan_knobs = [
+    _advanced("--budget-scope", type=click.Choice(["file", "global", "layer"]), default="file", show_default=True,
+              help="file: one budget over experts and non-expert tensors, all types planned; global/layer: the "
+                   "experts only (non-expert tensors at --outtype or the --*-type options)."),
+    _advanced("--cost", "cost_metric", type=click.Choice(["fisher", "mc"]), default="fisher", show_default=True,
+              help="Plan cost: estimated output KL (Fisher metric) or MC's phi·w^1.5·eps² (file scope: fisher)."),
+    _advanced("--flip-probe", default=None, metavar="TYPE",
+              help="Scale each layer's Fisher costs by its measured real/estimated KL at TYPE (docs/planner.md)."),
+    _advanced("--eps", "eps_source", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="Measure each candidate type's error with GPTQ, as convert quantises, or the RTN proxy."),
 ]
+plan_options = _option_group([*_budget_options, *_plan_knobs])
 
 
-otp_train_options = _option_group(_otp_train_options)
+def _otp_knobs(hidden: bool) -> list:
+    return [
+        click.option("--otp-target-frac", default=0.75, show_default=True, hidden=hidden,
+                     help="OTP: fraction of the top-k expert slots to execute (on the calibration tokens)."),
+        click.option("--otp-hidden", default=32, show_default=True, hidden=hidden,
+                     help="OTP: hidden width of each layer's router."),
+        click.option("--otp-refine-steps", default=0, show_default=True, hidden=hidden,
+                     help="OTP: then refine all routers end to end on the logits' KL (loads the whole model in "
+                          "fp32)."),
+    ]
 
 
-def otp_options(fn):
-    fn = otp_train_options(fn)
-    return click.option("--otp/--no-otp", default=False, show_default=True,
-                        help="Train OTP expert-pruning routers and store them in the GGUF (patched runtime).")(fn)
+otp_train_options = _option_group(_otp_knobs(hidden=False))
 
 
-def _dense_type_option(flag: str, what: str):
-    from .formats import QUANT_TYPES
+def _check_otp_options(target_frac: float, hidden: int) -> None:
+    # checked before the (long) calibration, so a typo fails at once
+    from .recipe import Recipe
 
-    return click.option(flag, type=click.Choice(QUANT_TYPES, case_sensitive=False), default=None,
-                        callback=lambda ctx, p, v: v.upper() if v else v,
-                        help=f"PMQ: ggml type for {what} (default: --outtype).")
+    Recipe(preset="F16", otp=True, otp_target_frac=target_frac, otp_hidden=hidden)
+
+
+def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine_steps: int = 0):
+    from .otp import train_otp
+
+    return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, refine_steps=refine_steps, log=_log)
 
 
 def _parse_tensor_types(ctx, param, values) -> tuple[tuple[str, str], ...]:
@@ -163,133 +181,121 @@ def _parse_tensor_types(ctx, param, values) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def dense_type_options(fn):
-    fn = click.option("--tensor-type", "tensor_types", multiple=True, callback=_parse_tensor_types,
-                      metavar="PATTERN=TYPE",
-                      help="PMQ: type for the non-expert GGUF tensors whose name matches the regex PATTERN (first "
-                           "match wins over --attn-type etc.; repeatable, as llama-quantize's --tensor-type).")(fn)
-    for flag, what in reversed([("--attn-type", "attention linears (GPTQ)"),
-                                ("--ffn-type", "shared-expert / dense-FFN linears (GPTQ)"),
-                                ("--embd-type", "the token embedding (RTN)"),
-                                ("--output-type", "the LM head (GPTQ on the final-norm input)")]):
-        fn = _dense_type_option(flag, what)(fn)
-    return fn
+def _dense_type_option(flag: str, what: str):
+    return _advanced(flag, default=None, metavar="TYPE", callback=lambda ctx, p, v: v.upper() if v else v,
+                     help=f"Expert-only scopes: ggml type for {what} (default: --outtype).")
 
 
-def _check_otp_options(target_frac: float, hidden: int) -> None:
-    # checked before the (long) calibration, so a typo fails at once
-    if not 0.0 < target_frac <= 1.0:
-        raise McsharpError(f"--otp-target-frac {target_frac} must be in (0, 1]")
-    if hidden < 1:
-        raise McsharpError(f"--otp-hidden {hidden} must be at least 1")
+_convert_knobs = [
+    _advanced("--gptq/--rtn", "use_gptq", default=True, show_default=True,
+              help="GPTQ on calibration Hessians (sequential, layer-streamed) or plain round-to-nearest."),
+    _advanced("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the tensors no plan covers (norms stay F32, as the converter writes them)."),
+    _dense_type_option("--attn-type", "attention linears (GPTQ)"),
+    _dense_type_option("--ffn-type", "shared-expert / dense-FFN linears (GPTQ)"),
+    _dense_type_option("--embd-type", "the token embedding (RTN)"),
+    _dense_type_option("--output-type", "the LM head (GPTQ on the final-norm input)"),
+    _advanced("--tensor-type", "tensor_types", multiple=True, callback=_parse_tensor_types, metavar="PATTERN=TYPE",
+              help="Expert-only scopes: type for non-expert GGUF tensors whose name matches the regex (first match "
+                   "wins; repeatable, as llama-quantize's --tensor-type)."),
+    _advanced("-v", "--verbose", is_flag=True),
+]
 
 
-def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine_steps: int = 0):
-    from .otp import train_otp
+def _recipe(kw: dict, otp: bool = False):
+    """The Recipe the convert / plan options describe (checked now: before any calibration)."""
+    from .recipe import Recipe
 
-    return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, refine_steps=refine_steps, log=_log)
+    dense = {c: kw.pop(f"{c}_type", None) for c in ("attn", "ffn", "embd", "output")}
+    return Recipe(preset=kw.get("preset"), size_bytes=kw.get("size_bytes"), bpw=kw.get("bpw"), mode=kw["mode"],
+                  scope=kw["budget_scope"], metric=kw["cost_metric"], eps_source=kw["eps_source"],
+                  flip_probe=kw.get("flip_probe"), outtype=kw.get("outtype", "f16"), gptq=kw.get("use_gptq", True),
+                  calib=kw["calib"], calib_seqs=kw["calib_seqs"], calib_len=kw["calib_len"], otp=otp,
+                  otp_target_frac=kw.get("otp_target_frac", 0.75), otp_hidden=kw.get("otp_hidden", 32),
+                  otp_refine_steps=kw.get("otp_refine_steps", 0),
+                  dense_types={c: t for c, t in dense.items() if t}, tensor_types=kw.get("tensor_types", ()))
+
+
+_HELP_ADVANCED = click.option("--help-advanced", is_flag=True, expose_value=False, is_eager=True,
+                              callback=_show_advanced, help="Also list the experiment knobs, and exit.")
 
 
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
-              help="Type of the tensors the plan does not cover (all tensors without --bpw).")
-@click.option("--bpw", type=float, default=None,
-              help="PMQ: budget in true bits per expert weight (file scope: per planned weight).")
 @plan_options
+@click.option("--otp/--no-otp", default=False, show_default=True,
+              help="Also train OTP expert-pruning routers into the file (the patched runtime runs fewer experts).")
+@calib_options
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Use this plan.json (from `mcsharp plan`) instead of planning now.")
-@calib_options
-@click.option("--gptq/--rtn", "use_gptq", default=True, show_default=True,
-              help="GPTQ on calibration Hessians (sequential, layer-streamed) or plain round-to-nearest.")
 @click.option("--work-dir", type=click.Path(path_type=Path), default=None,
               help="Keeps finished layers so an interrupted conversion resumes (default: OUT.work, removed "
                    "after success).")
-@dense_type_options
-@otp_options
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (file, size, each stage's time and "
-                                                       "peak memory) on stdout instead of the path.")
-@click.option("-v", "--verbose", is_flag=True)
-def convert(model_dir: Path, out: Path, outtype: str, bpw: float | None, mode: str, budget_scope: str,
-            cost_metric: str, flip_probe: str | None, eps_source: str, plan_file: Path | None, calib: str,
-            calib_seqs: int, calib_len: int, use_gptq: bool, work_dir: Path | None, attn_type: str | None,
-            ffn_type: str | None, embd_type: str | None, output_type: str | None,
-            tensor_types: tuple[tuple[str, str], ...], otp: bool, otp_target_frac: float, otp_hidden: int,
-            otp_refine_steps: int, as_json: bool, verbose: bool) -> None:
-    """Convert a Hugging Face MoE checkpoint to GGUF (lossless, or PMQ-compressed with --bpw / --plan).
-
-    With --otp, also train the OTP expert-pruning routers and store them in the file (patched runtime).
-    """
-    from .compress import check_disk, compress_checkpoint
-    from .convert import check_output_path, validate_model_dir
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (file, size, bpw, estimated KL, each "
+                                                       "stage's time and peak memory) on stdout.")
+@_option_group(_convert_knobs)
+@_option_group(_otp_knobs(hidden=True))
+@_HELP_ADVANCED
+def convert(model_dir: Path, out: Path, otp: bool, plan_file: Path | None, work_dir: Path | None, as_json: bool,
+            verbose: bool, **kw) -> None:
+    """Convert a Hugging Face MoE checkpoint to a compressed GGUF: PMQ mixed-precision GPTQ at a llama-quantize
+    preset's size (default Q3_K_M), a file size or a bpw; --otp adds OTP routers."""
+    from .pipeline import run
     from .pmq import BitPlan
-    from .quantize import DenseTypes
     from .stages import StageClock
 
-    t0 = time.perf_counter()
-    clock = StageClock(log=_log)
-    if otp:
-        _check_otp_options(otp_target_frac, otp_hidden)
-    validate_model_dir(model_dir)
-    check_output_path(out)
+    recipe = _recipe(kw, otp=otp)
     plan = None
     if plan_file is not None:
         if not plan_file.is_file():
             raise McsharpError(f"--plan {plan_file} does not exist; write one with `mcsharp plan`")
-        plan = BitPlan.from_json(plan_file.read_text())
-    planned = bpw is not None or plan is not None
-    # calibration feeds planning, GPTQ and OTP training; a given plan packed with RTN needs none
-    plans_now = bpw is not None and plan is None
-    needs_calib = otp or plans_now or (planned and use_gptq)
-    # before calibration: a conversion that cannot fit on the disk fails now, not hours in
-    check_disk(model_dir, out, outtype, bpw if plan is None else plan.target_bpw, plans_now, planned and use_gptq,
-               work_dir or out.with_name(out.name + ".work"), calib_seqs * calib_len if needs_calib else 0)
-    ids = None
-    if needs_calib:
-        with clock.stage("calibration"):
-            ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-    dense = DenseTypes(attn=attn_type, ffn=ffn_type, embd=embd_type, output=output_type, tensor_types=tensor_types)
-    if dense.any() and not planned:
-        raise McsharpError("--attn-type/--ffn-type/--embd-type/--output-type/--tensor-type quantise alongside a PMQ "
-                           "plan; add --bpw X (or --plan plan.json)")
-    compress_checkpoint(model_dir, out, ids, bpw=bpw if plan is None else None, plan=plan, mode=mode,
-                        scope=budget_scope, metric=cost_metric, flip_probe=flip_probe, eps_source=eps_source,
-                        outtype=outtype, dense=dense, gptq=use_gptq, work_dir=work_dir,
-                        otp_target_frac=otp_target_frac if otp else None,
-                        otp_hidden=otp_hidden, otp_refine_steps=otp_refine_steps, log=_log, verbose=verbose,
-                        clock=clock)
-    wall, size = time.perf_counter() - t0, out.stat().st_size
+        try:
+            plan = BitPlan.from_json(plan_file.read_text())
+        except McsharpError as e:
+            raise McsharpError(f"--plan {plan_file}: {e}") from None
+    clock = StageClock(log=_log)
+    res = run(recipe, model_dir, out, plan=plan, work_dir=work_dir, log=_log, clock=clock, verbose=verbose)
     peak = clock.peak_mb()
-    _log(f"[convert] {out}: {size / 1e9:.3f} GB in {wall:.0f} s, peak RSS {peak:.0f} MB")
+    _log(f"[convert] {res.summary()}, peak RSS {peak:.0f} MB")
     if as_json:
-        click.echo(json.dumps({"out": str(out), "file_bytes": size, "wall_s": wall, "peak_rss_mb": peak,
-                               "stages": clock.to_json()}, indent=2))
+        p = res.plan
+        click.echo(json.dumps({
+            "out": str(out), "file_bytes": out.stat().st_size, "wall_s": res.wall_s, "peak_rss_mb": peak,
+            "recipe": json.loads(recipe.to_json()),
+            "budget": None if res.budget is None else {"source": res.budget.source, "bpw": res.budget.bpw,
+                                                       "planned_bytes": res.budget.planned_bytes},
+            "planned_bpw": None if p is None else 8 * (p.expert_bytes + p.dense_bytes)
+            / (p.expert_weights + p.dense_weights),
+            "est_kl": res.est_kl, "stages": clock.to_json()}, indent=2))
     else:
         click.echo(str(out))
 
 
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--bpw", type=float, required=True,
-              help="Budget: true bits per expert weight, scales included (file scope: per planned weight).")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="plan.json to write (plan.png beside it).")
 @plan_options
 @calib_options
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="plan.json to write.")
-def plan(model_dir: Path, bpw: float, mode: str, budget_scope: str, cost_metric: str, flip_probe: str | None,
-         eps_source: str, calib: str, calib_seqs: int, calib_len: int, out: Path) -> None:
+@_HELP_ADVANCED
+def plan(model_dir: Path, out: Path, **kw) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .convert import check_output_path, validate_model_dir
-    from .pmq import format_plan_table, plan_checkpoint, plot_plan
+    from .pipeline import calibration_ids, model_budget, plan_model
+    from .pmq import format_plan_table, plot_plan
     from .stages import StageClock
 
+    recipe = _recipe(kw)
+    if recipe.lossless:
+        raise McsharpError(f"--preset {recipe.budget_preset} is a plain conversion; a plan needs a quantised budget")
     validate_model_dir(model_dir)
     check_output_path(out)
+    budget = model_budget(recipe, model_dir, _log)
     clock = StageClock(log=_log)
     with clock.stage("calibration"):
-        ids = _calibration_ids(model_dir, calib, calib_seqs, calib_len)
-    result = plan_checkpoint(model_dir, ids, bpw, mode=mode, scope=budget_scope, metric=cost_metric,
-                             flip_probe=flip_probe, eps_source=eps_source, clock=clock)
+        ids = calibration_ids(recipe, model_dir)
+    _, result = plan_model(recipe, model_dir, ids, budget, log=_log, clock=clock)
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))

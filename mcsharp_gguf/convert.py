@@ -207,6 +207,45 @@ def _model_class(conversion, hf_arch: str, hook: TensorHook | None):
     return HookedModel
 
 
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor as the converter would write it: numpy-order shape, ggml type name, data bytes."""
+
+    shape: tuple[int, ...]
+    type_name: str
+    n_bytes: int
+
+    @property
+    def n_weights(self) -> int:
+        return math.prod(self.shape)
+
+
+def gguf_inventory(model_dir: str | Path, outtype: str = "f16") -> dict[str, GgufTensor]:
+    """GGUF name → :class:`GgufTensor` of every tensor ``convert_checkpoint(model_dir, outtype=outtype)`` writes
+    (no hook), from the converter's lazy tensors: shapes and types only, no weight is read (seconds even for a
+    large checkpoint). Budgets (presets, --size) are computed from it before any calibration."""
+    if outtype not in OUTTYPES:
+        raise McsharpError(f"--outtype {outtype} is not one of {', '.join(OUTTYPES)}")
+    info = validate_model_dir(model_dir)
+    gguf = import_gguf()
+    conversion = import_conversion()
+    logging.getLogger("hf-to-gguf").setLevel(logging.WARNING)
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        model = _model_class(conversion, info.hf_arch, None)(info.path, _ftypes(gguf)[outtype],
+                                                            Path(tmp) / "dry.gguf", eager=False)
+        model.prepare_tensors()
+        return {name: GgufTensor(tuple(int(x) for x in ti.shape), gguf.GGMLQuantizationType(ti.dtype).name,
+                                 int(ti.nbytes))
+                for shard in model.gguf_writer.tensors for name, ti in shard.items()}
+
+
+def _ftypes(gguf) -> dict:
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
 def convert_checkpoint(model_dir: str | Path, out: str | Path, outtype: str = "f16",
                        hook: TensorHook | None = None, extra_kv: Callable[[Any], None] | None = None,
                        verbose: bool = False) -> Path:
@@ -220,8 +259,7 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, outtype: str = "f
     out = check_output_path(out)
     gguf = import_gguf()
     conversion = import_conversion()
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+    ftype = _ftypes(gguf)[outtype]
     logging.getLogger("hf-to-gguf").setLevel(logging.INFO if verbose else logging.WARNING)
     cls = _model_class(conversion, info.hf_arch, hook)
     import torch

@@ -1,8 +1,9 @@
 """``mcsharp demo``: the main job end to end on the embedded fixture.
 
-fixture → F16 reference → PMQ whole-file plan (4 bpw over the experts and every quantised tensor, types chosen
-per expert and per tensor by the Fisher-metric MILP, sequential GPTQ) + OTP routers in one GGUF → held-out
-evaluation against the reference, OTP on and off → one chat turn with OTP on.
+fixture → F16 reference → the default Recipe with OTP (whole-file PMQ plan at llama-quantize Q3_K_M's bytes,
+stock types chosen per expert and per tensor by the Fisher-metric MILP, sequential GPTQ, OTP routers) through
+``pipeline.run``, as ``mcsharp convert FIXTURE -o OUT --otp`` would → held-out evaluation against the reference,
+OTP on and off → one chat turn with OTP on.
 """
 
 from __future__ import annotations
@@ -10,24 +11,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .calib import calibration_token_ids
 from .chat import open_chat_model, reply
-from .compress import compress_checkpoint
 from .convert import convert_checkpoint
 from .evaluate import evaluate_gguf, reference_logits
 from .fixture import cached_fixture
 from .inspect_gguf import read_report
 from .otp import prune_overrides
+from .pipeline import run
+from .recipe import Recipe
 from .runtime import ensure_runtime
-from .text import calibration_text, heldout_text
+from .text import heldout_text
 
-DEMO_BPW = 4.0  # over experts + every quantised tensor (--budget-scope file): ~118 MB, llama.cpp Q2_K's size
-DEMO_OTP_FRAC = 0.75
-DEMO_CALIB = (8, 512)  # sequences × tokens of pydoc calibration text (disjoint from the held-out text)
+DEMO_RECIPE = Recipe(otp=True)  # the defaults: what `mcsharp convert MODEL -o OUT --otp` runs
 
 
-def run_demo(work_dir: Path, prompt: str, bpw: float = DEMO_BPW, otp_frac: float = DEMO_OTP_FRAC,
-             log=print) -> dict:
+def run_demo(work_dir: Path, prompt: str, recipe: Recipe = DEMO_RECIPE, log=print) -> dict:
     """Build, compress, evaluate and chat; prints (and returns) a JSON summary."""
     work_dir.mkdir(parents=True, exist_ok=True)
     info = ensure_runtime(log=log)
@@ -37,16 +35,11 @@ def run_demo(work_dir: Path, prompt: str, bpw: float = DEMO_BPW, otp_frac: float
     if not ref.exists():
         log("[demo] converting the fixture to F16 (reference)")
         convert_checkpoint(model_dir, ref, outtype="f16")
-    out = work_dir / f"fixture-pmq{bpw:g}-file-otp.gguf"
-    log(f"[demo] PMQ whole-file plan at {bpw:g} bpw (mixed experts, GPTQ) + OTP at executed fraction {otp_frac} "
-        f"→ {out}")
-    ids = calibration_token_ids(model_dir, calibration_text(120_000), *DEMO_CALIB)
-    res = compress_checkpoint(model_dir, out, ids, bpw=bpw, mode="mixed", scope="file", outtype="q8_0", gptq=True,
-                              otp_target_frac=otp_frac, log=log)
+    out = work_dir / f"fixture-{recipe.budget_preset or 'plan'}-{recipe.mode}{'-otp' if recipe.otp else ''}.gguf"
+    log(f"[demo] {recipe.to_json()} → {out}")
+    res = run(recipe, model_dir, out, log=log)
+    log(f"[demo] {res.summary()}")
     rep = read_report(out)
-    log(f"[demo] {out}: {rep.file_bytes / 1e6:.1f} MB, experts {rep.classes['experts'].bpw:.3f} bpw "
-        f"(plan {res.plan.achieved_bpw:.3f}), other planned tensors "
-        f"{8 * res.plan.dense_bytes / res.plan.dense_weights:.3f} bpw")
     log("[demo] evaluating on held-out text against the F16 reference (OTP on, then off)")
     text = heldout_text()
     base = reference_logits(ref, text)
@@ -56,7 +49,7 @@ def run_demo(work_dir: Path, prompt: str, bpw: float = DEMO_BPW, otp_frac: float
     answer = reply(llm, [{"role": "user", "content": prompt}], max_tokens=64)
     summary = {"model": str(out), "file_mb": rep.file_bytes / 1e6, "expert_bpw": rep.classes["experts"].bpw,
                "planned_bpw": 8 * (res.plan.expert_bytes + res.plan.dense_bytes)
-               / (res.plan.expert_weights + res.plan.dense_weights),
+               / (res.plan.expert_weights + res.plan.dense_weights), "est_kl": res.est_kl,
                "eval_otp_on": ev_on.to_json(), "eval_otp_off": ev_off.to_json(),
                "prompt": prompt, "reply": answer}
     print(json.dumps(summary, indent=2))

@@ -68,20 +68,16 @@ def slot_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.T
 
 def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True) -> list[OtpLayerData]:
     """Layer-streamed forward of the full-precision checkpoint; the training data of every MoE layer."""
-    from tqdm import tqdm
-
     from .calib import LayerStream, capture_moe
 
     stream = LayerStream.open(model_dir)
     renorm = renormalises(stream.arch, stream.config)
-    hidden = stream.embed(token_ids)
     out = []
-    for i, layer, run in tqdm(stream.layers(hidden), total=stream.n_layer, desc="otp calib layers", unit="layer",
-                              disable=not progress):
+
+    def step(i: int, layer, run, hidden: torch.Tensor) -> torch.Tensor:
         block = stream.moe_block(layer)
         if block is None:
-            hidden = run(hidden)
-            continue
+            return run(hidden)
         cap, hidden = capture_moe(block, stream.arch, stream.n_expert, run, hidden)
         # the runtime orders slots by descending score (ggml_argsort_top_k); some routers return them unsorted
         order = torch.argsort(cap.top_k_weights, dim=1, descending=True, stable=True)
@@ -89,6 +85,9 @@ def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True) 
         y = slot_outputs(getattr(block, stream.arch.experts), cap.x, idx)
         out.append(OtpLayerData(layer=i, x=cap.x.float(), weights=w.float(), gram=y @ y.transpose(1, 2),
                                 ref_sq=(cap.y.float() ** 2).sum(-1), renorm=renorm))
+        return hidden
+
+    stream.sweep(stream.embed(token_ids), step, "otp: capture", progress)
     return out
 
 

@@ -184,10 +184,15 @@ class BitPlan:
 
     @classmethod
     def from_json(cls, text: str) -> BitPlan:
-        d = json.loads(text)
-        d["layers"] = {int(k): v for k, v in d["layers"].items()}
-        d["coverage"] = {int(k): v for k, v in d.get("coverage", {}).items()}
-        return cls(**d)
+        """A plan written by ``to_json``; one from another mcsharp version (or not a plan) → one-line error."""
+        try:
+            d = json.loads(text)
+            d["layers"] = {int(k): v for k, v in d["layers"].items()}
+            d["coverage"] = {int(k): v for k, v in d.get("coverage", {}).items()}
+            return cls(**d)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise McsharpError(f"not a plan of this mcsharp version ({type(e).__name__}: {e}); recompute it with "
+                               "`mcsharp plan`") from None
 
 
 def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: float, gamma: float = 1.0,
@@ -400,23 +405,6 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
                    dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights, shrink=float(shrink),
                    cv_costs=cv_costs, coverage={imp.layer: {"tokens": imp.tokens, "d_model": imp.d_model,
                                                             "d_ff": imp.d_ff} for imp in layers if imp.tokens})
-
-
-def plan_checkpoint(model_dir, token_ids: torch.Tensor, bpw: float, mode: str = "mixed", scope: str = SCOPE,
-                    metric: str = METRIC, flip_probe: str | None = None, eps_source: str = EPS_SOURCE,
-                    clock=None, work_dir=None) -> BitPlan:
-    """Measure ``model_dir``'s importance on ``token_ids`` and solve its bit plan (what ``mcsharp plan`` and a
-    planning ``mcsharp convert`` run); ``clock`` (a stages.StageClock) times the two stages; ``work_dir`` keeps
-    the importance pass resumable (measure_importance)."""
-    from .stages import StageClock
-
-    clock = clock or StageClock(log=lambda *_: None)
-    with clock.stage("importance"):
-        imp = measure_importance(model_dir, token_ids, dense=scope == "file", flip_probe=flip_probe,
-                                 eps_source=eps_source, work_dir=work_dir)
-    with clock.stage("plan (MILP)"):
-        return solve_bit_plan(imp.layers, bpw, mode=mode, scope=scope, tensors=imp.tensors,
-                              metric=plan_metric(scope, metric))
 
 
 def plan_metric(scope: str, metric: str) -> str:
@@ -782,9 +770,9 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         return {n: mod for n, (_, mod) in dense_linears(layer, stream.arch).items()}
 
     bar = tqdm(total=stream.n_layer, initial=stream.n_layer - (stream.n_layer if resume is None else resume),
-               desc="importance", unit="layer", disable=not progress)
+               desc="importance: measure", unit="layer", disable=not progress)
     for item in reverse_layers(stream, token_ids, seed=seed, taps=taps if dense else None, tap_seqs=tap_seqs,
-                               state_dir=state, resume_at=resume):
+                               state_dir=state, resume_at=resume, progress=progress):
         i = item.index
         if item.layer is None and i >= 0:
             rec = _head_record(m, item)

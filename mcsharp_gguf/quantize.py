@@ -218,15 +218,12 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
     """Quantise every planned MoE layer (and, with ``dense``, the other linears and the LM head) into
     ``work_dir``, one layer at a time on the outputs of the already-quantised layers (finished layers are
     reused). Within a layer the attention is quantised first and the FFN side calibrates on its output."""
-    from tqdm import tqdm
-
     dense = dense or DenseTypes()
     check_work_dir(work_dir, plan, dense)
     stream = LayerStream.open(model_dir)
     names = gguf_name_map(stream.arch, stream.n_layer)
-    hidden = stream.embed(token_ids)
-    bar = tqdm(total=stream.n_layer, desc="gptq layers", unit="layer", disable=not progress)
-    for i, layer, run in stream.layers(hidden):
+
+    def step(i: int, layer, run, hidden: torch.Tensor) -> torch.Tensor:
         block = stream.moe_block(layer)
         planned = block is not None and i in plan.layers
         mods = {}  # local name → (class, type, module) of the linears this layer quantises
@@ -236,9 +233,7 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
             if t is not None:
                 mods[n] = (c, t, m)
         if not planned and not mods:
-            hidden = run(hidden)
-            bar.update()
-            continue
+            return run(hidden)
         path = _layer_file(work_dir, i)
         applied = False  # the experts in the layer module are already the quantised ones
         if path.exists():
@@ -271,9 +266,9 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
         _apply_dense(layer, done.get("dense", {}))  # (work dirs from before dense quantisation have none)
         if planned and not applied:  # the next layer calibrates on the quantised experts
             load_packed_experts(getattr(block, stream.arch.experts), done)
-        hidden = run(hidden)
-        bar.update()
-    bar.close()
+        return run(hidden)
+
+    hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
     out_type = dense.type_for("output.weight", "output")
     if out_type is not None and not _output_file(work_dir).exists():
         head = stream.lm_head()

@@ -95,8 +95,8 @@ def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, 
 
 def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
                    taps: Callable[[torch.nn.Module], dict[str, torch.nn.Module]] | None = None,
-                   tap_seqs: int = 8, state_dir: str | Path | None = None, resume_at: int | None = None
-                   ) -> Iterator[LayerGrads]:
+                   tap_seqs: int = 8, state_dir: str | Path | None = None, resume_at: int | None = None,
+                   progress: bool = False) -> Iterator[LayerGrads]:
     """Each decoder layer from the last to the first, as :class:`LayerGrads`; ``taps(layer)`` names the linears
     whose inputs and output gradients to record (on the first ``tap_seqs`` sequences). With ``taps``, an item
     with ``index`` n_layer (layer None) comes first, tapping the LM head ("lm_head"); after the first layer, an
@@ -107,16 +107,17 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
     pass. ``state_dir`` keeps them there (default: a temporary directory) together with ``g{i}.pt``, the
     gradient at layer i's input, saved before layer i is yielded: a run stopped after the caller finished layer
     r can continue with ``resume_at=r`` (see :func:`resumable_from`) — no forward pass, layers r-1 … 0 and the
-    embedding item, bit-identical to an uninterrupted run.
+    embedding item, bit-identical to an uninterrupted run. ``progress``: a bar over the forward sweep.
     """
     with tempfile.TemporaryDirectory(prefix="mcsharp-inputs-") as tmp:
         spill = Path(state_dir) if state_dir is not None else Path(tmp)
         spill.mkdir(parents=True, exist_ok=True)
         if resume_at is None:
-            hidden = stream.embed(token_ids)
-            for i, _, run in stream.layers(hidden):
+            def spill_input(i: int, layer, run, hidden: torch.Tensor) -> torch.Tensor:
                 _save(hidden, spill / f"h{i:04d}.pt")
-                hidden = run(hidden)
+                return run(hidden)
+
+            hidden = stream.sweep(stream.embed(token_ids), spill_input, "importance: forward", progress)
             g, head_tap = output_grad(stream, hidden, seed, tap_seqs if taps else 0)
             del hidden
             if head_tap is not None:
@@ -169,16 +170,18 @@ def perturbation_kl(stream: LayerStream, token_ids: torch.Tensor,
     ``i`` is not probed). All probed copies of the hidden states are carried forward together, so each layer is
     loaded once; cost ≈ n_layer²/2 layer passes over ``token_ids`` (keep it short).
     """
-    clean = stream.embed(token_ids)
     probed: dict[int, torch.Tensor] = {}
-    for i, layer, run in stream.layers(clean):
+
+    def probe(i: int, layer, run, clean: torch.Tensor) -> torch.Tensor:
         for k in probed:
             probed[k] = run(probed[k])
         undo = perturb(i, layer)
         if undo is not None:
             probed[i] = run(clean)
             undo()
-        clean = run(clean)
+        return run(clean)
+
+    clean = stream.sweep(stream.embed(token_ids), probe, "flip probe", progress=False)
     ref = torch.log_softmax(stream.logits(clean).double(), -1)
     out = {}
     for k, h in probed.items():

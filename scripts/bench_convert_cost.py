@@ -44,7 +44,7 @@ def main() -> None:
     for p in (f16, imatrix, q2k, ours):
         p.unlink(missing_ok=True)
     steps = [
-        ("llama.cpp", "convert HF → F16", [*mcsharp, "convert", str(model), "--outtype", "f16", "-o", str(f16)]),
+        ("llama.cpp", "convert HF → F16", [*mcsharp, "convert", str(model), "--preset", "F16", "-o", str(f16)]),
         ("llama.cpp", "llama-imatrix", [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib),
                                         "-o", str(imatrix), "-c", "512", "-t", "2", "--no-ppl"]),
         ("llama.cpp", "llama-quantize Q2_K", [str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(f16),

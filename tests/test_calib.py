@@ -10,6 +10,8 @@ from mcsharp_gguf.calib import LayerStream, calibration_token_ids, capture_moe
 from mcsharp_gguf.errors import McsharpError
 from mcsharp_gguf.tiny_models import load_hf
 
+pytestmark = pytest.mark.slow  # tiny models carry the cached SmolLM2 tokenizer
+
 
 @pytest.mark.parametrize("arch", ["qwen2moe", "mixtral", "qwen3moe", "olmoe", "deepseek2"])
 def test_streamed_forward_matches_transformers(arch, tiny_model):

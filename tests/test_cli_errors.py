@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 
@@ -102,7 +103,62 @@ def test_conversion_failure_leaves_nothing(tiny_model, tmp_path, out_dir, monkey
     assert_empty(out_dir)
 
 
-def test_cli_plan_defaults_are_the_planners():
-    from mcsharp_gguf import cli, pmq
+def test_budget_errors_come_before_any_calibration(tiny_model, out_dir, monkeypatch):
+    """An unknown preset lists the presets; a budget out of reach names the achievable range; two budgets are one
+    too many: each a one-line error before calibration, nothing written."""
+    from click.testing import CliRunner
 
-    assert (cli.PLAN_SCOPE, cli.PLAN_METRIC, cli.PLAN_EPS) == (pmq.SCOPE, pmq.METRIC, pmq.EPS_SOURCE)
+    from mcsharp_gguf import calib
+    from mcsharp_gguf.cli import cli
+    from mcsharp_gguf.errors import McsharpError
+
+    monkeypatch.setattr(calib, "calibration_token_ids", lambda *a, **k: pytest.fail("calibration ran"))
+    model = str(tiny_model("qwen2moe"))
+    cases = [(["--preset", "Q3_K_XL"], ("unknown preset", "Q3_K_M", "IQ2_XS", "F16")),
+             (["--bpw", "0.5"], ("achievable", "bits per weight", "MB")),
+             (["--size", "1MB"], ("achievable", "MB")),
+             (["--size", "100GB"], ("achievable",)),
+             (["--bpw", "4", "--preset", "Q2_K"], ("--preset", "--bpw", "one of")),
+             (["--size", "twelve"], ("--size",))]
+    for args, needles in cases:
+        res = CliRunner().invoke(cli, ["convert", model, "-o", str(out_dir / "m.gguf"), *args],
+                                 standalone_mode=False)
+        msg = str(res.exception)
+        assert isinstance(res.exception, (McsharpError, click.BadParameter)), (args, res.exception)
+        assert "\n" not in msg and all(n in msg for n in needles), (args, msg)
+        assert_empty(out_dir)
+
+
+def test_convert_help_lists_at_most_twelve_options():
+    from click.testing import CliRunner
+
+    from mcsharp_gguf.cli import cli
+
+    short = CliRunner().invoke(cli, ["convert", "--help"]).output
+    options = [ln for ln in short.splitlines() if ln.lstrip().startswith("-")]
+    assert len(options) <= 12, short
+    assert "--budget-scope" not in short and "--preset" in short and "--size" in short
+    full = CliRunner().invoke(cli, ["convert", "--help-advanced"]).output
+    assert "--budget-scope" in full and "--eps" in full and "--otp-hidden" in full
+
+
+def test_cli_starts_without_torch():
+    """`mcsharp --help` and a bad option answer at once: the CLI module imports no torch."""
+    res = subprocess.run([sys.executable, "-c", "import sys, mcsharp_gguf.cli, mcsharp_gguf.recipe; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_a_plan_from_another_version_is_refused_in_one_line(tiny_model, tmp_path, out_dir):
+    from click.testing import CliRunner
+
+    from mcsharp_gguf.cli import cli
+    from mcsharp_gguf.errors import McsharpError
+
+    old = tmp_path / "old-plan.json"
+    old.write_text(json.dumps({"mode": "mixed", "layers": {"0": ["Q4_K"]}, "budget": 3.0}))
+    res = CliRunner().invoke(cli, ["convert", str(tiny_model("qwen2moe")), "-o", str(out_dir / "m.gguf"),
+                                   "--plan", str(old)], standalone_mode=False)
+    assert isinstance(res.exception, McsharpError), res.exception
+    assert "old-plan.json" in str(res.exception) and "mcsharp plan" in str(res.exception)
+    assert_empty(out_dir)

@@ -11,6 +11,9 @@ import torch
 from mcsharp_gguf import runtime
 from mcsharp_gguf.tiny_models import load_hf, pick_tokens
 
+# the patched llama.cpp runtime, the pinned converter and the cached tokenizer
+pytestmark = pytest.mark.slow
+
 REQUIRED = ["qwen2moe", "mixtral", "qwen3moe", "olmoe", "deepseek2", "granitemoe"]
 
 
@@ -57,7 +60,6 @@ def test_f16_argmax_agreement(arch, tiny_model, tiny_gguf):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
 
 
-@pytest.mark.slow
 def test_fixture_parity_f32_and_f16(moe_fixture, tmp_path):
     """The fixture's router is deliberately flat (top-6 gaps down to ~1e-6 over a few hundred tokens), so one
     near-tie lets F32 rounding pick another expert and that token's change spreads through attention. Exact

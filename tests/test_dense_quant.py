@@ -10,25 +10,36 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf.calib import LayerStream, calibration_token_ids
-from mcsharp_gguf.compress import compress_checkpoint
+from mcsharp_gguf.calib import LayerStream
 from mcsharp_gguf.convert import convert_checkpoint
 from mcsharp_gguf.evaluate import evaluate_gguf
 from mcsharp_gguf.formats import quantize_rtn
 from mcsharp_gguf.gguf_edit import open_gguf
-from mcsharp_gguf.quantize import DenseTypes, dense_linears, load_dense_entries
+from mcsharp_gguf.pipeline import run
+from mcsharp_gguf.quantize import dense_linears, load_dense_entries
+from mcsharp_gguf.recipe import Recipe
 from mcsharp_gguf.text import calibration_text, heldout_text
 
-DENSE = DenseTypes(attn="Q8_0", ffn="Q8_0", embd="Q8_0", output="Q8_0", tensor_types=((r"blk\.1\.attn_v", "Q5_0"),))
+# tiny models (cached tokenizer), the pinned converter, libggml decoding of the work dir, the runtime
+pytestmark = pytest.mark.slow
+
+DENSE = {"dense_types": {"attn": "Q8_0", "ffn": "Q8_0", "embd": "Q8_0", "output": "Q8_0"},
+         "tensor_types": ((r"blk\.1\.attn_v", "Q5_0"),)}
+
+
+@pytest.fixture()
+def calib(tmp_path) -> str:
+    path = tmp_path / "calib.txt"
+    path.write_text(calibration_text(60_000))
+    return str(path)
 
 
 @pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
-def test_dense_gptq_lands_in_the_file(arch, tiny_model, tmp_path):
+def test_dense_gptq_lands_in_the_file(arch, tiny_model, tmp_path, calib):
     model = tiny_model(arch)
-    ids = calibration_token_ids(model, calibration_text(60_000), 8, 128)
     work = tmp_path / "work"
-    out = compress_checkpoint(model, tmp_path / "q.gguf", ids, bpw=8.0, mode="mixed", dense=DENSE, work_dir=work,
-                              log=lambda *_: None).out
+    recipe = Recipe(bpw=8.0, mode="mixed", scope="global", calib=calib, calib_seqs=8, calib_len=128, **DENSE)
+    out = run(recipe, model, tmp_path / "q.gguf", work_dir=work, log=lambda *_: None).out
     reader = open_gguf(out)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     data = {t.name: np.asarray(t.data) for t in reader.tensors}
@@ -65,7 +76,8 @@ def test_dense_types_need_a_plan(tiny_model, tmp_path):
     from mcsharp_gguf.errors import McsharpError
 
     with pytest.raises(McsharpError, match="need a PMQ plan"):
-        compress_checkpoint(tiny_model("qwen2moe"), tmp_path / "x.gguf", None, dense=DENSE, log=lambda *_: None)
+        run(Recipe(preset="F16", scope="global", **DENSE), tiny_model("qwen2moe"), tmp_path / "x.gguf",
+            log=lambda *_: None)
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -77,16 +89,18 @@ def test_dense_linears_skip_router_and_tiny_gates(tiny_model):
     assert all(isinstance(m, torch.nn.Linear) for _, m in names.values())
 
 
-def test_whole_file_plan_sets_every_type_within_budget(tiny_model, tmp_path):
+def test_whole_file_plan_sets_every_type_within_budget(tiny_model, tmp_path, calib):
     """`--budget-scope file`: one budget over experts and every quantised non-expert tensor; the file holds
     exactly the plan's types, the planned bytes fit the budget, and the model stays close to F16."""
     from mcsharp_gguf.errors import McsharpError
     from mcsharp_gguf.formats import bits_per_weight
 
     model = tiny_model("qwen2moe")
-    ids = calibration_token_ids(model, calibration_text(60_000), 8, 128)
-    res = compress_checkpoint(model, tmp_path / "f.gguf", ids, bpw=5.0, mode="mixed", scope="file",
-                              log=lambda *_: None)
+    recipe = Recipe(bpw=5.0, mode="mixed", calib=calib, calib_seqs=8, calib_len=128)
+    res = run(recipe, model, tmp_path / "f.gguf", log=lambda *_: None)
+    from mcsharp_gguf.inspect_gguf import read_report
+
+    assert Recipe.from_json(read_report(res.out).to_json()["metadata"]["mcsharp.recipe"]) == recipe  # in the file
     plan = res.plan
     types = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in open_gguf(res.out).tensors}
     assert plan.tensor_types and {"token_embd.weight", "output.weight", "blk.1.attn_q.weight",
@@ -100,5 +114,4 @@ def test_whole_file_plan_sets_every_type_within_budget(tiny_model, tmp_path):
     ev = evaluate_gguf(res.out, heldout_text()[:6000], base_path=f16, ctx=128, max_tokens=512, progress=False)
     assert ev.kld_mean < 0.05, ev
     with pytest.raises(McsharpError, match="whole-file plan"):
-        compress_checkpoint(model, tmp_path / "g.gguf", ids, bpw=5.0, scope="file", dense=DENSE,
-                            log=lambda *_: None)
+        Recipe(bpw=5.0, **DENSE)

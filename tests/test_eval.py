@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy.special import log_softmax
 
 from mcsharp_gguf import runtime
@@ -10,6 +11,7 @@ from mcsharp_gguf.evaluate import chunk_tokens, evaluate_gguf
 from mcsharp_gguf.text import heldout_text
 
 
+@pytest.mark.slow  # the patched runtime
 def test_ppl_matches_numpy_and_self_kld_is_zero(tiny_gguf):
     path = tiny_gguf("qwen2moe", "f32")
     text = heldout_text()[:6000]
@@ -30,6 +32,7 @@ def test_ppl_matches_numpy_and_self_kld_is_zero(tiny_gguf):
     assert res.top1_agree == 1.0
 
 
+@pytest.mark.slow  # the patched runtime
 def test_kld_detects_a_different_model(tiny_gguf):
     res = evaluate_gguf(tiny_gguf("qwen2moe", "f16"), heldout_text()[:3000], base_path=tiny_gguf("qwen2moe", "f32"),
                         ctx=128, max_tokens=256, progress=False)

@@ -12,36 +12,66 @@ from mcsharp_gguf.errors import McsharpError
 # gguf-py 0.19 decodes every type we write except the two newest (its quants.py has no Q1_0/Q2_0 classes)
 GGUF_PY_CANNOT = {"Q1_0", "Q2_0"}
 
+# enum ggml_type of the pinned llama.cpp (ggml/include/ggml.h): the type ids a GGUF file stores
+GGML_TYPE_ID = {
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13,
+    "Q6_K": 14, "IQ4_NL": 20, "IQ4_XS": 23, "Q1_0": 41, "Q2_0": 42,
+}
+
 EXPECTED_BPW = {
     "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q1_0": 1.125, "Q2_0": 2.25,
     "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
 }
 
 
-def assert_exact(res: F.QuantResult, shape: tuple[int, int]) -> None:
-    """ggml's to_float (and gguf-py's dequantize where it knows the type) reproduce res.dequant bit for bit."""
+def assert_exact(res: F.QuantResult, shape: tuple[int, int], oracles: tuple[str, ...] = ("ggml", "gguf-py")) -> None:
+    """The named decoders reproduce res.dequant bit for bit: "ggml" is libggml's own to_float (needs the native
+    build, so slow tier only), "gguf-py" the pinned gguf-py's dequantize (pure Python; it cannot decode the
+    GGUF_PY_CANNOT types, which it then skips)."""
     t = res.type_name
     assert res.packed.dtype == np.uint8
     assert res.packed.shape == (shape[0], shape[1] // F.block_size(t) * F.type_size(t))
     ours = res.dequant.numpy()
     assert ours.dtype == np.float32 and ours.shape == shape
-    ref = F.ggml_dequantize(res.packed, t, shape)
-    bad = ref.view(np.uint32) != ours.view(np.uint32)
-    # compare bit patterns, except that +0 and -0 are the same number
-    bad &= ~((ref == 0) & (ours == 0))
-    assert not bad.any(), f"{t}: {bad.sum()} values differ from ggml, e.g. {ref[bad][:4]} vs {ours[bad][:4]}"
-    if t not in GGUF_PY_CANNOT:
+    if "ggml" in oracles:
+        ref = F.ggml_dequantize(res.packed, t, shape)
+        bad = ref.view(np.uint32) != ours.view(np.uint32)
+        # compare bit patterns, except that +0 and -0 are the same number
+        bad &= ~((ref == 0) & (ours == 0))
+        assert not bad.any(), f"{t}: {bad.sum()} values differ from ggml, e.g. {ref[bad][:4]} vs {ours[bad][:4]}"
+    if "gguf-py" in oracles and t not in GGUF_PY_CANNOT:
         import gguf
 
         g = gguf.quants.dequantize(res.packed, F.ggml_type(t))
         np.testing.assert_array_equal(g.reshape(shape), ours, err_msg=f"{t}: gguf-py decodes differently")
 
 
+def oracle_params(types) -> list:
+    """(type, oracle) cases for an exactness test: gguf-py for every type it decodes (fast tier), libggml for
+    every type (slow tier: it loads the native build)."""
+    return ([pytest.param(t, "gguf-py", id=f"{t}-gguf-py") for t in types if t not in GGUF_PY_CANNOT]
+            + [pytest.param(t, "ggml", id=f"{t}-ggml", marks=pytest.mark.slow) for t in types])
+
+
 def test_table():
-    assert len(F.QUANT_TYPES) == 14
+    """Our type table: true bpw, ggml.h's type id (what a GGUF stores), and gguf-py's block size for that id."""
+    import gguf
+
+    assert len(F.QUANT_TYPES) == 14 and set(F.QUANT_TYPES) == set(GGML_TYPE_ID)
     for t in F.QUANT_TYPES:
         assert F.bits_per_weight(t) == EXPECTED_BPW[t], t
-        assert int(F.ggml_type(t)) >= 0
+        g = F.ggml_type(t)
+        assert int(g) == GGML_TYPE_ID[t] and g.name == t, (t, g)
+        assert gguf.GGML_QUANT_SIZES[g] == (F.block_size(t), F.type_size(t)), t
+
+
+@pytest.mark.slow  # loads libggml from the native build
+def test_table_matches_libggml():
+    """libggml's own type traits for each id: the name, elements per block and bytes per block we use."""
+    for t in F.QUANT_TYPES:
+        tr = F._libggml().ggml_get_type_traits(GGML_TYPE_ID[t]).contents
+        got = (tr.type_name.decode().upper(), tr.blck_size, tr.type_size)  # ggml spells them q4_0, q4_K, iq4_xs
+        assert got == (t, F.block_size(t), F.type_size(t)), got
 
 
 def test_gguf_py_coverage_is_as_documented():
@@ -54,8 +84,8 @@ def test_gguf_py_coverage_is_as_documented():
             gguf.quants.dequantize(np.zeros((1, F.type_size(t)), np.uint8), F.ggml_type(t))
 
 
-@pytest.mark.parametrize("t", F.QUANT_TYPES)
-def test_rtn_random_matrices_exact(t):
+@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+def test_rtn_random_matrices_exact(t, oracle):
     g = torch.Generator().manual_seed(1)
     for W in (
         torch.randn(16, 512, generator=g),
@@ -63,20 +93,20 @@ def test_rtn_random_matrices_exact(t):
         torch.rand(8, 256, generator=g) - 0.9,  # mostly negative
         torch.randn(4, 256, generator=g) ** 3,  # heavy tails
     ):
-        assert_exact(F.quantize_rtn(W, t), tuple(W.shape))
+        assert_exact(F.quantize_rtn(W, t), tuple(W.shape), (oracle,))
 
 
-@pytest.mark.parametrize("t", F.QUANT_TYPES)
-def test_rtn_with_imatrix_exact(t):
+@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+def test_rtn_with_imatrix_exact(t, oracle):
     g = torch.Generator().manual_seed(2)
     W = torch.randn(8, 512, generator=g)
     im = torch.rand(512, generator=g) ** 4
     im[:40] = 0  # dead columns
-    assert_exact(F.quantize_rtn(W, t, im), (8, 512))
+    assert_exact(F.quantize_rtn(W, t, im), (8, 512), (oracle,))
 
 
-@pytest.mark.parametrize("t", F.QUANT_TYPES)
-def test_edge_blocks_exact(t):
+@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+def test_edge_blocks_exact(t, oracle):
     """All-zero, constant, outlier, subnormal-scale and fp16-overflowing blocks, each one super-block wide."""
     n = 256
     rows = [
@@ -93,7 +123,7 @@ def test_edge_blocks_exact(t):
     ]
     W = torch.stack(rows)
     res = F.quantize_rtn(W, t)
-    assert_exact(res, tuple(W.shape))
+    assert_exact(res, tuple(W.shape), (oracle,))
     assert torch.isfinite(res.dequant).all()
     assert (res.dequant[0] == 0).all()  # an all-zero block decodes to zeros
     if t not in ("Q1_0",):  # a constant block is exact on every grid that has a zero-offset level or a min
@@ -104,18 +134,18 @@ def test_edge_blocks_exact(t):
         assert d is None or 0 < abs(float(d)) < 6.1e-5, (t, d)
 
 
-@pytest.mark.parametrize("t", F.QUANT_TYPES)
-def test_packer_every_code_exact(t):
+@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+def test_packer_every_code_exact(t, oracle):
     """Random codes over the full level range (every bit of every field) on fitted grids."""
     g = torch.Generator().manual_seed(5)
     W = torch.randn(32, 512, generator=g)
     grid = F.fit_grid(W, t)
     codes = torch.randint(0, len(F._spec(t).levels), W.shape, generator=g)
-    assert_exact(F.finish(codes, grid), tuple(W.shape))
+    assert_exact(F.finish(codes, grid), tuple(W.shape), (oracle,))
 
 
-@pytest.mark.parametrize("t", ["Q2_K", "Q4_K", "Q5_K", "Q3_K", "Q6_K", "IQ4_XS"])
-def test_every_subscale_value_exact(t):
+@pytest.mark.parametrize("t,oracle", oracle_params(["Q2_K", "Q4_K", "Q5_K", "Q3_K", "Q6_K", "IQ4_XS"]))
+def test_every_subscale_value_exact(t, oracle):
     """Sub-block scales/mins take every value of their bit range (exercise all 4/6/8-bit scale packings)."""
     g = torch.Generator().manual_seed(6)
     W = torch.randn(64, 256, generator=g)
@@ -132,9 +162,10 @@ def test_every_subscale_value_exact(t):
         grid.fields["mn"] = mn
         grid.offset = -(grid.fields["dmin"].float() * mn).reshape(64, per)
     codes = torch.randint(0, len(F._spec(t).levels), W.shape, generator=g)
-    assert_exact(F.finish(codes, grid), (64, 256))
+    assert_exact(F.finish(codes, grid), (64, 256), (oracle,))
 
 
+@pytest.mark.slow  # llama.cpp's quantiser and decoder from the native build
 def test_rtn_quality_vs_ggml():
     """Our RTN grid fit is at most 1% worse than llama.cpp's own quantiser in the error it minimises (plain MSE,
     or MSE weighted by the same importance matrix), on Gaussian, heavy-tailed and already-quantised (Q4_1-grid)
@@ -190,7 +221,7 @@ def test_gguf_writer_roundtrip(tmp_path):
         np.testing.assert_array_equal(np.asarray(tensor.data).reshape(results[t].packed.shape), results[t].packed)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the real fixture and libggml
 @pytest.mark.parametrize("t", F.QUANT_TYPES)
 def test_real_fixture_weights_exact(t, moe_fixture):
     from safetensors import safe_open

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
+import pytest
+from click.testing import CliRunner
+
+from mcsharp_gguf.cli import cli
 from mcsharp_gguf.inspect_gguf import read_report
+
+pytestmark = pytest.mark.slow  # a tiny GGUF: the pinned converter and the cached tokenizer
 
 
 def test_inspect_counts_true_bytes(tiny_gguf):
@@ -17,8 +21,7 @@ def test_inspect_counts_true_bytes(tiny_gguf):
     assert sum(t.n_bytes for t in rep.tensors) < rep.file_bytes
     names = {t.name: t for t in rep.tensors}
     assert names["blk.0.ffn_gate_exps.weight"].shape == [64, 64, 8]
-    res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "inspect", str(path), "--json"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    res = CliRunner().invoke(cli, ["inspect", str(path), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
     js = json.loads(res.stdout)
     assert js["classes"]["experts"]["n_bytes"] == rep.classes["experts"].n_bytes and js["otp"] is False

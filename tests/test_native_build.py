@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from mcsharp_gguf.native import build as nb
 
 PATCH = """--- a/src/b.c
@@ -64,22 +66,63 @@ def test_bad_patch_is_a_clear_error(tmp_path, monkeypatch):
         raise AssertionError("a patch that does not apply must fail")
 
 
-def test_second_setup_compiles_nothing():
+def test_finished_build_is_reused_without_compiling(tmp_path, monkeypatch):
+    """build() returns a finished lib/<key> as it is (built_now False) without running anything (no download,
+    cmake or compiler); a new patch set is a new key, which that build does not satisfy."""
+    monkeypatch.setenv("MCSHARP_CACHE", str(tmp_path / "cache"))
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    monkeypatch.setattr(nb, "PATCH_DIR", patches)
+    opts = nb.BuildOptions()
+    out = nb.lib_dir_for(opts)
+    out.mkdir(parents=True)
+    done = nb.BuildInfo(lib_dir=str(out), llama_cpp_commit="0" * 40, patch_hash=nb.patch_hash(), patches=[],
+                        backends=["cpu"], tools=[], key=nb.build_key(opts))
+    (out / "build-info.json").write_text(json.dumps(done.to_json()))
+
+    def no_work(*args, **kw):
+        raise AssertionError(f"build() did work on a finished build: {args}")
+
+    monkeypatch.setattr(nb.subprocess, "run", no_work)  # pip download, git, cmake
+    got = nb.build(opts, log=no_work)  # every step logs before it starts
+    assert got == done and got.built_now is False
+    (patches / "0001-b.patch").write_text(PATCH)
+    assert nb.build_key(opts) != done.key and nb.find_build(opts) is None
+
+
+@pytest.mark.slow  # builds the patched runtime if the cache is cold (~10 min)
+def test_second_setup_compiles_nothing(tmp_path):
+    """Once built, `mcsharp setup` finds the build by its key: it succeeds with no cmake or compiler on PATH
+    (a rebuild would fail with "cmake not found") and rewrites nothing in the finished build or its work tree."""
     from mcsharp_gguf.runtime import ensure_runtime
 
-    ensure_runtime()  # first build happens here if the cache is cold
-    t0 = time.time()
+    built = ensure_runtime()  # first build happens here if the cache is cold
+    lib_dir = Path(built.lib_dir)  # the plain build, or one that also has the tools
+    assert lib_dir.name == built.key
+    assert built.key in {nb.build_key(nb.BuildOptions()), nb.build_key(nb.BuildOptions(tools=True))}
+
+    def snapshot():
+        files = [p for p in lib_dir.rglob("*") if p.is_file()]
+        build_log = nb.cache_root() / "work" / "cpu" / "build.log"
+        return {str(p): p.stat().st_mtime_ns for p in files + ([build_log] if build_log.exists() else [])}
+
+    before = snapshot()
+    no_tools = tmp_path / "empty-path"
+    no_tools.mkdir()
+    env = {**os.environ, "PATH": str(no_tools)}  # sys.executable is absolute; cmake, cc and git are gone
     res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "setup", "--json"], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["built_now"] is False
+    assert info["lib_dir"] == str(lib_dir) and info["key"] == built.key
     assert info["patch_hash"] == nb.patch_hash()
     assert os.path.isfile(os.path.join(info["lib_dir"], "libllama.so"))
     assert len(info["llama_cpp_commit"]) == 40
-    assert time.time() - t0 < 60
+    assert snapshot() == before  # no library copied, no build log written
 
 
+@pytest.mark.slow  # builds the tools into the patched runtime, converts a tiny model
 def test_tools_build_and_run(tiny_gguf, tmp_path):
     """`mcsharp setup --tools`: llama-quantize from the same patched build runs and its output loads."""
     from mcsharp_gguf import runtime

@@ -27,8 +27,20 @@ TOP_K = 4
 
 
 def _cli(*args, timeout=900) -> subprocess.CompletedProcess:
+    """The real `mcsharp` entry point in its own process: exit status 2 and the one-line error are main()'s."""
     return subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _invoke(*args) -> str:
+    """A command that must succeed, run in this process (click's runner); returns its stdout."""
+    from click.testing import CliRunner
+
+    from mcsharp_gguf.cli import cli
+
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res.stdout
 
 
 def synthetic_layer(n: int, d: int = 32, k: int = TOP_K, seed: int = 0, layer: int = 0) -> OtpLayerData:
@@ -111,6 +123,7 @@ def calib_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow  # the patched runtime, `mcsharp convert`, a tiny model
 @pytest.mark.parametrize("arch", ["qwen2moe", "mixtral"])
 def test_runtime_executes_exactly_what_the_router_keeps(arch, tiny_model, calib_file, tmp_path):
     """convert --otp, then compare the runtime's executed-slot counter with the router evaluated in numpy
@@ -121,7 +134,7 @@ def test_runtime_executes_exactly_what_the_router_keeps(arch, tiny_model, calib_
 
     model = tiny_model(arch, top_k=TOP_K)
     out = tmp_path / "otp.gguf"
-    res = _cli("convert", model, "-o", out, "--outtype", "f32", "--otp", "--otp-target-frac", "0.7",
+    res = _cli("convert", model, "-o", out, "--preset", "F32", "--otp", "--otp-target-frac", "0.7",
                "--calib", calib_file, "--calib-seqs", "4", "--calib-len", "128")
     assert res.returncode == 0, res.stderr
     from mcsharp_gguf.gguf_edit import open_gguf
@@ -166,24 +179,25 @@ def plain_and_routers(tiny_model, tmp_path_factory, calib_file):
     return model, plain, work / "r.npz"
 
 
+@pytest.mark.slow  # the patched runtime (eval), the pinned converter
 def test_otp_add_then_strip_restores_the_file_byte_for_byte(plain_and_routers, tmp_path):
     from mcsharp_gguf.inspect_gguf import read_report
 
     _, plain, routers = plain_and_routers
     with_otp = tmp_path / "otp.gguf"
-    assert _cli("otp", "add", plain, routers, "-o", with_otp).returncode == 0
+    _invoke("otp", "add", plain, routers, "-o", with_otp)
     rep = read_report(with_otp)
     assert rep.to_json()["otp"] and rep.metadata["mcsharp.otp.version"] == 1
-    res = _cli("eval", with_otp, "--json", "--ctx", "128", "--max-tokens", "512")
-    assert res.returncode == 0, res.stderr
-    assert 0.25 < json.loads(res.stdout)["executed_slot_frac"] < 1.0
+    res = _invoke("eval", with_otp, "--json", "--ctx", "128", "--max-tokens", "512")
+    assert 0.25 < json.loads(res)["executed_slot_frac"] < 1.0
     stripped = tmp_path / "stripped.gguf"
-    assert _cli("otp", "strip", with_otp, "-o", stripped).returncode == 0
+    _invoke("otp", "strip", with_otp, "-o", stripped)
     assert stripped.read_bytes() == plain.read_bytes()
     res = _cli("otp", "strip", plain, "-o", tmp_path / "x.gguf")
     assert res.returncode == 2 and "no OTP tensors" in res.stderr and not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.slow  # tiny models (cached tokenizer), the pinned converter
 def test_otp_add_refuses_routers_for_another_model(plain_and_routers, tiny_model, tmp_path):
     _, plain, routers = plain_and_routers
     good = OtpRouters.load(routers)
@@ -203,26 +217,25 @@ def test_otp_add_refuses_routers_for_another_model(plain_and_routers, tiny_model
     assert res.returncode == 2 and "is a llama model" in res.stderr and not out.exists(), res.stderr
 
 
+@pytest.mark.slow  # the patched runtime, the pinned converter
 def test_eval_and_bench_pruning_knobs(plain_and_routers, tmp_path):
     _, plain, routers = plain_and_routers
     common = ("--json", "--ctx", "128", "--max-tokens", "512")
-    res = _cli("eval", plain, "--top-k", "2", *common)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["executed_slot_frac"] == 0.5
-    mu = json.loads(_cli("eval", plain, "--prune-mu", "0.9", *common).stdout)["executed_slot_frac"]
+    assert json.loads(_invoke("eval", plain, "--top-k", "2", *common))["executed_slot_frac"] == 0.5
+    mu = json.loads(_invoke("eval", plain, "--prune-mu", "0.9", *common))["executed_slot_frac"]
     assert 0.25 <= mu < 1.0
-    assert "executed_slot_frac" not in json.loads(_cli("eval", plain, *common).stdout)
+    assert "executed_slot_frac" not in json.loads(_invoke("eval", plain, *common))
     res = _cli("eval", plain, "--otp", "on", *common)  # no routers in this file
     assert res.returncode == 2 and "ffn_otp" in res.stderr
     res = _cli("eval", plain, "--top-k", "2", "--prune-mu", "0.5", *common)
     assert res.returncode == 2 and "choose one" in res.stderr
-    res = _cli("bench", plain, "--top-k", "2", "--json", "--rounds", "1", "--tokens", "8", "--prompt-tokens", "32")
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
+    out = json.loads(_invoke("bench", plain, "--top-k", "2", "--json", "--rounds", "1", "--tokens", "8",
+                             "--prompt-tokens", "32"))
     assert out["run"]["executed_slot_frac"] == 0.5 and "executed_slot_frac" not in out["unpruned"]
     assert out["ratio_vs_unpruned"]["decode"] > 0 and out["run"]["decode_tok_s"] > 0
 
 
+@pytest.mark.slow  # the patched runtime, `mcsharp convert`, a tiny model
 def test_pmq_mixed_with_otp(tiny_model, calib_file, tmp_path):
     """PMQ × OTP in one conversion: grouped mixed-type experts and routers in one file, both active."""
     from mcsharp_gguf.inspect_gguf import read_report
@@ -239,6 +252,7 @@ def test_pmq_mixed_with_otp(tiny_model, calib_file, tmp_path):
     assert 0.25 < json.loads(res.stdout)["executed_slot_frac"] < 1.0
 
 
+@pytest.mark.slow  # a tiny model (cached tokenizer)
 def test_kl_refinement_holds_the_fraction_and_never_loses(tiny_model, calib_file):
     """End-to-end refinement on the logits' KL: both KLs it reports are measured at the target fraction with
     upstream pruning active, and it returns the better routers; on this random tiny model (KL ~5e-5) it has

@@ -47,6 +47,7 @@ def _dequant_hook(plan):
     return hook
 
 
+@pytest.mark.slow  # the patched runtime, the pinned converter, a tiny model
 @pytest.mark.parametrize("mode,bpw", [("mixed", 4.0), ("stock", 4.0), ("mixed", 6.6)])
 def test_packed_plan_runs_like_its_dequantised_weights(mode, bpw, tiny_model, tmp_path):
     model_dir = tiny_model("qwen2moe", hidden=256, expert_ff=256)

@@ -33,6 +33,9 @@ from mcsharp_gguf.inspect_gguf import GgufReport, read_report
 from mcsharp_gguf.pack import layer_layout
 from mcsharp_gguf.pmq import EXPERT_TYPES, BitPlan, Recipe
 
+# the patched and the stock llama.cpp runtime, the pinned converter, the cached tokenizer
+pytestmark = pytest.mark.slow
+
 ARCHS = sorted({a.name for a in REGISTRY.values()})  # every adapter (names match tiny_models.TINY_ARCHS)
 MIXED_BPW = 8.0
 STOCK_BPW = 5.0  # two-layer models get Q4_K-class and Q5_K-class layers (4.5 + 5.5 bpw at these widths)
@@ -87,8 +90,9 @@ def pmq_gguf(tiny_model, calib_file, tmp_path_factory):
             # 8 × 128 tokens: enough that most experts see more calibration tokens than their input width,
             # below which a GPTQ Hessian is rank-deficient and GPTQ does worse than RTN off the calibration set.
             res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "convert", str(tiny_model(arch)),
-                                  "--bpw", str(bpw), "--mode", mode, "--calib", str(calib_file),
-                                  "--calib-seqs", "8", "--calib-len", "128", "-o", str(out)],
+                                  "--bpw", str(bpw), "--mode", mode, "--budget-scope", "global",
+                                  "--calib", str(calib_file), "--calib-seqs", "8", "--calib-len", "128",
+                                  "-o", str(out)],
                                  capture_output=True, text=True, timeout=600)
             assert res.returncode == 0, f"{arch} {mode}: {res.stderr[-3000:]}"
             done[key] = out
@@ -197,7 +201,6 @@ def stock_lib() -> str:
     return _stock_lib_dir()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stock_pmq_runs_in_unpatched_llama_cpp(arch, pmq_gguf, stock_lib, eval_ids, tmp_path):
     out = pmq_gguf(arch, "stock", STOCK_BPW)

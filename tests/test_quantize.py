@@ -30,6 +30,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow  # a tiny model (cached tokenizer), the pinned converter, libggml (resume decodes finished layers)
 def test_resume_and_byte_identical_output(setup, tmp_path):
     model_dir, ids, plan = setup
     work = quantize_experts(model_dir, plan, ids, tmp_path / "work", progress=False)
@@ -48,6 +49,7 @@ def test_resume_and_byte_identical_output(setup, tmp_path):
         quantize_experts(model_dir, other, ids, work, progress=False)
 
 
+@pytest.mark.slow  # a tiny model (cached tokenizer), the pinned converter, the runtime (eval)
 def test_gptq_beats_rtn_at_equal_size(setup, tmp_path):
     """GPTQ's file is closer to F16 than RTN's with the same plan and bytes.
 
@@ -70,7 +72,7 @@ def test_gptq_beats_rtn_at_equal_size(setup, tmp_path):
     assert kld_gptq < kld_rtn
 
 
-def test_unreached_experts_fall_back_to_rtn(setup):
+def test_unreached_experts_fall_back_to_rtn():
     from mcsharp_gguf.formats import quantize_rtn
     from mcsharp_gguf.quantize import quantize_layer_experts
 
@@ -89,6 +91,7 @@ def test_unreached_experts_fall_back_to_rtn(setup):
                for p, w in (("gate", gate_up[0, :256]), ("down", down[0])))
 
 
+@pytest.mark.slow  # a tiny model (cached tokenizer), libggml's decoder
 def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
     """With eps_source="gptq", eps is the MoE-block output error of the expert exactly as quantize_experts writes
     it; and GPTQ's error is below the RTN proxy's at 2 bits."""

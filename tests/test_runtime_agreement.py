@@ -16,6 +16,9 @@ from mcsharp_gguf.convert import convert_checkpoint
 from mcsharp_gguf.formats import QUANT_TYPES, ggml_type, quantize_rtn
 from mcsharp_gguf.tiny_models import load_hf, pick_tokens
 
+# the patched llama.cpp runtime, the pinned converter and the cached tokenizer
+pytestmark = pytest.mark.slow
+
 # GGUF name suffix → how to write the dequantised weight back into the transformers qwen2moe layer.
 _ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj"}

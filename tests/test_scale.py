@@ -13,17 +13,20 @@ import torch
 
 from mcsharp_gguf.errors import McsharpError
 
+pytestmark = pytest.mark.slow  # tiny and real-shape checkpoints carry the cached SmolLM2 tokenizer
+
 
 def test_disk_check_refuses_before_any_work(tiny_model, tmp_path, monkeypatch):
     """Too little free disk for output + work dir: a one-line error with the bytes needed, before calibration."""
     from mcsharp_gguf import calib, convert
-    from mcsharp_gguf.compress import check_disk
+    from mcsharp_gguf.pipeline import check_disk
+    from mcsharp_gguf.recipe import Recipe
 
     model = tiny_model("qwen3moe")
     monkeypatch.setattr(convert, "_free_bytes", lambda p: 1000)
     monkeypatch.setattr(calib, "calibration_token_ids", lambda *a, **k: pytest.fail("calibration ran"))
     with pytest.raises(McsharpError) as e:
-        check_disk(model, tmp_path / "o.gguf", "f16", 4.0, True, True, tmp_path / "o.gguf.work", 4096)
+        check_disk(model, tmp_path / "o.gguf", Recipe(bpw=4.0), 4.0, True, tmp_path / "o.gguf.work")
     msg = str(e.value)
     assert "\n" not in msg and "not enough free disk" in msg and "GB" in msg and str(tmp_path) in msg
     # the same numbers the CLI refuses on, and nothing is written
@@ -37,7 +40,7 @@ def test_disk_check_refuses_before_any_work(tiny_model, tmp_path, monkeypatch):
     assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "o.gguf.work").exists()
     # with room to spare the check passes
     monkeypatch.setattr(convert, "_free_bytes", lambda p: 10**15)
-    check_disk(model, tmp_path / "o.gguf", "f16", 4.0, True, True, tmp_path / "o.gguf.work", 4096)
+    check_disk(model, tmp_path / "o.gguf", Recipe(bpw=4.0), 4.0, True, tmp_path / "o.gguf.work")
 
 
 def test_truncated_shard_is_named_by_the_layer_stream(tiny_model, tmp_path):
@@ -81,7 +84,6 @@ def olmoe_layer(tmp_path_factory) -> Path:
     return write_real_shape_checkpoint("olmoe-1b-7b", tmp_path_factory.mktemp("scale") / "olmoe", 1)
 
 
-@pytest.mark.slow
 def test_real_shape_checkpoint_matches_its_model(olmoe_layer, tmp_path):
     """OLMoE-1B-7B's shapes at one layer: every tensor the architecture adapter stacks is there with the real
     shapes, llama.cpp's converter accepts the directory, and the layer stream loads the layer as transformers
@@ -112,7 +114,6 @@ def test_real_shape_checkpoint_matches_its_model(olmoe_layer, tmp_path):
         assert (again / f.name).read_bytes() == f.read_bytes()
 
 
-@pytest.mark.slow
 def test_conversion_peak_rss_within_one_layer_bound(olmoe_layer, tmp_path):
     """A whole compressed conversion (importance, MILP, GPTQ, write) of a real-shape checkpoint stays within
     2 × one decoder layer in bf16 + 3 GB of resident memory, measured as its own process."""

@@ -13,6 +13,8 @@ from mcsharp_gguf.sensitivity import reverse_layers
 from mcsharp_gguf.text import calibration_text
 from mcsharp_gguf.tiny_models import load_hf
 
+pytestmark = pytest.mark.slow  # tiny models carry the cached SmolLM2 tokenizer
+
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model):
