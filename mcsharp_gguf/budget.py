@@ -7,15 +7,14 @@ names the achievable range.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import GgufTensor
 from .errors import McsharpError
+from .pack import EXPS_RE, dense_class
 from .recipe import Recipe
 
-EXPERT_RE = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.weight$")
 GGUF_HEADER_SLACK = 1 << 16  # besides the tokenizer: hparams, the plan and recipe strings, alignment
 
 
@@ -37,30 +36,17 @@ class Budget:
 def planned_tensor(name: str, t: GgufTensor, scope: str) -> bool:
     """Whether a plan of ``scope`` types tensor ``name``: the routed experts, and for a whole-file plan every
     non-expert tensor measure_importance measures (pack.dense_class)."""
-    if EXPERT_RE.match(name):
+    if EXPS_RE.match(name):
         return True
-    if scope != "file":
-        return False
-    from .pack import dense_class
-
-    return dense_class(name, t.shape) is not None
+    return scope == "file" and dense_class(name, t.shape) is not None
 
 
 def _smallest_bytes(name: str, t: GgufTensor) -> int:
     from .formats import tensor_bytes
     from .pmq import DENSE_TYPES, EXPERT_TYPES, storable_type
 
-    smallest = EXPERT_TYPES[0] if EXPERT_RE.match(name) else DENSE_TYPES[0]
+    smallest = EXPERT_TYPES[0] if EXPS_RE.match(name) else DENSE_TYPES[0]
     return tensor_bytes(storable_type(smallest, t.shape[-1]), t.n_weights)
-
-
-def ggml_bytes(type_name: str, n_weights: int) -> int:
-    """Bytes of ``n_weights`` weights of any ggml type (gguf-py's block table, IQ types included)."""
-    from .llama_src import import_gguf
-
-    gguf = import_gguf()
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    return n_weights // block * size
 
 
 def header_bytes(model_dir: str | Path) -> int:
@@ -86,14 +72,12 @@ def resolve_budget(recipe: Recipe, inventory: dict[str, GgufTensor], arch: str, 
         what = f"file size {recipe.size_bytes / 1e6:.1f} MB"
         target = recipe.size_bytes - fixed - header
     else:
-        from .presets import preset_types
+        from .presets import preset_bytes
 
-        types = preset_types({n: (t.shape, t.type_name) for n, t in inventory.items()}, arch, preset)
-        theirs = {n: (ggml_bytes(types[n], t.n_weights) if types[n] != t.type_name else t.n_bytes)
-                  for n, t in inventory.items()}
-        what = f"preset {preset} ({sum(theirs.values()) / 1e6:.1f} MB of tensors at llama-quantize's types)"
+        theirs = preset_bytes({n: (t.shape, t.type_name) for n, t in inventory.items()}, arch, preset)
+        what = f"preset {preset} ({theirs / 1e6:.1f} MB of tensors at llama-quantize's types)"
         # llama-quantize's file minus what ours keeps outside the plan: the same bytes in both files
-        target = sum(theirs.values()) - fixed
+        target = theirs - fixed
     lo = sum(_smallest_bytes(n, t) for n, t in planned.items())
     hi = sum(t.n_bytes for t in planned.values())
     if not lo <= target < hi:

@@ -259,14 +259,12 @@ def convert(model_dir: Path, out: Path, otp: bool, plan_file: Path | None, work_
     peak = clock.peak_mb()
     _log(f"[convert] {res.summary()}, peak RSS {peak:.0f} MB")
     if as_json:
-        p = res.plan
         click.echo(json.dumps({
             "out": str(out), "file_bytes": out.stat().st_size, "wall_s": res.wall_s, "peak_rss_mb": peak,
             "recipe": json.loads(recipe.to_json()),
             "budget": None if res.budget is None else {"source": res.budget.source, "bpw": res.budget.bpw,
                                                        "planned_bytes": res.budget.planned_bytes},
-            "planned_bpw": None if p is None else 8 * (p.expert_bytes + p.dense_bytes)
-            / (p.expert_weights + p.dense_weights),
+            "planned_bpw": None if res.plan is None else res.plan.planned_bpw,
             "est_kl": res.est_kl, "stages": clock.to_json()}, indent=2))
     else:
         click.echo(str(out))

@@ -22,8 +22,7 @@ from typing import Any
 
 from .errors import McsharpError
 from .llama_src import import_conversion, import_gguf
-
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+from .recipe import OUTTYPES
 
 # A hook sees every tensor the converter is about to write (GGUF name, torch tensor, block id) and may
 # return what to write instead: a list of (name, numpy data, ggml type or None) — packed bytes, a split

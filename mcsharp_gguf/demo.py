@@ -48,8 +48,7 @@ def run_demo(work_dir: Path, prompt: str, recipe: Recipe = DEMO_RECIPE, log=prin
     llm = open_chat_model(out)
     answer = reply(llm, [{"role": "user", "content": prompt}], max_tokens=64)
     summary = {"model": str(out), "file_mb": rep.file_bytes / 1e6, "expert_bpw": rep.classes["experts"].bpw,
-               "planned_bpw": 8 * (res.plan.expert_bytes + res.plan.dense_bytes)
-               / (res.plan.expert_weights + res.plan.dense_weights), "est_kl": res.est_kl,
+               "planned_bpw": res.plan.planned_bpw, "est_kl": res.est_kl,
                "eval_otp_on": ev_on.to_json(), "eval_otp_off": ev_off.to_json(),
                "prompt": prompt, "reply": answer}
     print(json.dumps(summary, indent=2))

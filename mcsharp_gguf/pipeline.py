@@ -19,7 +19,6 @@ import torch
 
 from .budget import Budget, header_bytes, resolve_budget
 from .convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory, validate_model_dir
-from .errors import McsharpError
 from .otp import OtpRouters
 from .pmq import BitPlan, ModelImportance
 from .quantize import DenseTypes
@@ -46,9 +45,8 @@ class Conversion:
         size = self.out.stat().st_size
         parts = [f"{self.out}: {size / 1e6:.1f} MB"]
         if self.plan is not None:
-            p = self.plan
-            parts.append(f"{8 * (p.expert_bytes + p.dense_bytes) / (p.expert_weights + p.dense_weights):.3f} bpw "
-                         f"planned ({self.budget.source if self.budget else 'given plan'})")
+            source = self.budget.source if self.budget else "given plan"
+            parts.append(f"{self.plan.planned_bpw:.3f} bpw planned ({source})")
         if self.est_kl is not None:
             parts.append(f"est. KL {self.est_kl:.4f}/token")
         if self.routers is not None:
@@ -158,9 +156,7 @@ def estimated_kl(plan: BitPlan, importance: ModelImportance, n_tokens: int) -> f
 def _dense_types(recipe: Recipe, plan: BitPlan | None) -> DenseTypes | None:
     if plan is not None and plan.tensor_types:
         return DenseTypes.exact(plan.tensor_types)
-    d = DenseTypes(tensor_types=recipe.tensor_types, **recipe.dense_types)
-    if d.any() and plan is None:
-        raise McsharpError("non-expert quantisation types need a PMQ plan (a budget or --plan)")
+    d = DenseTypes(tensor_types=recipe.tensor_types, **recipe.dense_types)  # Recipe.check: only beside a plan
     return d if d.any() else None
 
 

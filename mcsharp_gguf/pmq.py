@@ -136,7 +136,7 @@ class TensorImportance:
     """A non-expert tensor as a whole-file plan sees it: its GGUF name, shape and Fisher error per type."""
 
     name: str  # GGUF tensor name, e.g. "blk.3.attn_q.weight"
-    cls: str  # attn | ffn | embd | output (quantize.DENSE_CLASSES)
+    cls: str  # attn | ffn | embd | output (recipe.DENSE_CLASSES)
     rows: int
     cols: int  # row length (ggml blocks run along it)
     eps_fisher: dict[str, float]  # storable type → sqrt of the estimated 2·ΔKL summed over tokens
@@ -178,6 +178,11 @@ class BitPlan:
     # calibration coverage: layer → {"tokens": per-expert routed tokens, "d_model", "d_ff"}; an expert with fewer
     # tokens than a projection's input width gets RTN there instead of GPTQ (quantize.expert_hessians)
     coverage: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def planned_bpw(self) -> float:
+        """True bits per weight over everything the plan types (the experts, and ``tensor_types``' tensors)."""
+        return 8 * (self.expert_bytes + self.dense_bytes) / (self.expert_weights + self.dense_weights)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -29,6 +29,7 @@ from .errors import McsharpError
 from .formats import QuantResult, quantize_rtn
 from .gptq import HessianAccumulator, gptq_quantize
 from .pmq import BitPlan, storable_type
+from .recipe import DENSE_CLASSES
 
 PROJS = ("gate", "up", "down")
 MIN_ROWS = 32  # smaller matrices (e.g. a 1-row shared-expert gate) stay at --outtype
@@ -145,7 +146,6 @@ class DenseTypes:
         return cls(tensor_types=tuple((rf"^{re.escape(n)}$", t) for n, t in sorted(types.items())))
 
 
-DENSE_CLASSES = ("attn", "ffn", "embd", "output")
 
 
 def gguf_name_map(arch, n_layer: int):

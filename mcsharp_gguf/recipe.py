@@ -21,6 +21,7 @@ SCOPES = ("file", "global", "layer")
 METRICS = ("fisher", "mc")
 EPS_SOURCES = ("gptq", "rtn")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+DENSE_CLASSES = ("attn", "ffn", "embd", "output")  # the classes of non-expert tensors (quantize.DenseTypes)
 RECIPE_VERSION = 1
 
 
@@ -97,10 +98,27 @@ class Recipe:
             raise McsharpError(f"--otp-hidden {self.otp_hidden} must be at least 1")
         if self.calib_seqs < 1 or self.calib_len < 2:
             raise McsharpError(f"calibration of {self.calib_seqs} × {self.calib_len} tokens: need at least 1 × 2")
-        if (self.dense_types or self.tensor_types) and self.scope == "file":
+        if self.dense_types or self.tensor_types:
+            self._check_dense_types()
+
+    def _check_dense_types(self) -> None:
+        if self.scope == "file":
             raise McsharpError("a whole-file plan chooses every non-expert type itself; drop --attn-type, "
                                "--ffn-type, --embd-type, --output-type and --tensor-type (or use --budget-scope "
                                "global)")
+        if self.lossless:
+            raise McsharpError("non-expert quantisation types need a PMQ plan (a budget or --plan), not "
+                               f"--preset {self.budget_preset}")
+        from .formats import QUANT_TYPES  # imported only here: formats loads torch
+
+        given = [*((f"--{c}-type", t) for c, t in self.dense_types.items()),
+                 *((f"--tensor-type {pat}", t) for pat, t in self.tensor_types)]
+        for c in self.dense_types:
+            if c not in DENSE_CLASSES:
+                raise McsharpError(f"no class {c!r} of non-expert tensors; classes: {', '.join(DENSE_CLASSES)}")
+        for where, t in given:
+            if t not in QUANT_TYPES:
+                raise McsharpError(f"{where}={t}: not a type mcsharp writes; use one of {', '.join(QUANT_TYPES)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -25,7 +25,10 @@ def test_recipe_round_trips_and_defaults_are_the_measured_best():
 @pytest.mark.parametrize(("kw", "needle"), [
     ({"preset": "Q3_K_XL"}, "presets: "), ({"bpw": 3.0, "preset": "Q2_K"}, "give one of"),
     ({"bpw": -1.0}, "--bpw"), ({"mode": "fancy"}, "mode"), ({"otp": True, "otp_target_frac": 1.5}, "(0, 1]"),
-    ({"dense_types": {"attn": "Q8_0"}}, "whole-file plan")])
+    ({"dense_types": {"attn": "Q8_0"}}, "whole-file plan"),
+    ({"scope": "global", "dense_types": {"attn": "Q9_K"}}, "--attn-type=Q9_K"),
+    ({"scope": "global", "tensor_types": (("attn_v", "FP8"),)}, "--tensor-type attn_v=FP8"),
+    ({"scope": "global", "preset": "F16", "dense_types": {"attn": "Q8_0"}}, "need a PMQ plan")])
 def test_bad_recipes_fail_in_one_line(kw, needle):
     with pytest.raises(McsharpError) as e:
         Recipe(**kw)
@@ -70,12 +73,11 @@ def test_budgets_in_bytes():
 
 def test_a_preset_spends_what_llama_quantize_would():
     """The budget of a preset is llama-quantize's tensor bytes for it minus what stays outside the plan."""
-    from mcsharp_gguf.budget import ggml_bytes
-    from mcsharp_gguf.presets import preset_types
+    from mcsharp_gguf.presets import preset_types, tensor_data_bytes
 
     inv = _inventory()
     types = preset_types({n: (t.shape, t.type_name) for n, t in inv.items()}, "qwen2moe", "Q4_K_M")
-    theirs = sum(ggml_bytes(types[n], t.n_weights) if types[n] != t.type_name else t.n_bytes for n, t in inv.items())
+    theirs = sum(tensor_data_bytes(t.shape, types[n]) for n, t in inv.items())
     b = resolve_budget(Recipe(preset="Q4_K_M"), inv, "qwen2moe")
     assert b.planned_bytes + b.fixed_bytes == theirs
     assert 4.5 < b.bpw < 6.0 and "Q4_K_M" in b.source
