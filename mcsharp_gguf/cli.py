@@ -50,14 +50,14 @@ def setup(backend: str, tools: bool, tests: bool, cuda_arch: str, as_json: bool)
 @click.argument("out_dir", type=click.Path(path_type=Path))
 def fixture(out_dir: Path) -> None:
     """Build the embedded real MoE fixture (SmolLM2-135M upcycled to Qwen2-MoE) into OUT_DIR."""
-    from .fixture import build_fixture
+    from .dev.fixture import build_fixture
 
     build_fixture(out_dir, log=_log)
     click.echo(str(out_dir))
 
 
 def _calibration_ids(model_dir: Path, calib: str, calib_seqs: int, calib_len: int):
-    from .pipeline import calibration_ids
+    from .model.calibration import calibration_ids
     from .recipe import Recipe
 
     return calibration_ids(Recipe(preset="F16", calib=calib, calib_seqs=calib_seqs, calib_len=calib_len), model_dir)
@@ -158,7 +158,7 @@ def _check_otp_options(target_frac: float, hidden: int) -> None:
 
 
 def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine_steps: int = 0):
-    from .otp import train_otp
+    from .otp.train import train_otp
 
     return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, refine_steps=refine_steps, log=_log)
 
@@ -166,7 +166,7 @@ def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine
 def _parse_tensor_types(ctx, param, values) -> tuple[tuple[str, str], ...]:
     import re
 
-    from .formats import QUANT_TYPES
+    from .ggml.types import QUANT_TYPES
 
     out = []
     for v in values:
@@ -242,7 +242,7 @@ def convert(model_dir: Path, out: Path, otp: bool, plan_file: Path | None, work_
     """Convert a Hugging Face MoE checkpoint to a compressed GGUF: PMQ mixed-precision GPTQ at a llama-quantize
     preset's size (default Q3_K_M), a file size or a bpw; --otp adds OTP routers."""
     from .pipeline import run
-    from .pmq import BitPlan
+    from .pmq.plan import BitPlan
     from .stages import StageClock
 
     recipe = _recipe(kw, otp=otp)
@@ -279,9 +279,11 @@ def convert(model_dir: Path, out: Path, otp: bool, plan_file: Path | None, work_
 @_HELP_ADVANCED
 def plan(model_dir: Path, out: Path, **kw) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
-    from .convert import check_output_path, validate_model_dir
-    from .pipeline import calibration_ids, model_budget, plan_model
-    from .pmq import format_plan_table, plot_plan
+    from .gguf.convert import check_output_path
+    from .model.calibration import calibration_ids
+    from .model.checkpoint import validate_model_dir
+    from .pipeline import model_budget, plan_model
+    from .pmq.report import format_plan_table, plot_plan
     from .stages import StageClock
 
     recipe = _recipe(kw)
@@ -306,7 +308,7 @@ def plan(model_dir: Path, out: Path, **kw) -> None:
 @click.option("--no-tensors", is_flag=True, help="Only the summary, not every tensor.")
 def inspect(gguf_file: Path, as_json: bool, no_tensors: bool) -> None:
     """Tensor types and sizes, true bits per weight for experts / attention / other."""
-    from .inspect_gguf import format_report, read_report
+    from .gguf.inspect import format_report, read_report
 
     rep = read_report(gguf_file)
     click.echo(json.dumps(rep.to_json(), indent=2) if as_json else format_report(rep, not no_tensors))
@@ -336,9 +338,13 @@ prune_options = _option_group(_prune_options)
 def eval_cmd(gguf_file: Path, text_file: Path | None, base: Path | None, ctx: int, max_tokens: int,
              otp: str | None, top_k: int | None, prune_mu: float | None, as_json: bool) -> None:
     """Perplexity, and with --base: mean / p99 KLD and top-1 agreement (and the executed expert-slot
-    fraction when a pruning rule is active)."""
-    from .evaluate import evaluate_gguf
-    from .otp import prune_overrides
+    fraction when a pruning rule is active).
+
+    \f
+    (Nine parameters: click passes one per option.)
+    """
+    from .runtime.evaluate import evaluate_gguf
+    from .runtime.prune import prune_overrides
     from .text import heldout_text, read_text_file
 
     kv = prune_overrides(otp, top_k, prune_mu)
@@ -365,9 +371,13 @@ def eval_cmd(gguf_file: Path, text_file: Path | None, base: Path | None, ctx: in
 @click.option("--json", "as_json", is_flag=True)
 def bench(gguf_file: Path, prompt_tokens: int, decode_tokens: int, rounds: int, otp: str | None,
           top_k: int | None, prune_mu: float | None, compare: bool, as_json: bool) -> None:
-    """Prefill / decode tokens per second (and executed expert-slot fraction), side by side with unpruned."""
-    from .bench import bench_gguf
-    from .otp import prune_overrides
+    """Prefill / decode tokens per second (and executed expert-slot fraction), side by side with unpruned.
+
+    \f
+    (Nine parameters: click passes one per option.)
+    """
+    from .runtime.bench import bench_gguf
+    from .runtime.prune import prune_overrides
 
     kv = prune_overrides(otp, top_k, prune_mu)
     configs = {"run": kv}
@@ -400,7 +410,8 @@ def otp() -> None:
 def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, calib: str,
               calib_seqs: int, calib_len: int) -> None:
     """Train the routers of every MoE layer of MODEL_DIR into a router file for `mcsharp otp add`."""
-    from .convert import atomic_output, check_output_path, validate_model_dir
+    from .gguf.convert import atomic_output, check_output_path
+    from .model.checkpoint import validate_model_dir
 
     _check_otp_options(otp_target_frac, otp_hidden)
     validate_model_dir(model_dir)
@@ -421,10 +432,15 @@ def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: in
 def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, otp_hidden: int,
             otp_refine_steps: int, calib: str, calib_seqs: int, calib_len: int) -> None:
     """Add OTP routers to GGUF_FILE: SOURCE is the HF checkpoint it came from (routers are trained now)
-    or a router file from `mcsharp otp train`."""
-    from .convert import check_output_path, validate_model_dir
-    from .gguf_edit import open_gguf
-    from .otp import OtpRouters, add_otp_to_gguf, check_routers_fit, gguf_moe_shape, model_moe_shape
+    or a router file from `mcsharp otp train`.
+
+    \f
+    (Nine parameters: click passes one per argument and option.)
+    """
+    from .gguf.convert import check_output_path
+    from .gguf.edit import open_gguf
+    from .model.checkpoint import validate_model_dir
+    from .otp.io import OtpRouters, add_otp_to_gguf, check_routers_fit, gguf_moe_shape, model_moe_shape
 
     shape = gguf_moe_shape(open_gguf(gguf_file))
     arch, n_embd, k, _ = shape
@@ -453,7 +469,7 @@ def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, ot
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
 def otp_strip(gguf_file: Path, out: Path) -> None:
     """Copy GGUF_FILE without its OTP routers (then any llama.cpp loads it)."""
-    from .otp import strip_otp
+    from .otp.io import strip_otp
 
     strip_otp(gguf_file, out)
     click.echo(str(out))
@@ -465,7 +481,7 @@ def otp_strip(gguf_file: Path, out: Path) -> None:
 @click.option("--max-tokens", default=128, show_default=True)
 def chat(gguf_file: Path, prompt: str | None, max_tokens: int) -> None:
     """Chat with a GGUF using the model's chat template."""
-    from .chat import interactive, open_chat_model, reply
+    from .runtime.chat import interactive, open_chat_model, reply
 
     llm = open_chat_model(gguf_file)
     if prompt is not None:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .chat import open_chat_model, reply
-from .convert import convert_checkpoint
-from .evaluate import evaluate_gguf, reference_logits
-from .fixture import cached_fixture
-from .inspect_gguf import read_report
-from .otp import prune_overrides
+from .dev.fixture import cached_fixture
+from .gguf.convert import convert_checkpoint
+from .gguf.inspect import read_report
 from .pipeline import run
 from .recipe import Recipe
-from .runtime import ensure_runtime
+from .runtime.chat import open_chat_model, reply
+from .runtime.evaluate import evaluate_gguf, reference_logits
+from .runtime.llama import ensure_runtime
+from .runtime.prune import prune_overrides
 from .text import heldout_text
 
 DEMO_RECIPE = Recipe(otp=True)  # the defaults: what `mcsharp convert MODEL -o OUT --otp` runs

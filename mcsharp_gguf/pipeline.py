@@ -17,11 +17,20 @@ from pathlib import Path
 
 import torch
 
-from .budget import Budget, header_bytes, resolve_budget
-from .convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory, validate_model_dir
-from .otp import OtpRouters
-from .pmq import BitPlan, ModelImportance
-from .quantize import DenseTypes
+from .converters import get_architecture
+from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
+from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
+from .model.calibration import calibration_ids
+from .model.checkpoint import validate_model_dir
+from .otp.io import OtpRouters, otp_metadata
+from .otp.train import train_otp
+from .pmq.budget import Budget, header_bytes, resolve_budget
+from .pmq.importance import ModelImportance
+from .pmq.measure import measure_importance
+from .pmq.plan import BitPlan, plan_cost, plan_metric, solve_bit_plan
+from .pmq.report import format_plan_table
+from .quant.dense import DenseTypes
+from .quant.sequential import WorkDirQuantiser, quantize_experts
 from .recipe import Recipe
 from .stages import StageClock
 
@@ -54,33 +63,14 @@ class Conversion:
         return ", ".join(parts) + f", {self.wall_s:.0f} s"
 
 
-def calibration_ids(recipe: Recipe, model_dir: str | Path) -> torch.Tensor:
-    """The recipe's calibration token ids, (calib_seqs, calib_len): the built-in text (Python's own
-    documentation, streamed; never the held-out text `eval` scores), a text file, or 'self' (text sampled from
-    the model itself; loads the whole model)."""
-    from .calib import calibration_token_ids, self_generated_text
-    from .text import calibration_text, calibration_text_limit, read_text_file
-
-    n = recipe.calib_seqs * recipe.calib_len
-    if recipe.calib == "builtin":
-        text = calibration_text(min(calibration_text_limit(), n * 6))  # ~4 characters a token, with room
-    elif recipe.calib == "self":
-        text = self_generated_text(model_dir, n * 2)
-    else:
-        text = read_text_file(recipe.calib, what="--calib")
-    return calibration_token_ids(model_dir, text, recipe.calib_seqs, recipe.calib_len)
-
-
 def _llama_arch(model_dir: Path) -> tuple[object, int]:
     """(architecture adapter, decoder layer count) of a checkpoint."""
-    from .converters import get_architecture
-
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     return get_architecture(cfg["architectures"][0]), int(cfg.get("text_config", cfg)["num_hidden_layers"])
 
 
 def check_disk(model_dir, out: Path, recipe: Recipe, bpw: float | None, planning: bool, work_dir: Path) -> None:
-    """convert.check_free_disk for a conversion: the importance pass (``planning``) spills every layer's input
+    """gguf.convert.check_free_disk for a conversion: the importance pass (``planning``) spills every layer's input
     states (n_layer × tokens × d float32) into ``work_dir``; GPTQ keeps its packed layers there."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
@@ -92,8 +82,6 @@ def check_disk(model_dir, out: Path, recipe: Recipe, bpw: float | None, planning
 def measure(recipe: Recipe, model_dir, ids: torch.Tensor, work_dir: Path | None = None) -> ModelImportance:
     """The Importance stage: PMQ's per-(expert, type) and per-tensor errors on ``ids`` (resumable in
     ``work_dir``)."""
-    from .pmq import measure_importance
-
     return measure_importance(model_dir, ids, dense=recipe.scope == "file", flip_probe=recipe.flip_probe,
                               eps_source=recipe.eps_source, work_dir=work_dir)
 
@@ -107,8 +95,6 @@ def planned_weights(importance: ModelImportance, scope: str) -> int:
 def solve(recipe: Recipe, importance: ModelImportance, budget: Budget, log: Callable[[str], None] = print
           ) -> BitPlan:
     """The BitPlan stage: the MILP over ``importance`` at ``budget``'s bytes."""
-    from .pmq import plan_metric, solve_bit_plan
-
     weights = planned_weights(importance, recipe.scope)
     if weights != budget.planned_weights:  # the measured set is what the plan types; keep the bytes
         log(f"[plan] the importance covers {weights} weights, the tensor list {budget.planned_weights}; "
@@ -146,8 +132,6 @@ def model_budget(recipe: Recipe, model_dir: str | Path, log: Callable[[str], Non
 def estimated_kl(plan: BitPlan, importance: ModelImportance, n_tokens: int) -> float | None:
     """The plan's output KL per token as its importance estimates it (½ Σ eps_fisher² of every chosen
     (expert, type) and (tensor, type) over the calibration tokens); None outside the Fisher metric."""
-    from .pmq import plan_cost
-
     if plan.metric != "fisher" or not n_tokens:
         return None
     return 0.5 * plan_cost(plan, importance.layers, importance.tensors) / n_tokens
@@ -164,9 +148,6 @@ def quantise(model_dir, plan: BitPlan, dense: DenseTypes | None, ids: torch.Tens
              log: Callable[[str], None] = print):
     """The quantisation stage: sequential GPTQ of the planned experts (and ``dense`` tensors) into ``work``, or
     RTN when ``ids`` is None; returns the convert hook that writes them."""
-    from .pack import chain_hooks, dense_hook, plan_hook, rtn_quantiser
-    from .quantize import WorkDirQuantiser, quantize_experts
-
     served = None
     quantiser = rtn_quantiser
     if ids is not None:
@@ -183,9 +164,6 @@ def quantise(model_dir, plan: BitPlan, dense: DenseTypes | None, ids: torch.Tens
 
 def _metadata(recipe: Recipe, plan: BitPlan | None, dense: DenseTypes | None, routers: OtpRouters | None):
     """One ``extra_kv`` for convert_checkpoint: the recipe, and the plan / dense types / routers when present."""
-    from .otp import otp_metadata
-    from .pack import plan_metadata
-
     adders = [plan_metadata(plan) if plan is not None else None,
               otp_metadata(routers) if routers is not None else None]
 
@@ -209,6 +187,9 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     them. ``work_dir`` (default ``OUT.work``, removed after success unless given) keeps every finished layer of the
     importance pass and of GPTQ, so an interrupted run resumes with the same bytes. Budget and disk are checked
     before any calibration.
+
+    (Nine parameters: what to convert and where, then keyword-only stage results to reuse and the log, clock and
+    verbosity a caller brings.)
     """
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -235,16 +216,12 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     dense = _dense_types(recipe, res.plan)
     hook = None
     if res.plan is not None:
-        from .pmq import format_plan_table
-
         log(format_plan_table(res.plan))
         if res.importance is not None:
             res.est_kl = estimated_kl(res.plan, res.importance, res.n_tokens)
         with clock.stage("gptq" if recipe.gptq else "rtn"):
             hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log)
     if recipe.otp:
-        from .otp import train_otp
-
         log(f"[otp] training routers for executed fraction {recipe.otp_target_frac}")
         with clock.stage("otp"):
             res.routers = train_otp(model_dir, ids, target_frac=recipe.otp_target_frac, hidden=recipe.otp_hidden,

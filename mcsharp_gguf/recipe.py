@@ -13,6 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import McsharpError
+from .ggml.types import QUANT_TYPES
+from .pmq.presets import PRESETS
 
 DEFAULT_PRESET = "Q3_K_M"
 LOSSLESS_PRESETS = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # plain conversion, no plan
@@ -21,7 +23,7 @@ SCOPES = ("file", "global", "layer")
 METRICS = ("fisher", "mc")
 EPS_SOURCES = ("gptq", "rtn")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-DENSE_CLASSES = ("attn", "ffn", "embd", "output")  # the classes of non-expert tensors (quantize.DenseTypes)
+DENSE_CLASSES = ("attn", "ffn", "embd", "output")  # the classes of non-expert tensors (quant.dense.DenseTypes)
 RECIPE_VERSION = 1
 
 
@@ -109,8 +111,6 @@ class Recipe:
         if self.lossless:
             raise McsharpError("non-expert quantisation types need a PMQ plan (a budget or --plan), not "
                                f"--preset {self.budget_preset}")
-        from .formats import QUANT_TYPES  # imported only here: formats loads torch
-
         given = [*((f"--{c}-type", t) for c, t in self.dense_types.items()),
                  *((f"--tensor-type {pat}", t) for pat, t in self.tensor_types)]
         for c in self.dense_types:
@@ -136,8 +136,6 @@ class Recipe:
 
 def check_preset_name(preset: str) -> None:
     """An unknown preset → one line listing the known ones."""
-    from .presets import PRESETS
-
     if preset not in PRESETS and preset not in LOSSLESS_PRESETS:
         raise McsharpError(f"unknown preset {preset!r}; presets: {', '.join([*PRESETS, *LOSSLESS_PRESETS])}")
 

@@ -90,3 +90,8 @@ def run_with_peak_rss(cmd: list[str], env: dict | None = None) -> tuple[float, f
                                  stderr=f, env=env)
         rss = int(peak.read_text()) / 1024 if peak.exists() else 0.0
         return time.time() - t0, rss, rc, err.read_text()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -29,7 +29,7 @@ def main() -> None:
 
     from mcsharp_gguf.native import build as nb
 
-    from mcsharp_gguf.fixture import cached_fixture
+    from mcsharp_gguf.dev.fixture import cached_fixture
     from mcsharp_gguf.text import calibration_text
 
     work = args.work

@@ -1,4 +1,4 @@
-"""Seconds per matrix of ggml-grid GPTQ (mcsharp_gguf.gptq) vs a textbook GPTQ loop on the same grids.
+"""Seconds per matrix of ggml-grid GPTQ (mcsharp_gguf.quant.gptq) vs a textbook GPTQ loop on the same grids.
 
 Shapes: the fixture's (q_proj 768×768, expert gate/up 128×768, expert down 768×128, shared down 768×512) and
 Mixtral-8x7B's expert matrices: w1/w3 (ggml 4096×14336: 14336 rows of 4096) and w2 (4096 rows of 14336).
@@ -22,9 +22,10 @@ import time
 
 import torch
 
-from mcsharp_gguf import formats as F
-from mcsharp_gguf import gptq as gptq_mod
-from mcsharp_gguf.gptq import _prepare, gptq_quantize, gptq_textbook
+from mcsharp_gguf.ggml.grids import _levels_t, fit_grid, nearest_code
+from mcsharp_gguf.ggml.types import _spec, block_size
+from mcsharp_gguf.quant import gptq as gptq_mod
+from mcsharp_gguf.quant.gptq import _prepare, gptq_quantize, gptq_textbook
 
 TYPES = ("Q2_K", "Q4_K", "Q1_0")
 FIXTURE = {"fixture q_proj": (768, 768), "fixture expert gate/up": (128, 768), "fixture expert down": (768, 128),
@@ -55,16 +56,16 @@ def textbook_partial(W: torch.Tensor, H: torch.Tensor, t: str, ncols: int, damp:
         t_hinv = (time.perf_counter() - t0) * (cols / 4096) ** 3
         W, _ = _prepare(W, torch.eye(cols), t)
         U = torch.eye(cols)  # values are irrelevant to the cost of the column walk
-    sp, B = F._spec(t), F.block_size(t)
-    lv = F._levels_t(sp)
+    sp, B = _spec(t), block_size(t)
+    lv = _levels_t(sp)
     sal = 1.0 / torch.diagonal(U) ** 2
     t0 = time.perf_counter()
     for j in range(ncols):  # identical to gptq_textbook's walk
         if j % B == 0:
-            S, O = F.fit_grid(W[:, j:j + B], t, sal[j:j + B].reshape(1, -1)).expand()
+            S, O = fit_grid(W[:, j:j + B], t, sal[j:j + B].reshape(1, -1)).expand()
         k, w = j % B, W[:, j]
         o = None if O is None else O[:, k]
-        c = F.nearest_code((w - o if o is not None else w) * torch.where(S[:, k] != 0, 1.0 / S[:, k], 0.0), t)
+        c = nearest_code((w - o if o is not None else w) * torch.where(S[:, k] != 0, 1.0 / S[:, k], 0.0), t)
         q = S[:, k] * lv[c]
         q = q + o if o is not None else q
         err = (w - q) / U[j, j]
@@ -122,7 +123,7 @@ def main() -> None:
     for name, (rows, cols) in shapes.items():
         W, H = synthetic(rows, cols)
         for t in types:
-            if cols % F.block_size(t):
+            if cols % block_size(t):
                 print(f"{name:34s} {rows:>6d}x{cols:<6d} {t:5s} {'n/a: row length not a multiple of the block':>30s}")
                 continue
             t_fast, t_fit = gptq_timed(W, H, t, args.repeat)

@@ -59,8 +59,8 @@ def run_worker(lib: str, path: Path, mode: str, n: int, reps: int, kv: dict) -> 
 def make_gguf(work: Path, name: str, hidden: int, ff: int, experts: int, k: int, otp_drop: int | None) -> Path:
     import numpy as np
 
-    from mcsharp_gguf.convert import convert_checkpoint
-    from mcsharp_gguf.tiny_models import make_tiny_moe
+    from mcsharp_gguf.dev.tiny_models import make_tiny_moe
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
 
     out = work / f"{name}.gguf"
     if out.exists():

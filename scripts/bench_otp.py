@@ -51,19 +51,16 @@ def main() -> None:
 
     import torch
 
-    from mcsharp_gguf.bench import bench_gguf
-    from mcsharp_gguf.calib import calibration_token_ids
-    from mcsharp_gguf.convert import convert_checkpoint
-    from mcsharp_gguf.evaluate import evaluate_gguf, reference_logits
-    from mcsharp_gguf.fixture import cached_fixture
-    from mcsharp_gguf.otp import (
-        add_otp_to_gguf,
-        capture_otp_data,
-        prune_overrides,
-        refine_otp_kl,
-        select_for_target,
-        train_candidates,
-    )
+    from mcsharp_gguf.dev.fixture import cached_fixture
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
+    from mcsharp_gguf.model.calibration import calibration_token_ids
+    from mcsharp_gguf.otp.capture import capture_otp_data
+    from mcsharp_gguf.otp.io import add_otp_to_gguf
+    from mcsharp_gguf.otp.refine import refine_otp_kl
+    from mcsharp_gguf.otp.train import select_for_target, train_candidates
+    from mcsharp_gguf.runtime.bench import bench_gguf
+    from mcsharp_gguf.runtime.evaluate import evaluate_gguf, reference_logits
+    from mcsharp_gguf.runtime.prune import prune_overrides
     from mcsharp_gguf.text import calibration_text, heldout_text
 
     t_start = time.time()

@@ -47,8 +47,8 @@ def main() -> None:
 
     import numpy as np
 
-    from mcsharp_gguf import runtime
-    from mcsharp_gguf.evaluate import chunk_tokens, log_softmax, token_kld
+    from mcsharp_gguf.runtime import llama
+    from mcsharp_gguf.runtime.evaluate import chunk_tokens, log_softmax, token_kld
 
     t0 = time.time()
     f16 = args.work / "fixture-f16.gguf"
@@ -62,16 +62,16 @@ def main() -> None:
                 files[point, kind[1]] = path
     if not f16.exists():
         raise SystemExit(f"{f16} does not exist; run scripts/bench_quality.py --work {args.work} first")
-    ref = runtime.load_model(f16, n_ctx=512)
-    models = {k: runtime.load_model(p, n_ctx=512) for k, p in files.items()}
+    ref = llama.load_model(f16, n_ctx=512)
+    models = {k: llama.load_model(p, n_ctx=512) for k, p in files.items()}
     text = unused_text()
     chunks = chunk_tokens(ref.tokenize(text.encode("utf-8"), add_bos=False, special=False), 512, args.max_tokens)
     log(f"[pairs] {len(text)} characters, {len(chunks)} chunks of 512 tokens, {len(files)} files")
     kld: dict = {k: [] for k in files}
     for i, chunk in enumerate(chunks):
-        base = log_softmax(runtime.logits_for(ref, chunk)[:-1])  # as evaluate.score_chunk, reference once
+        base = log_softmax(llama.logits_for(ref, chunk)[:-1])  # as evaluate.score_chunk, reference once
         for k, llm in models.items():
-            kld[k].append(token_kld(base, log_softmax(runtime.logits_for(llm, chunk)[:-1])))
+            kld[k].append(token_kld(base, log_softmax(llama.logits_for(llm, chunk)[:-1])))
         if (i + 1) % 10 == 0:
             log(f"[pairs] {i + 1}/{len(chunks)} chunks, {time.time() - t0:.0f} s")
     kld = {k: np.concatenate(v) for k, v in kld.items()}

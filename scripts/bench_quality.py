@@ -101,7 +101,7 @@ def run(cmd: list[str]) -> tuple[float, float]:
 
 def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """name → (ggml type, ggml shape ne, element count, bytes) of every tensor in a GGUF."""
-    from mcsharp_gguf.gguf_edit import open_gguf
+    from mcsharp_gguf.gguf.edit import open_gguf
 
     return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.n_elements), int(t.n_bytes))
             for t in open_gguf(path).tensors}
@@ -115,22 +115,22 @@ def expert_totals(types: dict) -> tuple[int, int]:
 
 def scalar_type_for(t: str) -> str:
     """The type GPTQ here writes for llama.cpp's type ``t``: itself, or the largest scalar type of ≤ its bits."""
-    from mcsharp_gguf import formats as F
+    from mcsharp_gguf.ggml.types import QUANT_TYPES, bits_per_weight
 
-    if t in F.QUANT_TYPES:
+    if t in QUANT_TYPES:
         return t
     from mcsharp_gguf.llama_src import import_gguf
 
     gguf = import_gguf()
     bs, ts = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]]
     bpw = 8 * ts / bs
-    return max((x for x in F.QUANT_TYPES if F.bits_per_weight(x) <= bpw + 1e-9), key=F.bits_per_weight)
+    return max((x for x in QUANT_TYPES if bits_per_weight(x) <= bpw + 1e-9), key=bits_per_weight)
 
 
 def estimated_kl(plan, importance, n_tokens: int) -> float:
     """The plan's output KL per token as its own importance estimates it: ½ Σ eps_fisher² of every chosen
     (expert, type) and (tensor, type), over the calibration tokens (compare with the measured held-out KLD)."""
-    from mcsharp_gguf.pmq import plan_cost
+    from mcsharp_gguf.pmq.plan import plan_cost
 
     return 0.5 * plan_cost(plan, importance.layers, importance.tensors) / n_tokens
 
@@ -158,15 +158,18 @@ def main() -> None:
 
     from mcsharp_gguf.native import build as nb
 
-    from mcsharp_gguf import formats as F
-    from mcsharp_gguf.calib import calibration_token_ids, peak_rss_mb
-    from mcsharp_gguf.convert import convert_checkpoint
-    from mcsharp_gguf.evaluate import evaluate_gguf, reference_logits
-    from mcsharp_gguf.fixture import cached_fixture
-    from mcsharp_gguf.inspect_gguf import read_report
+    from mcsharp_gguf.dev.fixture import cached_fixture
+    from mcsharp_gguf.ggml.types import tensor_bytes
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
+    from mcsharp_gguf.gguf.inspect import read_report
+    from mcsharp_gguf.model.calibration import calibration_token_ids
     from mcsharp_gguf.pipeline import measure, run
-    from mcsharp_gguf.pmq import BitPlan, ModelImportance, format_plan_table, out_of_fold_cost, solve_bit_plan
+    from mcsharp_gguf.pmq.importance import ModelImportance
+    from mcsharp_gguf.pmq.plan import BitPlan, out_of_fold_cost, solve_bit_plan
+    from mcsharp_gguf.pmq.report import format_plan_table
     from mcsharp_gguf.recipe import Recipe
+    from mcsharp_gguf.runtime.evaluate import evaluate_gguf, reference_logits
+    from mcsharp_gguf.stages import peak_rss_mb
     from mcsharp_gguf.text import calibration_text, heldout_text
 
     t_start = time.time()
@@ -251,7 +254,7 @@ def main() -> None:
             ours = scalar_type_for(t)
             rules.append((rf"^{re.escape(n)}$", ours))
             theirs_dense += b
-            ours_dense += F.tensor_bytes(ours, n_el)
+            ours_dense += tensor_bytes(ours, n_el)
         dense = tuple(rules)
         n_w, spent = expert_totals(types)
         bpw = 8 * (spent + theirs_dense - ours_dense) / n_w
@@ -264,7 +267,7 @@ def main() -> None:
             if m:
                 ours = scalar_type_for(t)
                 layer_types.setdefault(int(m.group(1)), {})[m.group(2)] = ours
-                uniform_bytes += F.tensor_bytes(ours, n_el)
+                uniform_bytes += tensor_bytes(ours, n_el)
         n_e = base_imp.layers[0].n_expert
         plans["(c) uniform GPTQ"] = BitPlan(
             mode="stock", target_bpw=bpw, achieved_bpw=8 * uniform_bytes / n_w, expert_bytes=uniform_bytes,

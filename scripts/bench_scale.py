@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Conversion cost at real layer shapes, ours against llama.cpp's, side by side on one machine.
 
-A random-weight checkpoint with a real model's exact layer shapes (``mcsharp_gguf.scale``: Qwen3-30B-A3B,
+A random-weight checkpoint with a real model's exact layer shapes (``mcsharp_gguf.dev.scale``: Qwen3-30B-A3B,
 Mixtral-8x7B, DeepSeek-V2-Lite, OLMoE-1B-7B) at ``--layers`` decoder layers is written shard by shard, then
 converted by both pipelines, every step its own process with its own peak RSS:
 
@@ -69,7 +69,7 @@ def main() -> None:
 
     from mcsharp_gguf.native import build as nb
 
-    from mcsharp_gguf.scale import layer_bytes_bf16, real_shape, write_real_shape_checkpoint
+    from mcsharp_gguf.dev.scale import layer_bytes_bf16, real_shape, write_real_shape_checkpoint
     from mcsharp_gguf.text import calibration_text
 
     shape = real_shape(args.shape)

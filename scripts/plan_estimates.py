@@ -21,7 +21,8 @@ def main() -> None:
     ap.add_argument("--json", dest="json_in", type=Path, default=None, help="bench_quality.py --json output")
     args = ap.parse_args()
 
-    from mcsharp_gguf.pmq import BitPlan, ModelImportance
+    from mcsharp_gguf.pmq.importance import ModelImportance
+    from mcsharp_gguf.pmq.plan import BitPlan
 
     imps = {}
     for path in sorted(args.work.glob("importance-*.json")):

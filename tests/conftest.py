@@ -4,7 +4,7 @@ Tiers: ``pytest -m "not slow"`` runs without the shared cache (``$MCSHARP_CACHE`
 no native build, no pinned llama.cpp source, no SmolLM2 download, no real fixture. Every fixture below that
 reads that cache is in CACHED_FIXTURES, and a test that requests one (directly or through another fixture) is
 marked slow at collection, so a test file cannot forget the mark. Tests that call the native runtime themselves
-(``runtime``, ``formats.ggml_*``, ``ensure_runtime``) carry ``@pytest.mark.slow`` in their files.
+(``runtime.llama``, ``ggml.libggml``, ``ensure_runtime``) carry ``@pytest.mark.slow`` in their files.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def tiny_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_root):
     """Factory: arch → path of a tiny random checkpoint (made once per session)."""
-    from mcsharp_gguf.tiny_models import make_tiny_moe
+    from mcsharp_gguf.dev.tiny_models import make_tiny_moe
 
     def make(arch: str, **kw) -> Path:
         suffix = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
@@ -59,7 +59,7 @@ def tiny_model(tiny_root):
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_model, tiny_root):
     """Factory: (arch, outtype) → converted GGUF path (made once per session)."""
-    from mcsharp_gguf.convert import convert_checkpoint
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
 
     def make(arch: str, outtype: str = "f32") -> Path:
         out = tiny_root / f"{arch}-{outtype}.gguf"
@@ -73,7 +73,7 @@ def tiny_gguf(tiny_model, tiny_root):
 @pytest.fixture(scope="session")
 def moe_fixture() -> Path:
     """The real MoE fixture (built into the cache on first use, ~2.5 min)."""
-    from mcsharp_gguf.fixture import cached_fixture
+    from mcsharp_gguf.dev.fixture import cached_fixture
 
     return cached_fixture(log=lambda *_: None)
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf.calib import LayerStream, calibration_token_ids, capture_moe
+from mcsharp_gguf.dev.tiny_models import load_hf
 from mcsharp_gguf.errors import McsharpError
-from mcsharp_gguf.tiny_models import load_hf
+from mcsharp_gguf.model.calibration import calibration_token_ids
+from mcsharp_gguf.model.stream import LayerStream, capture_moe
 
 pytestmark = pytest.mark.slow  # tiny models carry the cached SmolLM2 tokenizer
 
@@ -48,7 +49,7 @@ def test_short_calibration_text_is_refused(tiny_model):
 
 def test_self_calibration_is_deterministic_and_long_enough(tiny_model):
     """`--calib self`: text sampled from the model itself, the same for the same seed, never cut short."""
-    from mcsharp_gguf.calib import self_generated_text
+    from mcsharp_gguf.model.calibration import self_generated_text
 
     model_dir = tiny_model("qwen2moe")
     text = self_generated_text(model_dir, 320)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from mcsharp_gguf import runtime
-from mcsharp_gguf.chat import interactive, open_chat_model, reply
 from mcsharp_gguf.cli import cli
+from mcsharp_gguf.runtime import llama
+from mcsharp_gguf.runtime.chat import interactive, open_chat_model, reply
 
 pytestmark = pytest.mark.slow  # the patched llama.cpp runtime and tiny GGUFs (pinned converter, cached tokenizer)
 
@@ -18,12 +18,12 @@ def _greedy_continuation(path, prompt: str, max_tokens: int) -> tuple[str, list[
     """Independent of the chat path: tokenize ``prompt`` (special tokens parsed, no BOS added: the template
     carries its own markers), then take the argmax of fresh full-sequence logits one token at a time until an
     end-of-generation token; the text of the generated tokens only."""
-    llama_cpp = runtime.llama_cpp_module()
-    llm = runtime.load_model(path, n_ctx=256)
+    llama_cpp = llama.llama_cpp_module()
+    llm = llama.load_model(path, n_ctx=256)
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
     gen: list[int] = []
     for _ in range(max_tokens):
-        nxt = int(runtime.logits_for(llm, ids + gen)[-1].argmax())
+        nxt = int(llama.logits_for(llm, ids + gen)[-1].argmax())
         if llama_cpp.llama_vocab_is_eog(llm._model.vocab, nxt):
             break
         gen.append(nxt)

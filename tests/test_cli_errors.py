@@ -91,7 +91,7 @@ def test_missing_and_empty_text(tiny_gguf, tmp_path):
 
 def test_conversion_failure_leaves_nothing(tiny_model, tmp_path, out_dir, monkeypatch):
     """A crash mid-write (here: a hook that raises) leaves neither the output nor a temp file."""
-    from mcsharp_gguf.convert import convert_checkpoint
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
 
     def boom(name, tensor, bid):
         if bid == 1:
@@ -108,11 +108,11 @@ def test_budget_errors_come_before_any_calibration(tiny_model, out_dir, monkeypa
     too many: each a one-line error before calibration, nothing written."""
     from click.testing import CliRunner
 
-    from mcsharp_gguf import calib
     from mcsharp_gguf.cli import cli
     from mcsharp_gguf.errors import McsharpError
+    from mcsharp_gguf.model import calibration
 
-    monkeypatch.setattr(calib, "calibration_token_ids", lambda *a, **k: pytest.fail("calibration ran"))
+    monkeypatch.setattr(calibration, "calibration_token_ids", lambda *a, **k: pytest.fail("calibration ran"))
     model = str(tiny_model("qwen2moe"))
     cases = [(["--preset", "Q3_K_XL"], ("unknown preset", "Q3_K_M", "IQ2_XS", "F16")),
              (["--bpw", "0.5"], ("achievable", "bits per weight", "MB")),

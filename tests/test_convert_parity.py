@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf import runtime
-from mcsharp_gguf.tiny_models import load_hf, pick_tokens
+from mcsharp_gguf.dev.tiny_models import load_hf, pick_tokens
+from mcsharp_gguf.runtime import llama
 
 # the patched llama.cpp runtime, the pinned converter and the cached tokenizer
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def test_f32_logits_match_transformers(arch, tiny_model, tiny_gguf):
     hf = load_hf(model_dir)
     ids = pick_tokens(hf, _top_k(model_dir))
     ref = _hf_logits(hf, ids)
-    got = runtime.logits_for(runtime.load_model(tiny_gguf(arch, "f32"), n_ctx=128), ids)
+    got = llama.logits_for(llama.load_model(tiny_gguf(arch, "f32"), n_ctx=128), ids)
     err = np.abs(got - ref).max()
     assert err <= 1e-3 * np.abs(ref).max(), f"{arch}: max |Δlogit| {err:.3g} vs max|logit| {np.abs(ref).max():.3g}"
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
@@ -45,7 +45,7 @@ def test_gptoss_logits_close_to_transformers(tiny_model, tiny_gguf):
     hf = load_hf(model_dir)
     ids = pick_tokens(hf, _top_k(model_dir))
     ref = _hf_logits(hf, ids)
-    got = runtime.logits_for(runtime.load_model(tiny_gguf("gptoss", "f32"), n_ctx=128), ids)
+    got = llama.logits_for(llama.load_model(tiny_gguf("gptoss", "f32"), n_ctx=128), ids)
     assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.98
 
@@ -56,7 +56,7 @@ def test_f16_argmax_agreement(arch, tiny_model, tiny_gguf):
     hf = load_hf(model_dir)
     ids = pick_tokens(hf, _top_k(model_dir), n=128)
     ref = _hf_logits(hf, ids)
-    got = runtime.logits_for(runtime.load_model(tiny_gguf(arch, "f16"), n_ctx=256), ids)
+    got = llama.logits_for(llama.load_model(tiny_gguf(arch, "f16"), n_ctx=256), ids)
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
 
 
@@ -67,9 +67,9 @@ def test_fixture_parity_f32_and_f16(moe_fixture, tmp_path):
     checked for argmax agreement over 256 consecutive tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mcsharp_gguf.convert import convert_checkpoint
+    from mcsharp_gguf.dev.tiny_models import min_router_margin
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
     from mcsharp_gguf.text import heldout_text
-    from mcsharp_gguf.tiny_models import min_router_margin
 
     tok = AutoTokenizer.from_pretrained(moe_fixture)
     all_ids = np.asarray(tok(heldout_text()[:12000], add_special_tokens=False)["input_ids"])
@@ -83,15 +83,15 @@ def test_fixture_parity_f32_and_f16(moe_fixture, tmp_path):
     del hf
 
     out = convert_checkpoint(moe_fixture, tmp_path / "fixture-f32.gguf", outtype="f32")
-    llm = runtime.load_model(out, n_ctx=256)
+    llm = llama.load_model(out, n_ctx=256)
     for w, ref in zip(windows, refs, strict=True):
-        got = runtime.logits_for(llm, w)
+        got = llama.logits_for(llm, w)
         assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
         assert np.array_equal(got.argmax(-1), ref.argmax(-1))
-    assert (runtime.logits_for(llm, ids).argmax(-1) == ref_long.argmax(-1)).mean() >= 0.99
+    assert (llama.logits_for(llm, ids).argmax(-1) == ref_long.argmax(-1)).mean() >= 0.99
     del llm
     out.unlink()
 
     out = convert_checkpoint(moe_fixture, tmp_path / "fixture-f16.gguf", outtype="f16")
-    got = runtime.logits_for(runtime.load_model(out, n_ctx=256), ids)
+    got = llama.logits_for(llama.load_model(out, n_ctx=256), ids)
     assert (got.argmax(-1) == ref_long.argmax(-1)).mean() >= 0.99

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf.calib import LayerStream
-from mcsharp_gguf.convert import convert_checkpoint
-from mcsharp_gguf.evaluate import evaluate_gguf
-from mcsharp_gguf.formats import quantize_rtn
-from mcsharp_gguf.gguf_edit import open_gguf
+from mcsharp_gguf.ggml.packing import quantize_rtn
+from mcsharp_gguf.gguf.convert import convert_checkpoint
+from mcsharp_gguf.gguf.edit import open_gguf
+from mcsharp_gguf.model.stream import LayerStream, dense_linears
 from mcsharp_gguf.pipeline import run
-from mcsharp_gguf.quantize import dense_linears, load_dense_entries
+from mcsharp_gguf.quant.sequential import load_dense_entries
 from mcsharp_gguf.recipe import Recipe
+from mcsharp_gguf.runtime.evaluate import evaluate_gguf
 from mcsharp_gguf.text import calibration_text, heldout_text
 
 # tiny models (cached tokenizer), the pinned converter, libggml decoding of the work dir, the runtime
@@ -93,12 +93,12 @@ def test_whole_file_plan_sets_every_type_within_budget(tiny_model, tmp_path, cal
     """`--budget-scope file`: one budget over experts and every quantised non-expert tensor; the file holds
     exactly the plan's types, the planned bytes fit the budget, and the model stays close to F16."""
     from mcsharp_gguf.errors import McsharpError
-    from mcsharp_gguf.formats import bits_per_weight
+    from mcsharp_gguf.ggml.types import bits_per_weight
 
     model = tiny_model("qwen2moe")
     recipe = Recipe(bpw=5.0, mode="mixed", calib=calib, calib_seqs=8, calib_len=128)
     res = run(recipe, model, tmp_path / "f.gguf", log=lambda *_: None)
-    from mcsharp_gguf.inspect_gguf import read_report
+    from mcsharp_gguf.gguf.inspect import read_report
 
     assert Recipe.from_json(read_report(res.out).to_json()["metadata"]["mcsharp.recipe"]) == recipe  # in the file
     plan = res.plan

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax
 
-from mcsharp_gguf import runtime
-from mcsharp_gguf.evaluate import chunk_tokens, evaluate_gguf
+from mcsharp_gguf.runtime import llama
+from mcsharp_gguf.runtime.evaluate import chunk_tokens, evaluate_gguf
 from mcsharp_gguf.text import heldout_text
 
 
@@ -18,11 +18,11 @@ def test_ppl_matches_numpy_and_self_kld_is_zero(tiny_gguf):
     res = evaluate_gguf(path, text, base_path=path, ctx=128, max_tokens=512, progress=False)
 
     # Independent: same tokens, logits straight from the runtime, scipy's log-softmax.
-    llm = runtime.load_model(path, n_ctx=128)
+    llm = llama.load_model(path, n_ctx=128)
     tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
     nll = []
     for chunk in chunk_tokens(tokens, 128, 512):
-        lp = log_softmax(runtime.logits_for(llm, chunk).astype(np.float64), axis=-1)
+        lp = log_softmax(llama.logits_for(llm, chunk).astype(np.float64), axis=-1)
         nll.append(-lp[np.arange(127), chunk[1:]])
     ppl = float(np.exp(np.concatenate(nll).mean()))
 
@@ -43,7 +43,7 @@ def test_kld_detects_a_different_model(tiny_gguf):
 def test_token_kld_matches_scipy_entropy():
     from scipy.stats import entropy
 
-    from mcsharp_gguf.evaluate import token_kld
+    from mcsharp_gguf.runtime.evaluate import token_kld
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 40)), rng.normal(size=(5, 40))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf import fixture as fx
+from mcsharp_gguf.dev import fixture as fx
 
 
 def _synthetic_capture(seed: int = 0) -> tuple[fx.LayerCapture, torch.Tensor]:

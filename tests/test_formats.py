@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf import formats as F
 from mcsharp_gguf.errors import McsharpError
+from mcsharp_gguf.ggml.grids import _is_uniform, fit_grid, nearest_code, nearest_level
+from mcsharp_gguf.ggml.libggml import _libggml, ggml_dequantize, ggml_quantize
+from mcsharp_gguf.ggml.packing import QuantResult, finish, quantize_rtn
+from mcsharp_gguf.ggml.types import QUANT_TYPES, _spec, bits_per_weight, block_size, ggml_type, type_size
 
 # gguf-py 0.19 decodes every type we write except the two newest (its quants.py has no Q1_0/Q2_0 classes)
 GGUF_PY_CANNOT = {"Q1_0", "Q2_0"}
@@ -24,17 +27,17 @@ EXPECTED_BPW = {
 }
 
 
-def assert_exact(res: F.QuantResult, shape: tuple[int, int], oracles: tuple[str, ...] = ("ggml", "gguf-py")) -> None:
+def assert_exact(res: QuantResult, shape: tuple[int, int], oracles: tuple[str, ...] = ("ggml", "gguf-py")) -> None:
     """The named decoders reproduce res.dequant bit for bit: "ggml" is libggml's own to_float (needs the native
     build, so slow tier only), "gguf-py" the pinned gguf-py's dequantize (pure Python; it cannot decode the
     GGUF_PY_CANNOT types, which it then skips)."""
     t = res.type_name
     assert res.packed.dtype == np.uint8
-    assert res.packed.shape == (shape[0], shape[1] // F.block_size(t) * F.type_size(t))
+    assert res.packed.shape == (shape[0], shape[1] // block_size(t) * type_size(t))
     ours = res.dequant.numpy()
     assert ours.dtype == np.float32 and ours.shape == shape
     if "ggml" in oracles:
-        ref = F.ggml_dequantize(res.packed, t, shape)
+        ref = ggml_dequantize(res.packed, t, shape)
         bad = ref.view(np.uint32) != ours.view(np.uint32)
         # compare bit patterns, except that +0 and -0 are the same number
         bad &= ~((ref == 0) & (ours == 0))
@@ -42,7 +45,7 @@ def assert_exact(res: F.QuantResult, shape: tuple[int, int], oracles: tuple[str,
     if "gguf-py" in oracles and t not in GGUF_PY_CANNOT:
         import gguf
 
-        g = gguf.quants.dequantize(res.packed, F.ggml_type(t))
+        g = gguf.quants.dequantize(res.packed, ggml_type(t))
         np.testing.assert_array_equal(g.reshape(shape), ours, err_msg=f"{t}: gguf-py decodes differently")
 
 
@@ -57,34 +60,34 @@ def test_table():
     """Our type table: true bpw, ggml.h's type id (what a GGUF stores), and gguf-py's block size for that id."""
     import gguf
 
-    assert len(F.QUANT_TYPES) == 14 and set(F.QUANT_TYPES) == set(GGML_TYPE_ID)
-    for t in F.QUANT_TYPES:
-        assert F.bits_per_weight(t) == EXPECTED_BPW[t], t
-        g = F.ggml_type(t)
+    assert len(QUANT_TYPES) == 14 and set(QUANT_TYPES) == set(GGML_TYPE_ID)
+    for t in QUANT_TYPES:
+        assert bits_per_weight(t) == EXPECTED_BPW[t], t
+        g = ggml_type(t)
         assert int(g) == GGML_TYPE_ID[t] and g.name == t, (t, g)
-        assert gguf.GGML_QUANT_SIZES[g] == (F.block_size(t), F.type_size(t)), t
+        assert gguf.GGML_QUANT_SIZES[g] == (block_size(t), type_size(t)), t
 
 
 @pytest.mark.slow  # loads libggml from the native build
 def test_table_matches_libggml():
     """libggml's own type traits for each id: the name, elements per block and bytes per block we use."""
-    for t in F.QUANT_TYPES:
-        tr = F._libggml().ggml_get_type_traits(GGML_TYPE_ID[t]).contents
+    for t in QUANT_TYPES:
+        tr = _libggml().ggml_get_type_traits(GGML_TYPE_ID[t]).contents
         got = (tr.type_name.decode().upper(), tr.blck_size, tr.type_size)  # ggml spells them q4_0, q4_K, iq4_xs
-        assert got == (t, F.block_size(t), F.type_size(t)), got
+        assert got == (t, block_size(t), type_size(t)), got
 
 
 def test_gguf_py_coverage_is_as_documented():
     import gguf
 
-    x = F.quantize_rtn(torch.randn(1, 256), "Q2_K").packed
-    gguf.quants.dequantize(x, F.ggml_type("Q2_K"))
+    x = quantize_rtn(torch.randn(1, 256), "Q2_K").packed
+    gguf.quants.dequantize(x, ggml_type("Q2_K"))
     for t in GGUF_PY_CANNOT:
         with pytest.raises(NotImplementedError):
-            gguf.quants.dequantize(np.zeros((1, F.type_size(t)), np.uint8), F.ggml_type(t))
+            gguf.quants.dequantize(np.zeros((1, type_size(t)), np.uint8), ggml_type(t))
 
 
-@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+@pytest.mark.parametrize("t,oracle", oracle_params(QUANT_TYPES))
 def test_rtn_random_matrices_exact(t, oracle):
     g = torch.Generator().manual_seed(1)
     for W in (
@@ -93,19 +96,19 @@ def test_rtn_random_matrices_exact(t, oracle):
         torch.rand(8, 256, generator=g) - 0.9,  # mostly negative
         torch.randn(4, 256, generator=g) ** 3,  # heavy tails
     ):
-        assert_exact(F.quantize_rtn(W, t), tuple(W.shape), (oracle,))
+        assert_exact(quantize_rtn(W, t), tuple(W.shape), (oracle,))
 
 
-@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+@pytest.mark.parametrize("t,oracle", oracle_params(QUANT_TYPES))
 def test_rtn_with_imatrix_exact(t, oracle):
     g = torch.Generator().manual_seed(2)
     W = torch.randn(8, 512, generator=g)
     im = torch.rand(512, generator=g) ** 4
     im[:40] = 0  # dead columns
-    assert_exact(F.quantize_rtn(W, t, im), (8, 512), (oracle,))
+    assert_exact(quantize_rtn(W, t, im), (8, 512), (oracle,))
 
 
-@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+@pytest.mark.parametrize("t,oracle", oracle_params(QUANT_TYPES))
 def test_edge_blocks_exact(t, oracle):
     """All-zero, constant, outlier, subnormal-scale and fp16-overflowing blocks, each one super-block wide."""
     n = 256
@@ -116,32 +119,32 @@ def test_edge_blocks_exact(t, oracle):
         torch.where(torch.arange(n) == 7, 3.0e4, 1e-2 * torch.sin(torch.arange(n, dtype=torch.float32))),
         torch.where(torch.arange(n) == 200, -6.0e4, 0.5 * torch.cos(torch.arange(n, dtype=torch.float32))),
         # magnitude 1e-5 · (largest level): block scales ≈ 1e-5, fp16 subnormals
-        1e-5 * max(map(abs, F._spec(t).levels)) * torch.randn(n, generator=torch.Generator().manual_seed(3)).sign(),
+        1e-5 * max(map(abs, _spec(t).levels)) * torch.randn(n, generator=torch.Generator().manual_seed(3)).sign(),
         3e-9 * torch.randn(n, generator=torch.Generator().manual_seed(4)),  # below fp16's range: scale 0
         torch.linspace(-1e5, 1e5, n),  # beyond fp16's range: scales clamp to 65504
         torch.tensor([0.0, 1.0] * (n // 2)),
     ]
     W = torch.stack(rows)
-    res = F.quantize_rtn(W, t)
+    res = quantize_rtn(W, t)
     assert_exact(res, tuple(W.shape), (oracle,))
     assert torch.isfinite(res.dequant).all()
     assert (res.dequant[0] == 0).all()  # an all-zero block decodes to zeros
     if t not in ("Q1_0",):  # a constant block is exact on every grid that has a zero-offset level or a min
         assert torch.allclose(res.dequant[1], W[1], rtol=2e-2), t
     # ggml's fp16 scale must really be subnormal for row 5 in single-scale types
-    if F.block_size(t) == F._spec(t).sub:
+    if block_size(t) == _spec(t).sub:
         d = np.frombuffer(res.packed[5, :2].tobytes(), "<f2")[0] if t not in ("Q6_K",) else None
         assert d is None or 0 < abs(float(d)) < 6.1e-5, (t, d)
 
 
-@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+@pytest.mark.parametrize("t,oracle", oracle_params(QUANT_TYPES))
 def test_packer_every_code_exact(t, oracle):
     """Random codes over the full level range (every bit of every field) on fitted grids."""
     g = torch.Generator().manual_seed(5)
     W = torch.randn(32, 512, generator=g)
-    grid = F.fit_grid(W, t)
-    codes = torch.randint(0, len(F._spec(t).levels), W.shape, generator=g)
-    assert_exact(F.finish(codes, grid), tuple(W.shape), (oracle,))
+    grid = fit_grid(W, t)
+    codes = torch.randint(0, len(_spec(t).levels), W.shape, generator=g)
+    assert_exact(finish(codes, grid), tuple(W.shape), (oracle,))
 
 
 @pytest.mark.parametrize("t,oracle", oracle_params(["Q2_K", "Q4_K", "Q5_K", "Q3_K", "Q6_K", "IQ4_XS"]))
@@ -149,10 +152,10 @@ def test_every_subscale_value_exact(t, oracle):
     """Sub-block scales/mins take every value of their bit range (exercise all 4/6/8-bit scale packings)."""
     g = torch.Generator().manual_seed(6)
     W = torch.randn(64, 256, generator=g)
-    grid = F.fit_grid(W, t)
-    per = 256 // F._spec(t).sub
-    bits = F._spec(t).sub_bits
-    lo, hi = (0, (1 << bits) - 1) if F._spec(t).asym else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    grid = fit_grid(W, t)
+    per = 256 // _spec(t).sub
+    bits = _spec(t).sub_bits
+    lo, hi = (0, (1 << bits) - 1) if _spec(t).asym else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
     vals = torch.arange(lo, hi + 1).repeat(64 * per // (hi - lo + 1) + 1)[: 64 * per].reshape(64, 1, per)
     grid.fields["sc"] = vals.to(grid.fields["sc"].dtype)
     d = grid.fields["d"].float()
@@ -161,8 +164,8 @@ def test_every_subscale_value_exact(t, oracle):
         mn = vals.flip(-1).to(torch.uint8)
         grid.fields["mn"] = mn
         grid.offset = -(grid.fields["dmin"].float() * mn).reshape(64, per)
-    codes = torch.randint(0, len(F._spec(t).levels), W.shape, generator=g)
-    assert_exact(F.finish(codes, grid), (64, 256), (oracle,))
+    codes = torch.randint(0, len(_spec(t).levels), W.shape, generator=g)
+    assert_exact(finish(codes, grid), (64, 256), (oracle,))
 
 
 @pytest.mark.slow  # llama.cpp's quantiser and decoder from the native build
@@ -174,31 +177,31 @@ def test_rtn_quality_vs_ggml():
     g = torch.Generator().manual_seed(7)
     W = torch.randn(64, 1024, generator=g)
     im = torch.rand(1024, generator=g) ** 2 + 0.01
-    data = {"gauss": W, "heavy": W**3, "q4_1 grid": F.quantize_rtn(W, "Q4_1").dequant}
-    for t in F.QUANT_TYPES:
+    data = {"gauss": W, "heavy": W**3, "q4_1 grid": quantize_rtn(W, "Q4_1").dequant}
+    for t in QUANT_TYPES:
         for kind, X in data.items():
             for imx in (None, im):
                 w = 1.0 if imx is None else imx
-                ours = float((((F.quantize_rtn(X, t, imx).dequant - X) ** 2) * w).sum())
-                ref = torch.from_numpy(F.ggml_dequantize(F.ggml_quantize(X, t, imx), t, tuple(X.shape)))
+                ours = float((((quantize_rtn(X, t, imx).dequant - X) ** 2) * w).sum())
+                ref = torch.from_numpy(ggml_dequantize(ggml_quantize(X, t, imx), t, tuple(X.shape)))
                 theirs = float((((ref - X) ** 2) * w).sum())
                 what = (t, kind, imx is not None, ours / max(theirs, 1e-30))
                 assert ours <= 1.01 * theirs, what
-                if F._spec(t).sub_bits and theirs > 0:
+                if _spec(t).sub_bits and theirs > 0:
                     assert ours < theirs, what
 
 
 @pytest.mark.parametrize("t", ["Q2_K", "Q4_K", "IQ4_XS", "Q1_0"])
 def test_bad_row_length_is_one_line_error(t):
     with pytest.raises(McsharpError) as e:
-        F.quantize_rtn(torch.randn(768, 128 if t != "Q1_0" else 96), t)
+        quantize_rtn(torch.randn(768, 128 if t != "Q1_0" else 96), t)
     msg = str(e.value)
     assert "\n" not in msg and "multiple" in msg and t in msg and "768" in msg
 
 
 def test_unknown_type():
     with pytest.raises(McsharpError):
-        F.block_size("Q7_7")
+        block_size("Q7_7")
 
 
 def test_gguf_writer_roundtrip(tmp_path):
@@ -208,9 +211,9 @@ def test_gguf_writer_roundtrip(tmp_path):
     W = torch.randn(4, 512, generator=torch.Generator().manual_seed(8))
     path = tmp_path / "t.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
-    results = {t: F.quantize_rtn(W, t) for t in ("Q4_K", "Q1_0", "IQ4_XS")}
+    results = {t: quantize_rtn(W, t) for t in ("Q4_K", "Q1_0", "IQ4_XS")}
     for t, r in results.items():
-        w.add_tensor(f"w.{t}", r.packed, raw_dtype=F.ggml_type(t))
+        w.add_tensor(f"w.{t}", r.packed, raw_dtype=ggml_type(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -222,7 +225,7 @@ def test_gguf_writer_roundtrip(tmp_path):
 
 
 @pytest.mark.slow  # the real fixture and libggml
-@pytest.mark.parametrize("t", F.QUANT_TYPES)
+@pytest.mark.parametrize("t", QUANT_TYPES)
 def test_real_fixture_weights_exact(t, moe_fixture):
     from safetensors import safe_open
 
@@ -238,23 +241,23 @@ def test_real_fixture_weights_exact(t, moe_fixture):
             W = f.get_tensor(name).float()
             if name.startswith("model.embed"):
                 W = W[:512]
-            if W.shape[1] % F.block_size(t):
+            if W.shape[1] % block_size(t):
                 with pytest.raises(McsharpError):
-                    F.quantize_rtn(W, t)
+                    quantize_rtn(W, t)
                 continue
-            assert_exact(F.quantize_rtn(W, t), tuple(W.shape))
+            assert_exact(quantize_rtn(W, t), tuple(W.shape))
             im = torch.rand(W.shape[1], generator=torch.Generator().manual_seed(9))
-            assert_exact(F.quantize_rtn(W, t, im), tuple(W.shape))
+            assert_exact(quantize_rtn(W, t, im), tuple(W.shape))
 
 
-@pytest.mark.parametrize("t", [t for t in F.QUANT_TYPES if not F._is_uniform(F._spec(t).levels)])
+@pytest.mark.parametrize("t", [t for t in QUANT_TYPES if not _is_uniform(_spec(t).levels)])
 def test_nearest_code_table_is_bucketize(t):
     """The lookup-table nearest level (non-contiguous levels: IQ4_NL/IQ4_XS, Q1_0) is exactly torch.bucketize
     against the midpoints, ties and values far outside the levels included."""
-    lt = torch.tensor(F._spec(t).levels, dtype=torch.float32)
+    lt = torch.tensor(_spec(t).levels, dtype=torch.float32)
     mids = (lt[1:] + lt[:-1]) * 0.5
     x = torch.cat([torch.randn(200_000, generator=torch.Generator().manual_seed(3)) * 100, mids, lt,
                    torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), torch.tensor([-1e30, 1e30, 0.0])])
     ref = torch.bucketize(x, mids)
-    assert torch.equal(F.nearest_code(x, t), ref)
-    assert torch.equal(F.nearest_level(x, t), lt[ref])
+    assert torch.equal(nearest_code(x, t), ref)
+    assert torch.equal(nearest_level(x, t), lt[ref])

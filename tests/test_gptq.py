@@ -9,9 +9,11 @@ import pytest
 import torch
 from test_formats import assert_exact, oracle_params  # tests/ is on sys.path (pytest prepend mode)
 
-from mcsharp_gguf import formats as F
 from mcsharp_gguf.errors import McsharpError
-from mcsharp_gguf.gptq import (
+from mcsharp_gguf.ggml.libggml import ggml_dequantize, ggml_quantize
+from mcsharp_gguf.ggml.packing import quantize_rtn
+from mcsharp_gguf.ggml.types import QUANT_TYPES, bits_per_weight, block_size
+from mcsharp_gguf.quant.gptq import (
     HessianAccumulator,
     gptq_quantize,
     gptq_textbook,
@@ -32,7 +34,7 @@ def synthetic(rows: int, cols: int, seed: int = 0, ntok: int = 2048):
 
 
 def ggml_error(W, H, t, imatrix=None) -> float:
-    ref = F.ggml_dequantize(F.ggml_quantize(W, t, imatrix), t, tuple(W.shape))
+    ref = ggml_dequantize(ggml_quantize(W, t, imatrix), t, tuple(W.shape))
     return output_error(W, torch.from_numpy(ref), H)
 
 
@@ -57,22 +59,22 @@ def test_inverse_cholesky_upper():
     torch.testing.assert_close(U.T @ U @ Hd, torch.eye(600), atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("t,oracle", oracle_params(F.QUANT_TYPES))
+@pytest.mark.parametrize("t,oracle", oracle_params(QUANT_TYPES))
 def test_gptq_exact_and_better_than_rtn(t, oracle):
     W, acc = synthetic(48, 512, seed=3)
     res = gptq_quantize(W, acc.H, t)
     assert_exact(res, (48, 512), (oracle,))
     e_gptq = output_error(W, res.dequant, acc.H)
-    e_rtn = output_error(W, F.quantize_rtn(W, t, acc.imatrix).dequant, acc.H)
+    e_rtn = output_error(W, quantize_rtn(W, t, acc.imatrix).dequant, acc.H)
     assert e_gptq < 0.9 * e_rtn, (t, e_gptq / e_rtn)
 
 
 @pytest.mark.slow  # llama.cpp's quantiser from the native build
-@pytest.mark.parametrize("t", F.QUANT_TYPES)
+@pytest.mark.parametrize("t", QUANT_TYPES)
 def test_gptq_better_than_llamacpp(t):
     W, acc = synthetic(48, 512, seed=3)
     e_gptq = output_error(W, gptq_quantize(W, acc.H, t).dequant, acc.H)
-    e_rtn = output_error(W, F.quantize_rtn(W, t, acc.imatrix).dequant, acc.H)
+    e_rtn = output_error(W, quantize_rtn(W, t, acc.imatrix).dequant, acc.H)
     e_ggml = ggml_error(W, acc.H, t)
     e_ggml_im = ggml_error(W, acc.H, t, acc.imatrix)
     print(f"{t}: gptq/ggml {e_gptq / e_ggml:.3f}  gptq/ggml+imatrix {e_gptq / e_ggml_im:.3f}  "
@@ -117,7 +119,7 @@ def test_identity_hessian_is_rtn(t):
     H = torch.eye(512)
     res = gptq_quantize(W, H, t)
     sal = 1.0 / torch.diagonal(inverse_cholesky_upper(H)) ** 2
-    rtn = F.quantize_rtn(W, t, sal)
+    rtn = quantize_rtn(W, t, sal)
     # equal up to last-bit differences of the fit weights (a mean over a block vs over the row)
     assert (res.codes == rtn.codes).float().mean() > 0.995
     e_g, e_r = output_error(W, res.dequant, H), output_error(W, rtn.dequant, H)
@@ -223,9 +225,9 @@ def test_gptq_beats_llamacpp_on_real_fixture(calib):
     """tr(ΔW H ΔWᵀ) of GPTQ < llama.cpp's ggml_quantize_chunk, with and without an importance matrix from the same
     activations, for every type and matrix on real weights and activations (by ≥ 10% each, ≥ 20% at ≤ 3 bpw)."""
     rows = []
-    for t in F.QUANT_TYPES:
+    for t in QUANT_TYPES:
         for name, (W, acc) in calib.items():
-            if W.shape[1] % F.block_size(t):
+            if W.shape[1] % block_size(t):
                 with pytest.raises(McsharpError):
                     gptq_quantize(W, acc.H, t)
                 continue
@@ -243,14 +245,14 @@ def test_gptq_beats_llamacpp_on_real_fixture(calib):
             rows.append((t, name, e / e_ggml, e / e_im))
     print("\ntype    bpw     matrix                          gptq/ggml  gptq/ggml+imatrix")
     for t, name, a, b in rows:
-        print(f"{t:7s} {F.bits_per_weight(t):6.3f}  {name:30s}  {a:9.3f}  {b:9.3f}")
+        print(f"{t:7s} {bits_per_weight(t):6.3f}  {name:30s}  {a:9.3f}  {b:9.3f}")
     gm = float(np.exp(np.mean(np.log([b for *_, b in rows]))))
     print(f"geometric mean gptq/ggml+imatrix over all: {gm:.3f}")
     # the K-quants' sub-block scale fit was once coarser than llama.cpp's imatrix search (Q4_K/Q5_K: 1.2-1.5x)
     bad = [(t, name, round(a, 3), round(b, 3)) for t, name, a, b in rows if max(a, b) >= 0.9]
     assert not bad, bad
-    for t in F.QUANT_TYPES:  # ≥ 20% lower output error than llama.cpp at ≤ 3 bpw, on average per type
-        if F.bits_per_weight(t) <= 3:
+    for t in QUANT_TYPES:  # ≥ 20% lower output error than llama.cpp at ≤ 3 bpw, on average per type
+        if bits_per_weight(t) <= 3:
             for k, ref in ((2, "ggml"), (3, "ggml+imatrix")):
                 rs = [r[k] for r in rows if r[0] == t]
                 assert np.exp(np.mean(np.log(rs))) <= 0.8, (t, ref, rs)

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mcsharp_gguf.cli import cli
-from mcsharp_gguf.inspect_gguf import read_report
+from mcsharp_gguf.gguf.inspect import read_report
 
 pytestmark = pytest.mark.slow  # a tiny GGUF: the pinned converter and the cached tokenizer
 

@@ -94,7 +94,7 @@ def test_finished_build_is_reused_without_compiling(tmp_path, monkeypatch):
 def test_second_setup_compiles_nothing(tmp_path):
     """Once built, `mcsharp setup` finds the build by its key: it succeeds with no cmake or compiler on PATH
     (a rebuild would fail with "cmake not found") and rewrites nothing in the finished build or its work tree."""
-    from mcsharp_gguf.runtime import ensure_runtime
+    from mcsharp_gguf.runtime.llama import ensure_runtime
 
     built = ensure_runtime()  # first build happens here if the cache is cold
     lib_dir = Path(built.lib_dir)  # the plain build, or one that also has the tools
@@ -125,7 +125,7 @@ def test_second_setup_compiles_nothing(tmp_path):
 @pytest.mark.slow  # builds the tools into the patched runtime, converts a tiny model
 def test_tools_build_and_run(tiny_gguf, tmp_path):
     """`mcsharp setup --tools`: llama-quantize from the same patched build runs and its output loads."""
-    from mcsharp_gguf import runtime
+    from mcsharp_gguf.runtime import llama
 
     res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "setup", "--tools", "--json"],
                          capture_output=True, text=True, timeout=1800)
@@ -136,4 +136,4 @@ def test_tools_build_and_run(tiny_gguf, tmp_path):
     q = subprocess.run([os.path.join(info["lib_dir"], "bin", "llama-quantize"), str(tiny_gguf("qwen2moe", "f16")),
                         str(out), "Q4_0"], capture_output=True, text=True, timeout=600)
     assert q.returncode == 0, q.stderr[-2000:]
-    assert runtime.logits_for(runtime.load_model(out, n_ctx=32), [1, 2, 3]).shape == (3, 49152)
+    assert llama.logits_for(llama.load_model(out, n_ctx=32), [1, 2, 3]).shape == (3, 49152)

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf import runtime
+from mcsharp_gguf.dev.tiny_models import load_hf, make_tiny_moe, pick_tokens
 from mcsharp_gguf.errors import McsharpError
 from mcsharp_gguf.llama_src import import_gguf
-from mcsharp_gguf.tiny_models import load_hf, make_tiny_moe, pick_tokens
+from mcsharp_gguf.runtime import llama
 
 pytestmark = pytest.mark.slow  # the patched llama.cpp runtime (and its source, for the C test)
 
@@ -45,7 +45,7 @@ def models(work):
 
 
 def _convert(src: Path, out: Path, hook=None, extra_kv=None) -> Path:
-    from mcsharp_gguf.convert import convert_checkpoint
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
 
     if not out.exists():
         convert_checkpoint(src, out, outtype="f32", hook=hook, extra_kv=extra_kv)
@@ -76,19 +76,19 @@ def _otp_kv(n_embd: int, hidden: int, b2_per_layer, w_scale: float = 0.0, seed: 
 
 
 def _logits(path, ids, **kv) -> np.ndarray:
-    llm = runtime.load_model(path, n_ctx=128, kv_overrides=kv or None)
+    llm = llama.load_model(path, n_ctx=128, kv_overrides=kv or None)
     try:
-        return runtime.logits_for(llm, ids)
+        return llama.logits_for(llm, ids)
     finally:
         llm.close()
 
 
 def _logits_and_counter(path, ids, **kv):
-    llm = runtime.load_model(path, n_ctx=128, kv_overrides=kv or None)
+    llm = llama.load_model(path, n_ctx=128, kv_overrides=kv or None)
     try:
-        runtime.reset_slot_counter()
-        got = runtime.logits_for(llm, ids)
-        return got, runtime.read_slot_counter()
+        llama.reset_slot_counter()
+        got = llama.logits_for(llm, ids)
+        return got, llama.read_slot_counter()
     finally:
         llm.close()
 
@@ -241,18 +241,18 @@ def test_otp_wrong_shape_is_a_clear_load_error(arch, models, work, capfd):
     path = _convert(d, work / f"{arch}-otp-bad.gguf", extra_kv=add)
     capfd.readouterr()
     with pytest.raises(McsharpError):
-        runtime.load_model(path, n_ctx=64, verbose=True)
+        llama.load_model(path, n_ctx=64, verbose=True)
     log = capfd.readouterr().err
     assert "blk.0.ffn_otp_w2.weight" in log and "wrong shape" in log, log[-2000:]
     # the process is still fine: a good file loads afterwards
-    good = runtime.load_model(_convert(d, work / f"{arch}-base.gguf"), n_ctx=64)
-    assert runtime.logits_for(good, ids[:4]).shape[0] == 4
+    good = llama.load_model(_convert(d, work / f"{arch}-base.gguf"), n_ctx=64)
+    assert llama.logits_for(good, ids[:4]).shape[0] == 4
 
 
 def test_bad_prune_mode_is_a_clear_load_error(models, ggufs, capfd):
     capfd.readouterr()
     with pytest.raises(McsharpError):
-        runtime.load_model(ggufs["qwen2moe"]["base"], n_ctx=64, verbose=True,
+        llama.load_model(ggufs["qwen2moe"]["base"], n_ctx=64, verbose=True,
                            kv_overrides={"mcsharp.moe.prune_mode": "sometimes"})
     assert "invalid mcsharp.moe.prune_mode 'sometimes'" in capfd.readouterr().err
 
@@ -359,7 +359,7 @@ def test_mixed_types_match_transformers_with_dequantised_weights(arch, mix, mode
                     ex.down_proj[e] = torch.from_numpy(deq[(bid, "down", g)][loc])
         ref = ref_model(torch.as_tensor(ids)[None]).logits[0].numpy()
         orig = hf(torch.as_tensor(ids)[None]).logits[0].numpy()
-    got = runtime.logits_for(runtime.load_model(path, n_ctx=128), ids)
+    got = llama.logits_for(llama.load_model(path, n_ctx=128), ids)
     assert _rel(got, ref) <= tol, _rel(got, ref)
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
     if "q4" in mix:  # the 4-bit quantisation is clearly visible, so the check has teeth
@@ -379,7 +379,7 @@ def test_groups_not_covering_all_experts_is_a_load_error(models, work, capfd):
     path = _convert(d, work / "qwen2moe-grouped-short.gguf", hook=drop_last_group)
     capfd.readouterr()
     with pytest.raises(McsharpError):
-        runtime.load_model(path, n_ctx=64, verbose=True)
+        llama.load_model(path, n_ctx=64, verbose=True)
     assert "expert groups hold 4 experts, expected 8" in capfd.readouterr().err
 
 
@@ -389,7 +389,7 @@ def test_c_mul_mat_id_mask(tmp_path):
     """Builds native/tests/test_mul_mat_id_mask.c against the patched ggml and runs it (several quant types)."""
     from mcsharp_gguf.native import build as nb
 
-    info = runtime.ensure_runtime()
+    info = llama.ensure_runtime()
     src_root = nb.pristine_source()  # the patch does not change ggml's public headers
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:

@@ -13,15 +13,11 @@ import pytest
 import torch
 
 from mcsharp_gguf.errors import McsharpError
-from mcsharp_gguf.otp import (
-    OtpLayerData,
-    OtpRouters,
-    fit_otp,
-    hard_keep,
-    layer_logits,
-    mask_error,
-    prune_overrides,
-)
+from mcsharp_gguf.otp.capture import OtpLayerData
+from mcsharp_gguf.otp.io import OtpRouters
+from mcsharp_gguf.otp.router import hard_keep, layer_logits, mask_error
+from mcsharp_gguf.otp.train import fit_otp
+from mcsharp_gguf.runtime.prune import prune_overrides
 
 TOP_K = 4
 
@@ -128,16 +124,16 @@ def calib_file(tmp_path_factory) -> Path:
 def test_runtime_executes_exactly_what_the_router_keeps(arch, tiny_model, calib_file, tmp_path):
     """convert --otp, then compare the runtime's executed-slot counter with the router evaluated in numpy
     on transformers' MoE inputs for the same tokens (mixtral also renormalises the kept weights)."""
-    from mcsharp_gguf import runtime
-    from mcsharp_gguf.otp import capture_otp_data
-    from mcsharp_gguf.tiny_models import load_hf, pick_tokens
+    from mcsharp_gguf.dev.tiny_models import load_hf, pick_tokens
+    from mcsharp_gguf.otp.capture import capture_otp_data
+    from mcsharp_gguf.runtime import llama
 
     model = tiny_model(arch, top_k=TOP_K)
     out = tmp_path / "otp.gguf"
     res = _cli("convert", model, "-o", out, "--preset", "F32", "--otp", "--otp-target-frac", "0.7",
                "--calib", calib_file, "--calib-seqs", "4", "--calib-len", "128")
     assert res.returncode == 0, res.stderr
-    from mcsharp_gguf.gguf_edit import open_gguf
+    from mcsharp_gguf.gguf.edit import open_gguf
 
     reader = open_gguf(out)
     tensors = {t.name: np.array(t.data) for t in reader.tensors if ".ffn_otp_" in t.name}
@@ -151,24 +147,24 @@ def test_runtime_executes_exactly_what_the_router_keeps(arch, tiny_model, calib_
         logits = layer_logits(lay, dat.x)
         near += (logits[:, 1:].abs() < 1e-4).sum().item()  # float noise may flip a logit this close to 0
         expected += hard_keep(logits).sum().item()
-    llm = runtime.load_model(out, n_ctx=128)
-    runtime.reset_slot_counter()
-    runtime.logits_for(llm, ids)
-    selected, executed = runtime.read_slot_counter()
+    llm = llama.load_model(out, n_ctx=128)
+    llama.reset_slot_counter()
+    llama.logits_for(llm, ids)
+    selected, executed = llama.read_slot_counter()
     assert selected == len(ids) * TOP_K * len(data)
     assert abs(executed - expected) <= near, (executed, expected)
     assert executed < selected  # the router does drop slots on these tokens
     # the same file with OTP off runs every slot and counts nothing
-    off = runtime.load_model(out, n_ctx=128, kv_overrides=prune_overrides(otp="off"))
-    runtime.reset_slot_counter()
-    runtime.logits_for(off, ids)
-    assert runtime.read_slot_counter() == (0, 0)
+    off = llama.load_model(out, n_ctx=128, kv_overrides=prune_overrides(otp="off"))
+    llama.reset_slot_counter()
+    llama.logits_for(off, ids)
+    assert llama.read_slot_counter() == (0, 0)
 
 
 @pytest.fixture(scope="module")
 def plain_and_routers(tiny_model, tmp_path_factory, calib_file):
     """A plain F32 GGUF of a tiny qwen2moe and a router file trained on its checkpoint."""
-    from mcsharp_gguf.convert import convert_checkpoint
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
 
     work = tmp_path_factory.mktemp("otp-add")
     model = tiny_model("qwen2moe", top_k=TOP_K)
@@ -181,7 +177,7 @@ def plain_and_routers(tiny_model, tmp_path_factory, calib_file):
 
 @pytest.mark.slow  # the patched runtime (eval), the pinned converter
 def test_otp_add_then_strip_restores_the_file_byte_for_byte(plain_and_routers, tmp_path):
-    from mcsharp_gguf.inspect_gguf import read_report
+    from mcsharp_gguf.gguf.inspect import read_report
 
     _, plain, routers = plain_and_routers
     with_otp = tmp_path / "otp.gguf"
@@ -238,7 +234,7 @@ def test_eval_and_bench_pruning_knobs(plain_and_routers, tmp_path):
 @pytest.mark.slow  # the patched runtime, `mcsharp convert`, a tiny model
 def test_pmq_mixed_with_otp(tiny_model, calib_file, tmp_path):
     """PMQ × OTP in one conversion: grouped mixed-type experts and routers in one file, both active."""
-    from mcsharp_gguf.inspect_gguf import read_report
+    from mcsharp_gguf.gguf.inspect import read_report
 
     out = tmp_path / "mixed-otp.gguf"
     res = _cli("convert", tiny_model("qwen2moe", top_k=TOP_K), "-o", out, "--bpw", "4.5", "--mode", "mixed", "--rtn",
@@ -257,8 +253,9 @@ def test_kl_refinement_holds_the_fraction_and_never_loses(tiny_model, calib_file
     """End-to-end refinement on the logits' KL: both KLs it reports are measured at the target fraction with
     upstream pruning active, and it returns the better routers; on this random tiny model (KL ~5e-5) it has
     never beaten the layer-wise routers, so this also checks that they come back unchanged but re-shifted."""
-    from mcsharp_gguf.calib import calibration_token_ids
-    from mcsharp_gguf.otp import capture_otp_data, refine_otp_kl
+    from mcsharp_gguf.model.calibration import calibration_token_ids
+    from mcsharp_gguf.otp.capture import capture_otp_data
+    from mcsharp_gguf.otp.refine import refine_otp_kl
 
     model = tiny_model("qwen2moe", top_k=TOP_K)
     ids = calibration_token_ids(model, calib_file.read_text(), 4, 128)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mcsharp_gguf import runtime
-from mcsharp_gguf.convert import convert_checkpoint
-from mcsharp_gguf.formats import quantize_rtn
-from mcsharp_gguf.inspect_gguf import read_report
-from mcsharp_gguf.pack import EXPS_RE, layer_layout, plan_hook, plan_metadata
-from mcsharp_gguf.pmq import LayerImportance, solve_bit_plan
+from mcsharp_gguf.ggml.packing import quantize_rtn
+from mcsharp_gguf.gguf.convert import convert_checkpoint
+from mcsharp_gguf.gguf.inspect import read_report
+from mcsharp_gguf.gguf.pack import layer_layout, plan_hook, plan_metadata
+from mcsharp_gguf.model.names import EXPS_RE
+from mcsharp_gguf.pmq.importance import LayerImportance
+from mcsharp_gguf.pmq.plan import solve_bit_plan
+from mcsharp_gguf.runtime import llama
 
 TARGETS = ("Q2_K", "Q4_K", "Q6_K", "Q8_0")
 
@@ -65,8 +67,8 @@ def test_packed_plan_runs_like_its_dequantised_weights(mode, bpw, tiny_model, tm
     assert any(".g1.weight" in n for n in names) == (mode == "mixed")
 
     ids = np.random.default_rng(0).integers(0, 49152, 48)
-    got = runtime.logits_for(runtime.load_model(packed, n_ctx=64), ids)
-    ref = runtime.logits_for(runtime.load_model(plain, n_ctx=64), ids)
+    got = llama.logits_for(llama.load_model(packed, n_ctx=64), ids)
+    ref = llama.logits_for(llama.load_model(plain, n_ctx=64), ids)
     per_token = np.abs(got - ref).max(-1) / np.abs(ref).max()
     # llama.cpp quantises activations for quantised weights, not for F32 ones (see test_runtime_agreement)
     assert np.median(per_token) <= 5e-2

@@ -9,21 +9,19 @@ import pytest
 import torch
 
 from mcsharp_gguf.errors import McsharpError
-from mcsharp_gguf.formats import bits_per_weight
-from mcsharp_gguf.pmq import (
+from mcsharp_gguf.ggml.types import bits_per_weight, storable_type
+from mcsharp_gguf.pmq.candidates import Recipe
+from mcsharp_gguf.pmq.eps import expert_output_error
+from mcsharp_gguf.pmq.importance import LayerImportance, TensorImportance
+from mcsharp_gguf.pmq.plan import (
     BitPlan,
-    LayerImportance,
-    Recipe,
-    TensorImportance,
     choose_shrinkage,
-    expert_output_error,
     fold_importance,
-    format_plan_table,
     out_of_fold_cost,
     plan_cost,
     solve_bit_plan,
-    storable_type,
 )
+from mcsharp_gguf.pmq.report import format_plan_table
 
 TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
 
@@ -230,11 +228,11 @@ def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path):
     res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "convert", str(tiny_model("qwen2moe")),
                           "--plan", str(out), "-o", str(gguf_out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
-    from mcsharp_gguf import runtime
-    from mcsharp_gguf.inspect_gguf import read_report
+    from mcsharp_gguf.gguf.inspect import read_report
+    from mcsharp_gguf.runtime import llama
 
     assert read_report(gguf_out).classes["experts"].n_bytes == plan.expert_bytes
-    assert runtime.logits_for(runtime.load_model(gguf_out, n_ctx=32), [1, 2, 3]).shape == (3, 49152)
+    assert llama.logits_for(llama.load_model(gguf_out, n_ctx=32), [1, 2, 3]).shape == (3, 49152)
     res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "plan", str(tiny_model("qwen2moe")),
                           "--bpw", "0.5", "--calib", str(calib), "--calib-seqs", "2", "--calib-len", "128",
                           "-o", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=600)

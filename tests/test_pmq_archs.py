@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 from mcsharp_gguf.converters import REGISTRY
 
-from mcsharp_gguf import runtime
-from mcsharp_gguf.inspect_gguf import GgufReport, read_report
-from mcsharp_gguf.pack import layer_layout
-from mcsharp_gguf.pmq import EXPERT_TYPES, BitPlan, Recipe
+from mcsharp_gguf.gguf.inspect import GgufReport, read_report
+from mcsharp_gguf.gguf.pack import layer_layout
+from mcsharp_gguf.pmq.candidates import EXPERT_TYPES, Recipe
+from mcsharp_gguf.pmq.plan import BitPlan
+from mcsharp_gguf.runtime import llama
 
 # the patched and the stock llama.cpp runtime, the pinned converter, the cached tokenizer
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ os.environ["LLAMA_CPP_LIB_PATH"] = sys.argv[1]
 import llama_cpp
 assert not hasattr(llama_cpp.llama_cpp._lib, "mcsharp_moe_slot_counter_reset"), "not the unpatched library"
 toks = [int(t) for t in np.load(sys.argv[3])]
-_default = llama_cpp.llama_model_default_params  # plain CPU buffers, as mcsharp_gguf.runtime.load_model loads
+_default = llama_cpp.llama_model_default_params  # plain CPU buffers, as mcsharp_gguf.runtime.llama.load_model loads
 
 
 def _plain():
@@ -172,8 +173,8 @@ def test_mixed_pmq_is_close_to_f16(arch, pmq_gguf, tiny_gguf, eval_ids):
     groups = [len(layer_layout(t, "mixed").groups) for t in plan.layers.values()]
     assert max(groups) >= 2, f"{arch}: the plan did not mix types, so the test would not exercise regrouping"
 
-    ref = runtime.logits_for(runtime.load_model(tiny_gguf(arch, "f16"), n_ctx=N_TOKENS), eval_ids)
-    got = runtime.logits_for(runtime.load_model(out, n_ctx=N_TOKENS), eval_ids)
+    ref = llama.logits_for(llama.load_model(tiny_gguf(arch, "f16"), n_ctx=N_TOKENS), eval_ids)
+    got = llama.logits_for(llama.load_model(out, n_ctx=N_TOKENS), eval_ids)
     agree, n_clear = _clear_top1_agreement(got, ref)
     print(f"{arch}: {plan.achieved_bpw:.4f} bpw, groups per layer {groups}, "
           f"top-1 {agree:.3f} on {n_clear} clear positions, {(got.argmax(-1) == ref.argmax(-1)).mean():.3f} on all")
@@ -216,7 +217,7 @@ def test_stock_pmq_runs_in_unpatched_llama_cpp(arch, pmq_gguf, stock_lib, eval_i
                           str(tmp_path / "stock.npy")], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, f"{arch}: unpatched llama.cpp failed on the stock-mode file: {res.stderr[-3000:]}"
     stock = np.load(tmp_path / "stock.npy")
-    patched = runtime.logits_for(runtime.load_model(out, n_ctx=N_TOKENS), eval_ids)
+    patched = llama.logits_for(llama.load_model(out, n_ctx=N_TOKENS), eval_ids)
     err = np.abs(stock - patched).max() / np.abs(patched).max()
     print(f"{arch}: stock plan {json.dumps({k: v[0] for k, v in plan.layers.items()})}, "
           f"max |Δlogit| stock vs patched {err:.2e} of max |logit|")

@@ -1,4 +1,4 @@
-"""mcsharp_gguf.presets: llama-quantize's per-tensor type choice, from names and shapes.
+"""mcsharp_gguf.pmq.presets: llama-quantize's per-tensor type choice, from names and shapes.
 
 Fast tests check rules read in the pinned src/llama-quant.cpp on synthetic inventories with real models' shapes
 (names and shapes as llama.cpp's converter writes them). The slow tests run the real llama-quantize: on the
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mcsharp_gguf.errors import McsharpError
-from mcsharp_gguf.presets import PRESETS, preset_bytes, preset_types, resolve_preset, tensor_data_bytes
+from mcsharp_gguf.pmq.presets import PRESETS, preset_bytes, preset_types, resolve_preset, tensor_data_bytes
 
 Inv = dict[str, tuple[tuple[int, ...], str]]
 
@@ -333,8 +333,8 @@ def fixture_f16(tmp_path_factory):
     """(tools bin dir, the fixture as F16 GGUF, an imatrix of it) — built once per test session."""
     from mcsharp_gguf.native import build as nb
 
-    from mcsharp_gguf.convert import convert_checkpoint
-    from mcsharp_gguf.fixture import cached_fixture
+    from mcsharp_gguf.dev.fixture import cached_fixture
+    from mcsharp_gguf.gguf.convert import convert_checkpoint
     from mcsharp_gguf.text import calibration_text
 
     tools = Path(nb.build(nb.BuildOptions(tools=True)).lib_dir) / "bin"

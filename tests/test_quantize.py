@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf.calib import calibration_token_ids
-from mcsharp_gguf.convert import convert_checkpoint
 from mcsharp_gguf.errors import McsharpError
-from mcsharp_gguf.evaluate import evaluate_gguf
-from mcsharp_gguf.pack import plan_hook, plan_metadata, rtn_quantiser
-from mcsharp_gguf.pmq import measure_importance, solve_bit_plan
-from mcsharp_gguf.quantize import WorkDirQuantiser, quantize_experts
+from mcsharp_gguf.gguf.convert import convert_checkpoint
+from mcsharp_gguf.gguf.pack import plan_hook, plan_metadata, rtn_quantiser
+from mcsharp_gguf.model.calibration import calibration_token_ids
+from mcsharp_gguf.pmq.measure import measure_importance
+from mcsharp_gguf.pmq.plan import solve_bit_plan
+from mcsharp_gguf.quant.sequential import WorkDirQuantiser, quantize_experts
+from mcsharp_gguf.runtime.evaluate import evaluate_gguf
 from mcsharp_gguf.text import calibration_text, heldout_text
 
 
@@ -73,8 +74,8 @@ def test_gptq_beats_rtn_at_equal_size(setup, tmp_path):
 
 
 def test_unreached_experts_fall_back_to_rtn():
-    from mcsharp_gguf.formats import quantize_rtn
-    from mcsharp_gguf.quantize import quantize_layer_experts
+    from mcsharp_gguf.ggml.packing import quantize_rtn
+    from mcsharp_gguf.quant.experts import quantize_layer_experts
 
     g = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(2, 512, 256, generator=g) * 0.05, torch.randn(2, 256, 256, generator=g) * 0.05
@@ -95,9 +96,10 @@ def test_unreached_experts_fall_back_to_rtn():
 def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
     """With eps_source="gptq", eps is the MoE-block output error of the expert exactly as quantize_experts writes
     it; and GPTQ's error is below the RTN proxy's at 2 bits."""
-    from mcsharp_gguf.calib import LayerStream, capture_moe
-    from mcsharp_gguf.formats import ggml_dequantize
-    from mcsharp_gguf.pmq import BitPlan, Recipe
+    from mcsharp_gguf.ggml.libggml import ggml_dequantize
+    from mcsharp_gguf.model.stream import LayerStream, capture_moe
+    from mcsharp_gguf.pmq.candidates import Recipe
+    from mcsharp_gguf.pmq.plan import BitPlan
 
     model_dir, ids, _ = setup
     targets = ("Q2_K", "Q4_K")

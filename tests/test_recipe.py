@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from mcsharp_gguf.budget import Budget, resolve_budget
-from mcsharp_gguf.convert import GgufTensor
 from mcsharp_gguf.errors import McsharpError
+from mcsharp_gguf.gguf.convert import GgufTensor
+from mcsharp_gguf.pmq.budget import Budget, resolve_budget
 from mcsharp_gguf.recipe import DEFAULT_PRESET, Recipe, parse_size
 
 
@@ -73,7 +73,7 @@ def test_budgets_in_bytes():
 
 def test_a_preset_spends_what_llama_quantize_would():
     """The budget of a preset is llama-quantize's tensor bytes for it minus what stays outside the plan."""
-    from mcsharp_gguf.presets import preset_types, tensor_data_bytes
+    from mcsharp_gguf.pmq.presets import preset_types, tensor_data_bytes
 
     inv = _inventory()
     types = preset_types({n: (t.shape, t.type_name) for n, t in inv.items()}, "qwen2moe", "Q4_K_M")

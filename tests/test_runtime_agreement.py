@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mcsharp_gguf import runtime
-from mcsharp_gguf.convert import convert_checkpoint
-from mcsharp_gguf.formats import QUANT_TYPES, ggml_type, quantize_rtn
-from mcsharp_gguf.tiny_models import load_hf, pick_tokens
+from mcsharp_gguf.dev.tiny_models import load_hf, pick_tokens
+from mcsharp_gguf.ggml.packing import quantize_rtn
+from mcsharp_gguf.ggml.types import QUANT_TYPES, ggml_type
+from mcsharp_gguf.gguf.convert import convert_checkpoint
+from mcsharp_gguf.runtime import llama
 
 # the patched llama.cpp runtime, the pinned converter and the cached tokenizer
 pytestmark = pytest.mark.slow
@@ -73,8 +74,8 @@ def test_llama_cpp_decodes_packed_embedding_exactly(type_name, tiny_model, tmp_p
     packed = convert_checkpoint(model_dir, tmp_path / f"embd-{type_name}.gguf", outtype="f32", hook=hook(False))
     plain = convert_checkpoint(model_dir, tmp_path / "embd-f32.gguf", outtype="f32", hook=hook(True))
     ids = np.random.default_rng(0).integers(0, 49152, 32)
-    got = runtime.logits_for(runtime.load_model(packed, n_ctx=64), ids)
-    same = runtime.logits_for(runtime.load_model(plain, n_ctx=64), ids)
+    got = llama.logits_for(llama.load_model(packed, n_ctx=64), ids)
+    same = llama.logits_for(llama.load_model(plain, n_ctx=64), ids)
     assert np.array_equal(got, same), f"{type_name}: llama.cpp decodes our packed bytes differently"
 
 
@@ -90,7 +91,7 @@ def test_llama_cpp_runs_packed_linears_like_torch(type_name, tiny_model, tmp_pat
     ids = pick_tokens(hf, 2, n=48)
     with torch.no_grad():
         ref = hf(torch.as_tensor(ids)[None]).logits[0].numpy()
-    got = runtime.logits_for(runtime.load_model(out, n_ctx=64), ids)
+    got = llama.logits_for(llama.load_model(out, n_ctx=64), ids)
     per_token = np.abs(got - ref).max(-1) / np.abs(ref).max()
     # Activation rounding in llama.cpp's kernels (see module doc) bounds this, not the packing.
     assert np.median(per_token) <= 5e-2, f"{type_name}: median per-token rel error {np.median(per_token):.3g}"

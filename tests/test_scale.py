@@ -18,13 +18,14 @@ pytestmark = pytest.mark.slow  # tiny and real-shape checkpoints carry the cache
 
 def test_disk_check_refuses_before_any_work(tiny_model, tmp_path, monkeypatch):
     """Too little free disk for output + work dir: a one-line error with the bytes needed, before calibration."""
-    from mcsharp_gguf import calib, convert
+    from mcsharp_gguf.gguf import convert
+    from mcsharp_gguf.model import calibration
     from mcsharp_gguf.pipeline import check_disk
     from mcsharp_gguf.recipe import Recipe
 
     model = tiny_model("qwen3moe")
     monkeypatch.setattr(convert, "_free_bytes", lambda p: 1000)
-    monkeypatch.setattr(calib, "calibration_token_ids", lambda *a, **k: pytest.fail("calibration ran"))
+    monkeypatch.setattr(calibration, "calibration_token_ids", lambda *a, **k: pytest.fail("calibration ran"))
     with pytest.raises(McsharpError) as e:
         check_disk(model, tmp_path / "o.gguf", Recipe(bpw=4.0), 4.0, True, tmp_path / "o.gguf.work")
     msg = str(e.value)
@@ -46,7 +47,7 @@ def test_disk_check_refuses_before_any_work(tiny_model, tmp_path, monkeypatch):
 def test_truncated_shard_is_named_by_the_layer_stream(tiny_model, tmp_path):
     import shutil
 
-    from mcsharp_gguf.calib import LayerStream
+    from mcsharp_gguf.model.stream import LayerStream
 
     src = tiny_model("qwen3moe")
     bad = tmp_path / "bad"
@@ -64,7 +65,7 @@ def test_unsupported_architecture_lists_the_supported(tiny_model, tmp_path):
 
     from mcsharp_gguf.converters import supported_architectures
 
-    from mcsharp_gguf.calib import LayerStream
+    from mcsharp_gguf.model.stream import LayerStream
 
     bad = tmp_path / "other"
     shutil.copytree(tiny_model("qwen3moe"), bad)
@@ -79,7 +80,7 @@ def test_unsupported_architecture_lists_the_supported(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def olmoe_layer(tmp_path_factory) -> Path:
     """One decoder layer of OLMoE-1B-7B's real shapes (64 experts × 1024 × 2048, 0.8 GB in bf16)."""
-    from mcsharp_gguf.scale import write_real_shape_checkpoint
+    from mcsharp_gguf.dev.scale import write_real_shape_checkpoint
 
     return write_real_shape_checkpoint("olmoe-1b-7b", tmp_path_factory.mktemp("scale") / "olmoe", 1)
 
@@ -88,9 +89,9 @@ def test_real_shape_checkpoint_matches_its_model(olmoe_layer, tmp_path):
     """OLMoE-1B-7B's shapes at one layer: every tensor the architecture adapter stacks is there with the real
     shapes, llama.cpp's converter accepts the directory, and the layer stream loads the layer as transformers
     lays it out."""
-    from mcsharp_gguf.calib import LayerStream
-    from mcsharp_gguf.convert import validate_model_dir
-    from mcsharp_gguf.scale import SHAPES, layer_bytes_bf16, write_real_shape_checkpoint
+    from mcsharp_gguf.dev.scale import SHAPES, layer_bytes_bf16, write_real_shape_checkpoint
+    from mcsharp_gguf.model.checkpoint import validate_model_dir
+    from mcsharp_gguf.model.stream import LayerStream
 
     shape = SHAPES["olmoe-1b-7b"].config
     model = olmoe_layer
@@ -117,7 +118,7 @@ def test_real_shape_checkpoint_matches_its_model(olmoe_layer, tmp_path):
 def test_conversion_peak_rss_within_one_layer_bound(olmoe_layer, tmp_path):
     """A whole compressed conversion (importance, MILP, GPTQ, write) of a real-shape checkpoint stays within
     2 × one decoder layer in bf16 + 3 GB of resident memory, measured as its own process."""
-    from mcsharp_gguf.scale import layer_bytes_bf16
+    from mcsharp_gguf.dev.scale import layer_bytes_bf16
     from mcsharp_gguf.stages import run_with_peak_rss
     from mcsharp_gguf.text import calibration_text
 
@@ -145,16 +146,16 @@ def test_conversion_peak_rss_within_one_layer_bound(olmoe_layer, tmp_path):
 def test_importance_resumes_where_it_was_stopped(tiny_model, tmp_path, monkeypatch):
     """A planning pass killed after its first (top) layer continues from the next one on rerun, computes the
     finished layer no second time, and gives exactly the result of one uninterrupted run."""
-    from mcsharp_gguf import pmq
-    from mcsharp_gguf.calib import calibration_token_ids
+    from mcsharp_gguf.model.calibration import calibration_token_ids
+    from mcsharp_gguf.pmq import measure
     from mcsharp_gguf.text import calibration_text
 
     model = tiny_model("qwen3moe")
     ids = calibration_token_ids(model, calibration_text(20_000), 4, 64)
     kw = dict(targets=("Q2_K", "Q4_K"), dense=True, progress=False)
-    whole = pmq.measure_importance(model, ids, **kw)
+    whole = measure.measure_importance(model, ids, **kw)
 
-    real = pmq._layer_record
+    real = measure._layer_record
     calls = []
 
     def dies_on_second(m, item, names):
@@ -163,18 +164,18 @@ def test_importance_resumes_where_it_was_stopped(tiny_model, tmp_path, monkeypat
             raise KeyboardInterrupt  # as a kill between layers
         return real(m, item, names)
 
-    monkeypatch.setattr(pmq, "_layer_record", dies_on_second)
+    monkeypatch.setattr(measure, "_layer_record", dies_on_second)
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        pmq.measure_importance(model, ids, work_dir=work, **kw)
+        measure.measure_importance(model, ids, work_dir=work, **kw)
     assert calls == [1, 0]
     calls.clear()
-    monkeypatch.setattr(pmq, "_layer_record", lambda m, item, names: (calls.append(item.index),
-                                                                      real(m, item, names))[1])
-    resumed = pmq.measure_importance(model, ids, work_dir=work, **kw)
+    monkeypatch.setattr(measure, "_layer_record", lambda m, item, names: (calls.append(item.index),
+                                                                          real(m, item, names))[1])
+    resumed = measure.measure_importance(model, ids, work_dir=work, **kw)
     assert calls == [0]  # layer 1 was not measured again
     assert resumed.to_json() == whole.to_json()
     # other calibration tokens: the kept state is not reused
     calls.clear()
-    pmq.measure_importance(model, ids[:2], work_dir=work, **kw)
+    measure.measure_importance(model, ids[:2], work_dir=work, **kw)
     assert calls == [1, 0]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcsharp_gguf.calib import LayerStream, calibration_token_ids
-from mcsharp_gguf.formats import quantize_rtn
-from mcsharp_gguf.pmq import Recipe, measure_importance
-from mcsharp_gguf.sensitivity import reverse_layers
+from mcsharp_gguf.dev.tiny_models import load_hf
+from mcsharp_gguf.ggml.packing import quantize_rtn
+from mcsharp_gguf.model.calibration import calibration_token_ids
+from mcsharp_gguf.model.stream import LayerStream
+from mcsharp_gguf.pmq.candidates import Recipe
+from mcsharp_gguf.pmq.measure import measure_importance
+from mcsharp_gguf.pmq.sensitivity import reverse_layers
 from mcsharp_gguf.text import calibration_text
-from mcsharp_gguf.tiny_models import load_hf
 
 pytestmark = pytest.mark.slow  # tiny models carry the cached SmolLM2 tokenizer
 
@@ -119,7 +121,7 @@ def test_fisher_error_predicts_output_kl(model_dir):
 
 def test_perturbation_kl_matches_the_full_model(model_dir):
     """The streamed one-layer-at-a-time probe gives the KL that perturbing the whole transformers model gives."""
-    from mcsharp_gguf.sensitivity import perturbation_kl
+    from mcsharp_gguf.pmq.sensitivity import perturbation_kl
 
     ids = calibration_token_ids(model_dir, calibration_text(20_000), 2, 64)
     stream = LayerStream.open(model_dir)

@@ -1,0 +1,192 @@
+"""HF checkpoint → GGUF through the pinned llama.cpp ``conversion`` package.
+
+Metadata, tokenizer and tensor naming are llama.cpp's own; we only subclass the architecture's model
+class so later stages can substitute packed tensors (``TensorHook``), and we own validation and the
+atomic write.
+"""
+
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import McsharpError
+from ..llama_src import import_conversion, import_gguf
+from ..model.checkpoint import checkpoint_weights, validate_model_dir
+from ..recipe import OUTTYPES
+
+# A hook sees every tensor the converter is about to write (GGUF name, torch tensor, block id) and may
+# return what to write instead: a list of (name, numpy data, ggml type or None) — packed bytes, a split
+# into several tensors, or nothing at all; returning None keeps the converter's own handling.
+TensorHook = Callable[[str, Any, "int | None"], "list[tuple[str, Any, Any]] | None"]
+
+
+_OUT_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5}
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (where its bytes would go)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(_existing(path)).free
+
+
+def check_free_disk(model_dir: str | Path, out: str | Path, outtype: str = "f16", bpw: float | None = None,
+                    work_dir: str | Path | None = None, gptq: bool = False, spill_bytes: int = 0) -> None:
+    """Refuse to start a conversion that cannot finish for lack of disk: the output (every weight at ``bpw``, or
+    at ``outtype`` without a plan, + 2% for metadata), with ``gptq`` the work dir's packed layers (the planned
+    weights again) and the importance pass's spilled layer inputs (``spill_bytes``, in ``work_dir``, else in the
+    system's temp dir)."""
+    n = checkpoint_weights(model_dir)
+    bits = _OUT_BITS[outtype] if bpw is None else max(bpw, 1.0) + 0.25  # router, norms stay wide
+    wd = Path(work_dir).parent if work_dir is not None else Path(tempfile.gettempdir())
+    needs = [(Path(out).parent, int(1.02 * n * bits / 8)),
+             (wd, int(1.02 * n * bits / 8) if gptq and bpw is not None else 0), (wd, spill_bytes)]
+    by_fs: dict[int, tuple[Path, int]] = {}  # device → (a path on it, bytes needed there)
+    for p, b in needs:
+        dev = _existing(p).stat().st_dev
+        first, total = by_fs.get(dev, (p, 0))
+        by_fs[dev] = (first, total + b)
+    for p, b in by_fs.values():
+        free = _free_bytes(p)
+        if free < b:
+            raise McsharpError(f"not enough free disk in {p}: this conversion needs {b / 1e9:.1f} GB there (output, "
+                               f"work dir, spilled calibration states), {free / 1e9:.1f} GB are free; free some "
+                               "space or choose -o / --work-dir / TMPDIR on a larger disk")
+
+
+def check_output_path(out: str | Path) -> Path:
+    """Fail early (before any work) when ``out`` cannot be written."""
+    out = Path(out)
+    if out.is_dir():
+        raise McsharpError(f"output {out} is a directory; pass a file name such as {out / 'model.gguf'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise McsharpError(f"output directory {parent} does not exist; create it or choose another -o path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise McsharpError(f"cannot write to {parent} ({e.strerror}); choose a writable -o path") from None
+    return out
+
+
+@contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``out``; rename it over ``out`` only if the block succeeds."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".part")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets normal permissions
+        os.replace(tmp_path, out)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _model_class(conversion, hf_arch: str, hook: TensorHook | None):
+    base = conversion.get_model_class(hf_arch)
+    lazy_type = conversion.LazyTorchTensor
+
+    class HookedModel(base):  # type: ignore[misc, valid-type]
+        model_arch = base.model_arch  # the converter registry requires it on every subclass
+
+        def modify_tensors(self, data_torch, name, bid):
+            for new_name, tensor in super().modify_tensors(data_torch, name, bid):
+                if hook is None:
+                    yield new_name, tensor
+                    continue
+                # The converter's tensors are lazy; a hook computes on real values.
+                eager = lazy_type.to_eager(tensor) if isinstance(tensor, lazy_type) else tensor
+                replacement = hook(new_name, eager, bid)
+                if replacement is None:
+                    yield new_name, eager
+                    continue
+                for name_out, data, qtype in replacement:
+                    self.gguf_writer.add_tensor(name_out, data, raw_dtype=qtype)
+
+    HookedModel.__name__ = f"Mcsharp{base.__name__}"
+    return HookedModel
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor as the converter would write it: numpy-order shape, ggml type name, data bytes."""
+
+    shape: tuple[int, ...]
+    type_name: str
+    n_bytes: int
+
+    @property
+    def n_weights(self) -> int:
+        return math.prod(self.shape)
+
+
+def gguf_inventory(model_dir: str | Path, outtype: str = "f16") -> dict[str, GgufTensor]:
+    """GGUF name → :class:`GgufTensor` of every tensor ``convert_checkpoint(model_dir, outtype=outtype)`` writes
+    (no hook), from the converter's lazy tensors: shapes and types only, no weight is read (seconds even for a
+    large checkpoint). Budgets (presets, --size) are computed from it before any calibration."""
+    if outtype not in OUTTYPES:
+        raise McsharpError(f"--outtype {outtype} is not one of {', '.join(OUTTYPES)}")
+    info = validate_model_dir(model_dir)
+    gguf = import_gguf()
+    conversion = import_conversion()
+    logging.getLogger("hf-to-gguf").setLevel(logging.WARNING)
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        model = _model_class(conversion, info.hf_arch, None)(info.path, _ftypes(gguf)[outtype],
+                                                            Path(tmp) / "dry.gguf", eager=False)
+        model.prepare_tensors()
+        return {name: GgufTensor(tuple(int(x) for x in ti.shape), gguf.GGMLQuantizationType(ti.dtype).name,
+                                 int(ti.nbytes))
+                for shard in model.gguf_writer.tensors for name, ti in shard.items()}
+
+
+def _ftypes(gguf) -> dict:
+    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+
+def convert_checkpoint(model_dir: str | Path, out: str | Path, outtype: str = "f16",
+                       hook: TensorHook | None = None, extra_kv: Callable[[Any], None] | None = None,
+                       verbose: bool = False) -> Path:
+    """Convert ``model_dir`` to ``out`` with llama.cpp's converter; tensors pass through ``hook``.
+
+    ``extra_kv(gguf_writer)`` may add metadata. The output appears only when complete.
+    """
+    if outtype not in OUTTYPES:
+        raise McsharpError(f"--outtype {outtype} is not one of {', '.join(OUTTYPES)}")
+    info = validate_model_dir(model_dir)
+    out = check_output_path(out)
+    gguf = import_gguf()
+    conversion = import_conversion()
+    ftype = _ftypes(gguf)[outtype]
+    logging.getLogger("hf-to-gguf").setLevel(logging.INFO if verbose else logging.WARNING)
+    cls = _model_class(conversion, info.hf_arch, hook)
+    import torch
+
+    with atomic_output(out) as tmp, torch.inference_mode():
+        model = cls(info.path, ftype, tmp, eager=False)
+        if extra_kv is not None:
+            extra_kv(model.gguf_writer)
+        model.write()
+    return out

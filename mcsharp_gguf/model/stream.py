@@ -1,0 +1,264 @@
+"""The layer-streamed forward every pass runs (importance, GPTQ, OTP capture, probes), and what each MoE block saw.
+
+Only one decoder layer's weights are resident at a time: the model skeleton lives on the ``meta`` device, each
+layer is materialised from the safetensors shards (through its architecture adapter), run over all calibration
+sequences, and dropped. Hidden states are carried forward between layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..converters import get_architecture, supported_architectures
+from ..errors import McsharpError
+from .checkpoint import safetensors_header
+from .names import MIN_ROWS
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class SafetensorsIndex:
+    """Lazy access to every tensor of a checkpoint by name (only what is asked for is read).
+
+    Tensors are read with plain file reads, not memory maps: a mapped shard's pages would count in this
+    process's resident memory for as long as it stays open, i.e. the whole checkpoint by the last layer.
+    Every shard's header is checked at open (truncated or corrupt shard → one-line error naming it).
+    """
+
+    def __init__(self, model_dir: Path):
+        self.names: dict[str, Callable[[], torch.Tensor]] = {}
+        for shard in sorted(model_dir.glob("*.safetensors")):
+            start, header = safetensors_header(shard)
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                if v["dtype"] not in _DTYPES:
+                    raise McsharpError(f"{shard}: tensor {k} is {v['dtype']}; supported: {', '.join(_DTYPES)} "
+                                       "(dequantise the checkpoint to bf16 first)")
+                self.names[k] = partial(_read_tensor, shard, start + v["data_offsets"][0],
+                                        v["data_offsets"][1] - v["data_offsets"][0], _DTYPES[v["dtype"]],
+                                        tuple(v["shape"]))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.names[key]()
+
+
+def _read_tensor(path: Path, offset: int, n_bytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """One tensor of a safetensors shard as float32, read (not mapped) from ``path``."""
+    buf = bytearray(n_bytes)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(buf) != n_bytes:
+            raise McsharpError(f"{path} is truncated; re-download or re-save it")
+    if not n_bytes:
+        return torch.zeros(shape)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape).float()
+
+
+# A pass's work on one decoder layer: (index, materialised layer, run = the layer over all sequences, its input
+# hidden states) → the next layer's input (usually run(hidden), or the output of the layer as the pass changed it).
+LayerStep = Callable[[int, torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LayerStream:
+    """A transformers model skeleton whose decoder layers are materialised one at a time."""
+
+    model_dir: Path
+    config: object
+    model: torch.nn.Module  # on the meta device, except what we materialise
+    arch: object  # converters.base.MoeArchitecture
+    tensors: SafetensorsIndex
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> LayerStream:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model_dir = Path(model_dir)
+        cfg_json = json.loads((model_dir / "config.json").read_text())
+        arch = get_architecture(cfg_json["architectures"][0])
+        if arch is None:
+            raise McsharpError(f"{model_dir}: {cfg_json['architectures'][0]} has no MoE adapter; supported: "
+                               f"{', '.join(supported_architectures())}")
+        config = AutoConfig.from_pretrained(model_dir)
+        config._attn_implementation = "sdpa"  # causal masking without building a mask
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return cls(model_dir, config, model, arch, SafetensorsIndex(model_dir))
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.model.model.layers)
+
+    @property
+    def n_expert(self) -> int:
+        c = self.config
+        return int(getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None)
+                   or c.n_routed_experts)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.tensors["model.embed_tokens.weight"]
+        return torch.nn.functional.embedding(ids, w)
+
+    def rotary(self, seq_len: int):
+        rot = type(self.model.model.rotary_emb)(config=self.config)  # rebuilt on CPU (skeleton is meta)
+        pos = torch.arange(seq_len)[None]
+        return pos, rot(torch.zeros(1, dtype=torch.float32), pos)
+
+    def load_layer(self, i: int) -> torch.nn.Module:
+        """Materialise decoder layer ``i`` with its checkpoint weights (float32)."""
+        layer = self.model.model.layers[i]
+        layer.to_empty(device="cpu")
+        sd = self.arch.layer_state_dict(self.tensors.names, i, self.n_expert)
+        # assign: the module takes the loaded tensors as they are (a copy into to_empty's storage would hold the
+        # layer twice)
+        missing, unexpected = layer.load_state_dict(sd, strict=False, assign=True)
+        if missing or unexpected:
+            raise McsharpError(f"{self.model_dir}: layer {i} does not match {self.arch.name}'s layout "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-save the checkpoint")
+        return layer.eval()
+
+    def unload_layer(self, i: int) -> None:
+        self.model.model.layers[i].to("meta")
+
+    def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
+        block = getattr(layer, self.arch.moe_block, None)
+        return block if block is not None and hasattr(block, self.arch.experts) else None
+
+    def sweep(self, hidden: torch.Tensor, step: LayerStep, desc: str, progress: bool = True) -> torch.Tensor:
+        """The one layer loop every forward pass runs (GPTQ, OTP capture, the importance pass's input spill,
+        perturbation probes): each decoder layer is materialised once, ``step(i, layer, run, hidden)`` does the
+        pass's work on it and returns the next layer's input; one progress bar (``desc``) counts the layers.
+        Returns the last layer's output."""
+        from tqdm import tqdm
+
+        for i, layer, run in tqdm(self.layers(hidden), total=self.n_layer, desc=desc, unit="layer",
+                                  disable=not progress):
+            hidden = step(i, layer, run, hidden)
+        return hidden
+
+    def layers(self, hidden: torch.Tensor) -> Iterator[tuple[int, torch.nn.Module, Callable]]:
+        """Yield (i, layer, run) for each decoder layer; ``run(hidden) -> hidden`` runs it on all sequences."""
+        for i in range(self.n_layer):
+            layer = self.load_layer(i)
+            yield i, layer, self.runner(layer, hidden.shape[1])
+            self.unload_layer(i)
+
+    def runner(self, layer: torch.nn.Module, seq_len: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``run(hidden) -> hidden``: ``layer`` over every sequence of ``hidden`` (n_seq, seq_len, d), no grad."""
+        pos, rope = self.rotary(seq_len)
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([layer(h[s:s + 1], position_ids=pos, position_embeddings=rope)
+                                  for s in range(h.shape[0])])
+
+        return run
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm applied to the last hidden states (the LM head's input)."""
+        norm = type(self.model.model.norm)(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = self.tensors["model.norm.weight"]
+        with torch.no_grad():
+            return norm(hidden)
+
+    def lm_head_name(self) -> str:
+        """Checkpoint key of the LM head (the token embedding when they are tied)."""
+        return "lm_head.weight" if "lm_head.weight" in self.tensors.names else "model.embed_tokens.weight"
+
+    def lm_head(self) -> torch.Tensor:
+        return self.tensors[self.lm_head_name()].float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head on the last hidden states."""
+        return self.final_norm(hidden) @ self.lm_head().T
+
+
+@dataclass
+class ExpertStats:
+    """Per-expert routing statistics of one MoE layer over the calibration tokens."""
+
+    freq: np.ndarray  # (n_expert,) number of (token, slot) selections
+    weight_mass: np.ndarray  # (n_expert,) summed softmax routing probability of the selecting tokens
+    n_tokens: int
+    top_k: int
+
+    def normalised(self) -> tuple[np.ndarray, np.ndarray]:
+        """(phi, w) each summing to 1 within the layer (MC's normalisation)."""
+        f = self.freq / max(self.freq.sum(), 1)
+        w = self.weight_mass / max(self.weight_mass.sum(), 1e-30)
+        return f, w
+
+
+@dataclass
+class MoeCapture:
+    """What one MoE block saw: its inputs, its output, and the routing of every token."""
+
+    x: torch.Tensor  # (tokens, d) MoE block input
+    y: torch.Tensor  # (tokens, d) MoE block output (routed + shared)
+    router_logits: torch.Tensor  # (tokens, n_expert)
+    top_k_index: torch.Tensor  # (tokens, k)
+    top_k_weights: torch.Tensor  # (tokens, k)
+    stats: ExpertStats = field(repr=False, default=None)
+
+
+def capture_moe(block: torch.nn.Module, arch, n_expert: int, run: Callable[[torch.Tensor], torch.Tensor],
+                hidden: torch.Tensor) -> tuple[MoeCapture, torch.Tensor]:
+    """Run ``run(hidden)`` with hooks on ``block``; return what the block saw (all tokens) and run's output."""
+    xs, ys, logits, idx, wts = [], [], [], [], []
+    router = getattr(block, arch.router)
+    experts = getattr(block, arch.experts)
+
+    def pre_block(mod, args):
+        xs.append(args[0].reshape(-1, args[0].shape[-1]).detach())
+
+    def post_block(mod, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        ys.append(out.reshape(-1, out.shape[-1]).detach())
+
+    def post_router(mod, args, out):
+        logits.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+    def pre_experts(mod, args):
+        idx.append(args[1].detach())
+        wts.append(args[2].detach().float())
+
+    hooks = [block.register_forward_pre_hook(pre_block), block.register_forward_hook(post_block),
+             router.register_forward_hook(post_router), experts.register_forward_pre_hook(pre_experts)]
+    try:
+        out = run(hidden)
+    finally:
+        for h in hooks:
+            h.remove()
+    cap = MoeCapture(torch.cat(xs), torch.cat(ys), torch.cat(logits), torch.cat(idx), torch.cat(wts))
+    probs = torch.softmax(cap.router_logits, dim=-1)
+    freq = torch.bincount(cap.top_k_index.flatten(), minlength=n_expert).numpy().astype(np.float64)
+    mass = torch.zeros(n_expert, dtype=torch.float64)
+    mass.index_add_(0, cap.top_k_index.flatten(), probs.gather(1, cap.top_k_index).flatten().double())
+    cap.stats = ExpertStats(freq=freq, weight_mass=mass.numpy(), n_tokens=int(cap.x.shape[0]),
+                            top_k=int(cap.top_k_index.shape[1]))
+    return cap, out
+
+
+def dense_linears(layer: torch.nn.Module, arch) -> dict[str, tuple[str, torch.nn.Linear]]:
+    """The quantisable linears of a decoder layer outside the routed experts: local name → (class, module).
+
+    The router, tiny gates (e.g. Qwen2-MoE's 1-row shared-expert gate) and anything inside the expert container
+    stay unquantised; ``self_attn.*`` is "attn", the rest (shared experts, dense MLPs) "ffn".
+    """
+    skip = (f"{arch.moe_block}.{arch.router}", f"{arch.moe_block}.{arch.experts}")
+    out = {}
+    for name, mod in layer.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if mod.out_features < MIN_ROWS:
+            continue
+        out[name] = ("attn" if name.startswith("self_attn.") else "ffn", mod)
+    return out

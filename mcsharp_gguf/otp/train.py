@@ -1,0 +1,168 @@
+"""Training OTP routers: :func:`train_layer_router` fits one router with a straight-through Gumbel-sigmoid keep
+mask; :func:`fit_otp` trains every layer for a few λ and keeps, per layer, the router with the lowest error once its
+keep logits are shifted so the layer's calibration executed fraction hits the target; :func:`train_otp` is the
+whole stage (capture, fit, optionally the end-to-end KL refinement of refine.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import McsharpError
+from .capture import OtpLayerData, capture_otp_data
+from .io import OtpRouters, model_moe_shape
+from .refine import refine_otp_kl
+from .router import (
+    OtpRouter,
+    TrainedRouter,
+    executed_frac,
+    hard_keep,
+    layer_arrays,
+    mask_error,
+    router_logits,
+    shift_for_frac,
+)
+
+DEFAULT_HIDDEN = 32
+DEFAULT_TARGET_FRAC = 0.75
+
+
+def train_layer_router(data: OtpLayerData, lam: float, hidden: int = DEFAULT_HIDDEN, steps: int = 300,
+                       batch: int = 512, lr: float = 3e-3, tau: tuple[float, float] = (2.0, 0.1),
+                       seed: int = 0) -> TrainedRouter:
+    """Fit one router: loss = mask error + λ · mean kept fraction of the droppable slots.
+
+    The keep mask is a Gumbel-sigmoid (binary concrete) sample of sigmoid(logit) at temperature τ
+    (annealed geometrically), made hard in the forward pass with straight-through gradients.
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    T, d = data.x.shape
+    k = data.top_k
+    router = OtpRouter(d, hidden, k)
+    with torch.no_grad():  # start from "keep everything": training then learns what can go
+        router.fc2.weight.mul_(0.1)
+        router.fc2.bias.fill_(2.0)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    # train on standardised inputs (RMSNorm gains spread channel scales widely), fold it into fc1 after
+    mu, sd = data.x.mean(0), data.x.std(0).clamp_min(1e-6)
+    xs = (data.x - mu) / sd
+    for step in range(steps):
+        t = tau[0] * (tau[1] / tau[0]) ** (step / max(steps - 1, 1))
+        rows = torch.randint(0, T, (min(batch, T),), generator=g)
+        logits = router(xs[rows])
+        u = torch.rand(logits.shape, generator=g).clamp(1e-6, 1 - 1e-6)
+        soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / t)
+        keep = (soft > 0.5).float() + soft - soft.detach()
+        keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
+        loss = mask_error(data, keep, rows) + lam * keep[:, 1:].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        router.fc1.bias.sub_(router.fc1.weight @ (mu / sd))
+        router.fc1.weight.div_(sd)
+        keep = hard_keep(router(data.x))
+        err = float(mask_error(data, keep))
+    state = {k_: v.detach().clone() for k_, v in router.state_dict().items()}
+    return TrainedRouter(data.layer, state, float(keep.mean()), err)
+
+
+DEFAULT_LAMS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+@dataclass
+class Candidate:
+    """The routers of every layer trained with one λ, and their calibration keep-logits."""
+
+    lam: float
+    routers: list[TrainedRouter]
+    logits: list[torch.Tensor]
+
+
+def train_candidates(data: list[OtpLayerData], lams: tuple[float, ...] = DEFAULT_LAMS,
+                     hidden: int = DEFAULT_HIDDEN, steps: int = 300, seed: int = 0,
+                     log: Callable[[str], None] | None = None) -> list[Candidate]:
+    """Train every layer's router once per λ in ``lams``."""
+    if not data:
+        raise McsharpError("the model has no MoE layers: OTP has nothing to prune")
+    out = []
+    for lam in lams:
+        routers = [train_layer_router(dat, lam, hidden=hidden, steps=steps, seed=seed + dat.layer) for dat in data]
+        out.append(Candidate(lam, routers, router_logits(routers, data)))
+        if log:
+            log(f"[otp] lambda {lam:.3g}: trained executed fraction {np.mean([r.frac for r in routers]):.3f}")
+    return out
+
+
+def select_for_target(candidates: list[Candidate], data: list[OtpLayerData], target_frac: float,
+                      log: Callable[[str], None] | None = None) -> OtpRouters:
+    """Per layer, the candidate router whose keep-logits, shifted so that layer executes ``target_frac`` of its
+    calibration slots, give the lowest block-output error; the shift is folded into b2.
+
+    Every layer executes the same fraction: a global trade-off on the normalised block-output error prunes
+    layers whose routed experts are small next to the shared expert (or to massive activations) almost
+    completely, and that costs far more downstream than the block error says (measured on the fixture).
+    λ is picked by the error at the target rather than by the fraction training lands on: with a hard
+    straight-through mask the trained fraction jumps with λ, while the shift reaches any fraction smoothly.
+    """
+    k = data[0].top_k
+    if not (1.0 / k <= target_frac <= 1.0):
+        raise McsharpError(f"--otp-target-frac {target_frac} is outside [{1.0 / k:.3f}, 1] (slot 0 of the "
+                           f"top-{k} is always kept)")
+    hidden = int(candidates[0].routers[0].state["fc1.weight"].shape[0])
+    res = OtpRouters(n_embd=int(data[0].x.shape[1]), top_k=k, hidden=hidden, target_frac=target_frac,
+                     calib_frac=0.0, calib_err=0.0, lam=[])
+    fracs, errs = [], []
+    for i, dat in enumerate(data):
+        best = None
+        for cand in candidates:
+            lg = cand.logits[i]
+            shift = shift_for_frac([lg], target_frac)
+            with torch.no_grad():
+                err = mask_error(dat, hard_keep(lg + shift)).item()
+            if best is None or err < best[0]:
+                best = (err, cand, shift)
+        err, cand, shift = best
+        s = cand.routers[i].state
+        res.layers[dat.layer] = layer_arrays(s, shift)
+        res.lam.append(cand.lam)
+        fracs.append(executed_frac([cand.logits[i]], shift))
+        errs.append(err)
+    res.calib_frac, res.calib_err = float(np.mean(fracs)), float(np.mean(errs))
+    if log:
+        log(f"[otp] per-layer lambda {sorted(set(res.lam))}: calibration executed fraction {res.calib_frac:.3f}, "
+            f"block-output error {res.calib_err:.4f}")
+    return res
+
+
+def fit_otp(data: list[OtpLayerData], target_frac: float = DEFAULT_TARGET_FRAC, hidden: int = DEFAULT_HIDDEN,
+            lams: tuple[float, ...] = DEFAULT_LAMS, steps: int = 300, seed: int = 0,
+            log: Callable[[str], None] | None = None) -> OtpRouters:
+    """Routers for every MoE layer at ``target_frac``: :func:`train_candidates`, then :func:`select_for_target`."""
+    if not data:
+        raise McsharpError("the model has no MoE layers: OTP has nothing to prune")
+    k = data[0].top_k
+    if not (1.0 / k <= target_frac <= 1.0):  # before the training, not after
+        raise McsharpError(f"--otp-target-frac {target_frac} is outside [{1.0 / k:.3f}, 1] (slot 0 of the "
+                           f"top-{k} is always kept)")
+    cands = train_candidates(data, lams, hidden=hidden, steps=steps, seed=seed, log=log)
+    return select_for_target(cands, data, target_frac, log=log)
+
+
+def train_otp(model_dir: str | Path, token_ids: torch.Tensor, target_frac: float = DEFAULT_TARGET_FRAC,
+              hidden: int = DEFAULT_HIDDEN, refine_steps: int = 0, log: Callable[[str], None] | None = None,
+              progress: bool = True) -> OtpRouters:
+    """Calibrate (layer-streamed) and train the routers of every MoE layer of a checkpoint; with
+    ``refine_steps`` > 0, then refine them end to end on the logits' KL (:func:`refine_otp_kl`)."""
+    routers = fit_otp(capture_otp_data(model_dir, token_ids, progress=progress), target_frac=target_frac,
+                      hidden=hidden, log=log)
+    routers.arch = model_moe_shape(model_dir)[0]
+    if refine_steps > 0:
+        routers = refine_otp_kl(model_dir, token_ids, routers, steps=refine_steps, log=log, progress=progress)
+    return routers

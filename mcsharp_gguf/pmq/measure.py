@@ -1,0 +1,295 @@
+"""Measuring importance: one layer-streamed pass (forward, then the reverse pass of sensitivity.py) that records,
+per MoE layer, phi, w and every (expert, candidate type)'s eps, and per non-expert tensor its Fisher error;
+resumable from a work dir, layer by layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import McsharpError
+from ..ggml.packing import quantize_rtn
+from ..ggml.types import storable_type
+from ..model.names import checkpoint_name, gguf_name_map
+from ..model.stream import LayerStream, capture_moe, dense_linears
+from ..quant.experts import expert_hessians, quantize_expert
+from .candidates import DENSE_TYPES, EXPERT_TYPES, Recipe
+from .eps import _dense_fisher, expert_output_delta, fisher_error, fisher_error_split, fold_a_mask
+from .importance import LayerImportance, ModelImportance, TensorImportance
+from .sensitivity import perturbation_kl, resumable_from, reverse_layers
+
+EPS_SOURCE = "gptq"  # measure_importance's quantiser for eps (see its docstring; README: it plans better)
+
+
+@dataclass
+class _Measure:
+    """What every item of one importance pass shares (see measure_importance)."""
+
+    stream: object  # model.stream.LayerStream
+    token_ids: torch.Tensor
+    targets: tuple[str, ...]
+    dense_types: tuple[str, ...]
+    gptq: bool
+    tap_scale: float
+    flip_probe: str | None
+    in_a: torch.Tensor  # fold A mask over all calibration tokens
+    tied: bool  # the LM head is the token embedding (GGUF then has no output.weight)
+
+
+def _head_record(m: _Measure, item) -> dict:
+    """The LM head's Fisher errors (a TensorImportance unless tied: then they add to the embedding's)."""
+    head = m.stream.lm_head()
+    x, g = item.taps["lm_head"]
+    eps, eps_a = _dense_fisher(head, x, g, m.dense_types, m.in_a[:x.shape[0]], gptq=m.gptq and not m.tied,
+                               scale=m.tap_scale)
+    tensors = [] if m.tied else [asdict(TensorImportance("output.weight", "output", *head.shape, eps,
+                                                         eps_fisher_a=eps_a))]
+    return {"tensors": tensors, "head_eps": eps, "head_eps_a": eps_a}
+
+
+def _embedding_record(m: _Measure, item, head: dict) -> dict:
+    """The token embedding's Fisher errors (RTN, as the file stores it; a tied head's errors added)."""
+    emb = m.stream.tensors["model.embed_tokens.weight"]
+    ids = m.token_ids.flatten()
+    used, where = torch.unique(ids, return_inverse=True)  # rows are independent: quantise those seen
+    g = item.g_out.reshape(ids.shape[0], -1)
+    eps, eps_a = {}, {}
+    for t in dict.fromkeys(storable_type(t, emb.shape[1]) for t in m.dense_types):
+        de = quantize_rtn(emb[used], t).dequant - emb[used]
+        eps[t], eps_a[t] = fisher_error_split((g * de[where]).sum(1).square(), m.in_a)
+        if m.tied:
+            eps[t] = float(np.hypot(eps[t], head["head_eps"][t]))
+            eps_a[t] = float(np.hypot(eps_a[t], head["head_eps_a"][t]))
+    return {"tensors": [asdict(TensorImportance("token_embd.weight", "embd", *emb.shape, eps, eps_fisher_a=eps_a))]}
+
+
+def _layer_record(m: _Measure, item, names) -> dict:
+    """One decoder layer: its tapped non-expert linears' Fisher errors and, for an MoE layer, phi, w and every
+    (expert, recipe)'s eps (plain and Fisher, all tokens and fold A)."""
+    stream, i, layer = m.stream, item.index, item.layer
+    tensors = []
+    for n, (cls, mod) in dense_linears(layer, stream.arch).items():
+        gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
+        if gname is not None and n in item.taps:
+            w, (x, g) = mod.weight.detach(), item.taps[n]
+            eps_t, eps_t_a = _dense_fisher(w, x, g, m.dense_types, m.in_a[:x.shape[0]], gptq=m.gptq,
+                                           scale=m.tap_scale)
+            tensors.append(asdict(TensorImportance(gname, cls, *w.shape, eps_t, eps_fisher_a=eps_t_a)))
+    block = stream.moe_block(layer)
+    if block is None:
+        return {"tensors": tensors, "layer": None}
+    h_in, g_out = item.h_in, item.g_out
+    cap, h_out = capture_moe(block, stream.arch, stream.n_expert, stream.runner(layer, h_in.shape[1]), h_in)
+    grad = g_out.reshape(-1, g_out.shape[-1])
+    experts = getattr(block, stream.arch.experts)
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    d_model, d_ff = gate_up.shape[2], down.shape[2]
+    eps: dict[str, list[float]] = {t: [] for t in m.targets}
+    eps_fisher: dict[str, list[float]] = {t: [] for t in m.targets}
+    eps_fisher_a: dict[str, list[float]] = {t: [] for t in m.targets}
+    probe = []  # RTN Fisher error at flip_probe: what the flip probe's real KL is compared with
+    for e in range(stream.n_expert):
+        tok, slot = torch.where(cap.top_k_index == e)
+        x, w = cap.x[tok], cap.top_k_weights[tok, slot]
+        g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
+        hessians = expert_hessians(g, u, x, experts.act_fn) if m.gptq else (None, None)
+        for t in m.targets:
+            if x.shape[0] == 0:
+                for acc in (eps, eps_fisher, eps_fisher_a):
+                    acc[t].append(0.0)
+                continue
+            r = Recipe.for_shapes(t, d_model, d_ff)
+            q = None
+            if m.gptq:
+                res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
+                q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
+            delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
+            eps[t].append(float(delta.norm()))
+            e_all, e_a = fisher_error_split((delta * grad[tok]).sum(1).square(), m.in_a[tok])
+            eps_fisher[t].append(e_all)
+            eps_fisher_a[t].append(e_a)
+            if t == m.flip_probe:
+                probe.append(e_all if not m.gptq else fisher_error(
+                    expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok]))
+    phi, wmass = cap.stats.normalised()
+    imp = LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps, out_norm=float(h_out.float().norm()),
+                          eps_fisher=eps_fisher, eps_fisher_a=eps_fisher_a, tokens=[int(f) for f in cap.stats.freq])
+    return {"tensors": tensors, "layer": asdict(imp), "probe": probe}
+
+
+def _importance_state(work_dir, key: str, n_layer: int, head_needed: bool) -> tuple[Path | None, dict, int | None]:
+    """(state dir, finished item records, layer to resume below) of an importance pass kept in ``work_dir``.
+    A state of other inputs (``key``) or one that cannot be continued is cleared."""
+    if work_dir is None:
+        return None, {}, None
+    state = Path(work_dir) / "importance"
+    if (state / "key.txt").exists() and (state / "key.txt").read_text() != key:
+        shutil.rmtree(state)
+    records = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(state.glob("item-*.json"))}
+    resume = resumable_from(state, {i for i in records if 0 <= i < n_layer}, n_layer)
+    if resume is None or (head_needed and n_layer not in records):
+        shutil.rmtree(state, ignore_errors=True)
+        records, resume = {}, None
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "key.txt").write_text(key)
+    return state, {i: r for i, r in records.items() if resume is not None and (i >= resume)}, resume
+
+
+def _importance_key(model_dir, token_ids: torch.Tensor, **settings) -> str:
+    """What an importance pass's results depend on: the checkpoint's config and shard headers, the tokens and
+    the settings."""
+    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        st = shard.stat()  # a re-saved checkpoint (new mtime) is measured anew
+        h.update(shard.name.encode() + str((st.st_size, st.st_mtime_ns)).encode())
+        with open(shard, "rb") as f:
+            h.update(f.read(1 << 16))
+    h.update(token_ids.numpy().tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, ...] = EXPERT_TYPES,
+                       progress: bool = True, seed: int = 0, dense: bool = False,
+                       dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
+                       flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE,
+                       work_dir=None) -> ModelImportance:
+    """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
+    (expert, recipe) eps both at the block output and in the output-KL (Fisher) metric; with
+    ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
+    linears, token embedding, LM head) for ``dense_types``, on the first ``tap_seqs`` sequences.
+
+    The layers are visited last to first (sensitivity.reverse_layers: one forward keeps the layer inputs, the
+    reverse pass carries ∇ log p(ŷ) back); the result is in layer order. With ``flip_probe`` (a recipe target),
+    each layer's flip_factor is measured too, on the first ``probe_seqs`` sequences (see _measure_flip_factors).
+
+    ``eps_source``: the quantiser behind eps. ``rtn`` is the fast proxy; ``gptq`` quantises each (expert, type)
+    and each planned linear as convert will (GPTQ on the Hessian of the inputs it is measured on; the token
+    embedding, RTN in the file, stays RTN), 1.7× the time on the fixture.
+
+    ``work_dir``: keep the pass's state (spilled layer inputs, gradients, each finished layer's results) in
+    ``work_dir/importance``, so a run stopped at layer N continues there with the same result.
+
+    (Twelve parameters: the measurement's knobs, all with defaults, passed by name.)
+    """
+    from tqdm import tqdm
+
+    if eps_source not in ("rtn", "gptq"):
+        raise McsharpError(f"eps source {eps_source} is not one of rtn, gptq")
+    if flip_probe is not None and flip_probe not in targets:
+        raise McsharpError(f"--flip-probe {flip_probe} is not one of the candidate types {', '.join(targets)}")
+    stream = LayerStream.open(model_dir)
+    m = _Measure(stream, token_ids, tuple(targets), tuple(dense_types), eps_source == "gptq",
+                 (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5, flip_probe,
+                 fold_a_mask(token_ids.numel(), token_ids.shape[1]), stream.lm_head_name() != "lm_head.weight")
+    names = gguf_name_map(stream.arch, stream.n_layer)
+    key = _importance_key(model_dir, token_ids, targets=m.targets, dense=dense, dense_types=m.dense_types,
+                          tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=1)
+    state, records, resume = _importance_state(work_dir, key, stream.n_layer, dense)
+
+    def taps(layer):
+        return {n: mod for n, (_, mod) in dense_linears(layer, stream.arch).items()}
+
+    bar = tqdm(total=stream.n_layer, initial=stream.n_layer - (stream.n_layer if resume is None else resume),
+               desc="importance: measure", unit="layer", disable=not progress)
+    for item in reverse_layers(stream, token_ids, seed=seed, taps=taps if dense else None, tap_seqs=tap_seqs,
+                               state_dir=state, resume_at=resume, progress=progress):
+        i = item.index
+        if item.layer is None and i >= 0:
+            rec = _head_record(m, item)
+        elif item.layer is None:
+            rec = _embedding_record(m, item, records.get(stream.n_layer, {})) if dense else {"tensors": []}
+        else:
+            rec = _layer_record(m, item, names)
+            bar.update()
+        records[i] = rec
+        _save_record(state, i, rec)
+    bar.close()
+    out = sorted((LayerImportance(**r["layer"]) for r in records.values() if r.get("layer")), key=lambda x: x.layer)
+    tensors = [TensorImportance(**t) for r in records.values() for t in r["tensors"]]
+    if not out:
+        raise McsharpError(f"{model_dir} has no MoE layers; PMQ needs a Mixture-of-Experts checkpoint")
+    if flip_probe is not None:
+        _probe_flips(stream, token_ids, out, tensors, flip_probe, probe_seqs, records)
+    return ModelImportance(out, sorted(tensors, key=lambda t: t.name), eps_source)
+
+
+def _save_record(state: Path | None, i: int, rec: dict) -> None:
+    """Keep item ``i``'s record in the pass's state dir, if it has one (through a temporary name)."""
+    if state is not None:
+        tmp = state / f"item-{i:05d}.tmp"
+        tmp.write_text(json.dumps(rec))
+        tmp.replace(state / f"item-{i:05d}.json")
+
+
+def _probe_flips(stream, token_ids: torch.Tensor, layers: list[LayerImportance], tensors: list[TensorImportance],
+                 probe: str, probe_seqs: int, records: dict) -> None:
+    """Measure every layer's flip_factor at ``probe`` on the first ``probe_seqs`` sequences
+    (_measure_flip_factors) and give each tensor that of the first router its error reaches (_feeding_factor)."""
+    n_probe = min(probe_seqs, token_ids.shape[0])
+    _measure_flip_factors(stream, token_ids[:n_probe], layers, probe, token_ids.shape[0] / n_probe,
+                          {i: r["probe"] for i, r in records.items() if r.get("layer")})
+    by_layer = {imp.layer: imp.flip_factor for imp in layers}
+    moe = sorted(by_layer)
+    for ti in tensors:
+        ti.flip_factor = _feeding_factor(ti, by_layer, moe)
+
+
+def _feeding_factor(ti: TensorImportance, by_layer: dict[int, float], moe: list[int]) -> float:
+    """Flip factor of the first router a tensor's error reaches: attention of layer l feeds router l (whose
+    output error is that of MoE layer l-1's experts), a shared/dense FFN of layer l what layer l's experts feed;
+    the embedding everything; the LM head none."""
+    if ti.cls == "output":
+        return 1.0
+    if ti.cls == "embd":
+        return by_layer[moe[0]]
+    layer = int(ti.name.split(".")[1])
+    if ti.cls == "attn" and layer - 1 in by_layer:
+        return by_layer[layer - 1]
+    after = [m for m in moe if m >= layer]
+    return by_layer[after[0]] if after else 1.0
+
+
+def _measure_flip_factors(stream, token_ids: torch.Tensor, layers: list[LayerImportance], probe: str,
+                          scale: float, rtn_fisher: dict[int, list[float]]) -> dict[int, float]:
+    """Set each layer's flip_factor: real output KL of RTN-quantising all its experts at ``probe`` (on
+    ``token_ids``, perturbation_kl) over the Fisher estimate of the same RTN error (½ Σ ``rtn_fisher[layer]``²,
+    measured on ``scale`` × as many tokens). Clamped to [1, 16]: the Fisher term is a floor, and a handful of
+    tokens must not dominate. Returns the unclamped ratios."""
+    wanted = {imp.layer: imp for imp in layers}
+
+    def perturb(i, layer):
+        if i not in wanted:
+            return None
+        experts = getattr(stream.moe_block(layer), stream.arch.experts)
+        imp = wanted[i]
+        r = Recipe.for_shapes(probe, imp.d_model, imp.d_ff)
+        saved = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+        with torch.no_grad():
+            for e in range(imp.n_expert):
+                gu, d = saved[0][e], saved[1][e]
+                experts.gate_up_proj[e].copy_(torch.cat([quantize_rtn(gu[:imp.d_ff], r.gate).dequant,
+                                                         quantize_rtn(gu[imp.d_ff:], r.up).dequant]))
+                experts.down_proj[e].copy_(quantize_rtn(d, r.down).dequant)
+
+        def undo():
+            with torch.no_grad():
+                experts.gate_up_proj.copy_(saved[0])
+                experts.down_proj.copy_(saved[1])
+
+        return undo
+
+    real = perturbation_kl(stream, token_ids, perturb)
+    ratios = {}
+    for imp in layers:
+        predicted = 0.5 * sum(x ** 2 for x in rtn_fisher[imp.layer]) / scale
+        ratios[imp.layer] = real[imp.layer] / predicted if predicted > 0 else 1.0
+        imp.flip_factor = float(np.clip(ratios[imp.layer], 1.0, 16.0))
+    return ratios

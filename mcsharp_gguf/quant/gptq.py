@@ -1,0 +1,217 @@
+"""Hessian-aware GPTQ whose quantiser is a ggml grid, so its output packs bit-exactly into GGUF.
+
+The algorithm is the one of Frantar et al. (IST-DASLab gptq.py): damp H, take the upper Cholesky factor U of H⁻¹,
+walk the input columns left to right, quantise a column, divide its error by U[j, j] and subtract err ⊗ U[j, j:]
+from the not yet quantised columns; updates are batched lazily ("lazy block updates").
+
+ggml twist: blocks run along the input dimension. When the walk reaches the first column of a ggml block
+(K-quant super-block), that block's grid (fp16 scales/mins, quantised sub-block scales) is fitted from the current,
+error-updated weights and frozen; its columns are then quantised on it one by one. Codes + grids go through
+``ggml.packing.pack``, so ``ggml.libggml.ggml_dequantize(result.packed)`` equals ``result.dequant`` exactly.
+
+Work happens on Wᵀ (columns contiguous) with two levels of lazy batching: rank-1 updates stay inside a group of
+``GROUP`` columns, a matmul pushes a finished group into the rest of its lazy block, and another one pushes a
+finished lazy block into the rest of the matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import McsharpError
+from ..ggml.grids import Grid, _is_uniform, _levels_t, fit_grid, nearest_code, nearest_level
+from ..ggml.packing import QuantResult, finish
+from ..ggml.types import _spec, block_size, check_shape
+
+GROUP = 32  # columns per rank-1 group inside a lazy block (a divisor of every ggml block size)
+ROW_CHUNK = 16384  # rows walked together (every expert projection of the supported models is one chunk)
+
+
+class HessianAccumulator:
+    """Running H = (2/n) Σ xᵀx over calibration rows x (GPTQ's convention; the 2 is irrelevant to GPTQ itself).
+
+    ``n`` counts rows (tokens) seen. ``imatrix`` = diag(H)/2 = mean x², llama.cpp's importance-matrix convention.
+    """
+
+    def __init__(self, cols: int, dtype: torch.dtype = torch.float32):
+        self.H = torch.zeros(cols, cols, dtype=dtype)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate calibration inputs x (..., cols) of the linear layer."""
+        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H.dtype).cpu()
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+    @property
+    def imatrix(self) -> torch.Tensor:
+        return torch.diagonal(self.H) / 2
+
+
+def _trinv_lower(L: torch.Tensor) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by recursive 2×2 blocking (matmul-bound, faster than a full solve)."""
+    n = L.shape[0]
+    if n <= 512:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+    h = n // 2
+    A, D = _trinv_lower(L[:h, :h]), _trinv_lower(L[h:, h:])
+    out = torch.zeros_like(L)
+    out[:h, :h], out[h:, h:] = A, D
+    out[h:, :h] = -(D @ (L[h:, :h] @ A))
+    return out
+
+
+def inverse_cholesky_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Upper U with Uᵀ U = (H + λI)⁻¹, λ = damp · mean diag(H).
+
+    Uses one Cholesky of the index-reversed H and one triangular inverse instead of GPTQ's
+    Cholesky → cholesky_inverse → Cholesky (about half the flops): if P H P = L Lᵀ (P = reversal), then
+    U = P L⁻¹ P is upper and Uᵀ U = H⁻¹. Damping is raised tenfold (up to 5 times) if H is not positive definite.
+    """
+    H = H.float()
+    diag = torch.diagonal(H)
+    lam = damp * diag.mean().clamp_min(1e-12)
+    for _ in range(6):
+        Hd = H.clone()
+        Hd.diagonal().add_(lam)
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
+        if int(info) == 0:
+            return _trinv_lower(L).flip(0, 1)
+        lam = lam * 10
+    raise McsharpError("GPTQ: Hessian is not positive definite even with heavy damping; check the calibration inputs")
+
+
+def _prepare_h(H: torch.Tensor, cols: int) -> torch.Tensor:
+    if tuple(H.shape) != (cols, cols):
+        raise McsharpError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match the {cols} input columns of W")
+    H = H.float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0  # columns that never saw an input: isolated, their error propagates nowhere
+    return H
+
+
+def _prepare(W: torch.Tensor, H: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    check_shape(tuple(W.shape), type_name)
+    return W.detach().float().cpu().clone(), _prepare_h(H, W.shape[1])
+
+
+def _quant_col(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, inv_s: torch.Tensor, type_name: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(level value, dequantised value) of one column on its frozen grid, computed as ggml decodes it."""
+    level = nearest_level((w - o if o is not None else w) * inv_s, type_name)
+    q = s * level
+    return level, (q + o if o is not None else q)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, block: int = 128,
+                  row_chunk: int = ROW_CHUNK) -> QuantResult:
+    """GPTQ of W (rows=out, cols=in) with Hessian H (cols, cols) on ``type_name``'s ggml grid.
+
+    ``block`` is the lazy-batch width, rounded up to a multiple of the ggml block. Each ggml block's grid is fitted
+    (weighted by the GPTQ saliency 1/U[j,j]², i.e. how much an error in column j costs after compensation) from
+    the error-updated weights when the walk reaches it. Returns packed bytes and the exact ggml dequantisation.
+
+    Rows never interact in GPTQ (the error of a column moves along its own row), so a tall matrix (an LM head:
+    150k rows) is walked ``row_chunk`` rows at a time: its working copies then take a chunk's memory, not the
+    whole matrix's several times over.
+    """
+    check_shape(tuple(W.shape), type_name)
+    H = _prepare_h(H, W.shape[1])
+    U = inverse_cholesky_upper(H, damp)
+    sp = _spec(type_name)
+    rows, cols = W.shape
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    grids: list[Grid] = []
+    for r0 in range(0, rows, row_chunk):
+        levels, grid = _gptq_rows(W[r0:r0 + row_chunk].detach().float().cpu().T.contiguous(), U, type_name, block)
+        grids.append(grid)
+        lv = levels.T.float()
+        codes[r0:r0 + row_chunk] = (lv - sp.levels[0]) if _is_uniform(sp.levels) else \
+            torch.bucketize(lv.contiguous(), _levels_t(sp))
+        del levels, lv
+    return finish(codes, grids[0] if len(grids) == 1 else Grid.cat(grids, dim=0))
+
+
+def _gptq_rows(Wt: torch.Tensor, U: torch.Tensor, type_name: str, block: int) -> tuple[torch.Tensor, Grid]:
+    """The GPTQ walk over the columns of ``Wt`` (cols, rows), updated in place: (the level of every weight as
+    (cols, rows) int16, the fitted grid)."""
+    cols, rows = Wt.shape
+    B = block_size(type_name)
+    lazy = max(B, -(-block // B) * B)
+    grp = min(GROUP, B)
+    # per-column weight of the grid fit (on the real fixture about as good as diag(H), better than imatrix·sqrt(σ²+x²))
+    sal = 1.0 / torch.diagonal(U) ** 2
+    levels = torch.empty(cols, rows, dtype=torch.int16)
+    grids: list[Grid] = []
+    for i1 in range(0, cols, lazy):
+        i2 = min(i1 + lazy, cols)
+        W1 = Wt[i1:i2]  # view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty(i2 - i1, rows)
+        for b0 in range(0, i2 - i1, B):
+            g = fit_grid(W1[b0:b0 + B].T, type_name, sal[i1 + b0:i1 + b0 + B].reshape(1, -1))
+            grids.append(g)
+            S, O = g.expand()
+            S, O = S.T.contiguous(), (None if O is None else O.T.contiguous())
+            invS = torch.where(S != 0, 1.0 / torch.where(S != 0, S, 1.0), 0.0)
+            for g0 in range(b0, b0 + B, grp):
+                g1 = g0 + grp
+                for j in range(g0, g1):
+                    k = j - b0
+                    lev, q = _quant_col(W1[j], S[k], None if O is None else O[k], invS[k], type_name)
+                    levels[i1 + j] = lev.to(torch.int16)
+                    err = (W1[j] - q) / U1[j, j]
+                    E1[j] = err
+                    if j + 1 < g1:
+                        W1[j + 1:g1].addr_(U1[j, j + 1:g1], err, alpha=-1.0)
+                if g1 < i2 - i1:  # push the finished group into the rest of the lazy block
+                    W1[g1:].addmm_(U1[g0:g1, g1:].T, E1[g0:g1], alpha=-1.0)
+        if i2 < cols:  # push the finished lazy block into the rest of the matrix
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
+    return levels, Grid.cat(grids)
+
+
+def gptq_textbook(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01) -> QuantResult:
+    """Plain GPTQ loop (no lazy batching; H⁻¹ by Cholesky → cholesky_inverse → Cholesky) on the same grids.
+
+    Reference for tests and for the speed comparison in scripts/bench_gptq.py; same result as ``gptq_quantize`` up
+    to float summation order.
+    """
+    W, H = _prepare(W, H, type_name)
+    rows, cols = W.shape
+    sp = _spec(type_name)
+    B = block_size(type_name)
+    H.diagonal().add_(damp * torch.diagonal(H).mean())
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    sal = 1.0 / torch.diagonal(U) ** 2
+    lv = _levels_t(sp)
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    grids: list[Grid] = []
+    S = O = None
+    for j in range(cols):
+        if j % B == 0:
+            g = fit_grid(W[:, j:j + B], type_name, sal[j:j + B].reshape(1, -1))
+            grids.append(g)
+            S, O = g.expand()
+        k = j % B
+        w = W[:, j]
+        o = None if O is None else O[:, k]
+        t = (w - o if o is not None else w) * torch.where(S[:, k] != 0, 1.0 / S[:, k], 0.0)
+        c = nearest_code(t, type_name)
+        q = S[:, k] * lv[c]
+        q = q + o if o is not None else q
+        codes[:, j] = c.to(torch.uint8)
+        err = (w - q) / U[j, j]
+        W[:, j:] -= err[:, None] * U[j, j:][None, :]
+    return finish(codes, Grid.cat(grids))
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """Layer-output error tr(ΔW H ΔWᵀ) (with H = (2/n)Σxᵀx this is 2/n · Σ‖ΔW x‖²)."""
+    D = (Wq.double() - W.double())
+    return float(((D @ H.double()) * D).sum())

@@ -1,0 +1,160 @@
+"""Sequential, layer-streamed GPTQ of every planned expert (and optionally every other linear), resumable
+from a work directory.
+
+Layer by layer (one decoder layer resident): run it on the carried hidden states, capture each expert's
+routed inputs, GPTQ its gate/up (Hessian of the MoE input) and down (Hessian of its own activations) on the
+planned ggml types, then load the dequantised experts back and re-run the layer, so the next layer
+calibrates on what the quantised model really produces. With :class:`DenseTypes`, the attention linears are
+quantised first (the FFN side then sees their quantised output), then the shared-expert / dense-FFN linears
+with the experts, and the LM head at the end on the final-norm Hessian. Each finished layer is one
+``layer-NNNN.pt`` file (written atomically); a re-run skips finished layers and produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import McsharpError
+from ..model.names import checkpoint_name, gguf_name_map
+from ..model.stream import LayerStream, capture_moe, dense_linears
+from ..pmq.plan import BitPlan
+from .dense import DenseTypes, _apply_dense, _quantize_linear, quantize_dense
+from .experts import load_packed_experts, quantize_layer_experts
+from .gptq import HessianAccumulator
+
+
+def _layer_file(work_dir: Path, layer: int) -> Path:
+    return work_dir / f"layer-{layer:04d}.pt"
+
+
+def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir: Path, gptq: bool = True,
+                     progress: bool = True, dense: DenseTypes | None = None) -> Path:
+    """Quantise every planned MoE layer (and, with ``dense``, the other linears and the LM head) into
+    ``work_dir``, one layer at a time on the outputs of the already-quantised layers (finished layers are
+    reused). Within a layer the attention is quantised first and the FFN side calibrates on its output."""
+    dense = dense or DenseTypes()
+    check_work_dir(work_dir, plan, dense)
+    stream = LayerStream.open(model_dir)
+    names = gguf_name_map(stream.arch, stream.n_layer)
+
+    def step(i: int, layer, run, hidden: torch.Tensor) -> torch.Tensor:
+        block = stream.moe_block(layer)
+        planned = block is not None and i in plan.layers
+        mods = {}  # local name → (class, type, module) of the linears this layer quantises
+        for n, (c, m) in dense_linears(layer, stream.arch).items():
+            gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
+            t = dense.type_for(gname, c) if gname is not None else None
+            if t is not None:
+                mods[n] = (c, t, m)
+        if not planned and not mods:
+            return run(hidden)
+        path = _layer_file(work_dir, i)
+        applied = False  # the experts in the layer module are already the quantised ones
+        if path.exists():
+            done = torch.load(path, weights_only=False)
+        else:
+            done = {"dense": {}}
+            attn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "attn"}
+            if attn:  # attention first: the FFN side then sees what the quantised attention produces
+                _, hess = _with_hessians({n: m for n, (_, m) in attn.items()}, run, hidden)
+                done["dense"].update(quantize_dense(attn, hess, stream.arch, i, gptq))
+                _apply_dense(layer, done["dense"])
+            ffn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "ffn"}
+            hooks_for = {n: m for n, (_, m) in ffn.items()}
+            if planned:
+                experts = getattr(block, stream.arch.experts)
+                (cap, _), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch,
+                                                                   stream.n_expert, run), hidden)
+                types = [plan.recipes[f"{i}:{t}"] for t in plan.layers[i]]
+                done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(),
+                                                   cap.x, cap.top_k_index, types, experts.act_fn, gptq=gptq,
+                                                   in_place=True))
+                applied = True
+            elif ffn:
+                _, hess = _with_hessians(hooks_for, run, hidden)
+            if ffn:
+                done["dense"].update(quantize_dense(ffn, hess, stream.arch, i, gptq))
+            tmp = path.with_suffix(".tmp")
+            torch.save(done, tmp)
+            os.replace(tmp, path)
+        _apply_dense(layer, done.get("dense", {}))  # (work dirs from before dense quantisation have none)
+        if planned and not applied:  # the next layer calibrates on the quantised experts
+            load_packed_experts(getattr(block, stream.arch.experts), done)
+        return run(hidden)
+
+    hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
+    out_type = dense.type_for("output.weight", "output")
+    if out_type is not None and not _output_file(work_dir).exists():
+        _quantize_head(stream, hidden, out_type, work_dir, gptq)
+    return work_dir
+
+
+def _quantize_head(stream: LayerStream, hidden: torch.Tensor, out_type: str, work_dir: Path, gptq: bool) -> None:
+    """GPTQ (RTN without ``gptq``) of the LM head on the Hessian of its input, the final norm of the last hidden
+    states ``hidden``, into the work dir's output file."""
+    head = stream.lm_head()
+    h = HessianAccumulator(head.shape[1])
+    if gptq:
+        h.add(stream.final_norm(hidden))
+    res = _quantize_linear(head, h if gptq else None, out_type)
+    tmp = _output_file(work_dir).with_suffix(".tmp")
+    torch.save({stream.lm_head_name(): res}, tmp)
+    os.replace(tmp, _output_file(work_dir))
+
+
+def _with_hessians(mods: dict[str, torch.nn.Linear], fn: Callable, hidden: torch.Tensor):
+    """``fn(hidden)`` with input-Hessian hooks on ``mods``; returns (fn's result, the Hessians)."""
+    acc = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc[n].add(args[0])) for n, m in mods.items()]
+    try:
+        out = fn(hidden)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, acc
+
+
+def _output_file(work_dir: Path) -> Path:
+    return work_dir / "output.pt"
+
+
+class WorkDirQuantiser:
+    """A ``gguf.pack.plan_hook`` quantiser that serves the packed experts from a quantize_experts work dir."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = work_dir
+        self._cache: dict[int, dict] = {}
+
+    def __call__(self, w: torch.Tensor, type_name: str, layer: int, expert: int, proj: str) -> np.ndarray:
+        if layer not in self._cache:  # the converter visits one layer's tensors together: keep one layer
+            self._cache = {layer: torch.load(_layer_file(self.work_dir, layer), weights_only=False)}
+        done = self._cache[layer]
+        if done["types"][expert][proj] != type_name:
+            raise McsharpError(f"{self.work_dir}: layer {layer} expert {expert} {proj} was quantised as "
+                               f"{done['types'][expert][proj]}, the plan says {type_name}; use a fresh --work-dir")
+        return done["packed"][(expert, proj)]
+
+
+def check_work_dir(work_dir: Path, plan: BitPlan, dense: DenseTypes | None = None) -> None:
+    """A work dir belongs to one plan (and set of dense types): record it, and refuse a dir made for another."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    stamp = work_dir / "plan.json"
+    want = plan.to_json() if dense is None or not dense.any() else f"{plan.to_json()}\n{dense.to_json()}"
+    if stamp.exists() and stamp.read_text() != want:
+        raise McsharpError(f"--work-dir {work_dir} holds layers of a different plan; pass a fresh --work-dir")
+    stamp.write_text(want)
+
+
+def load_dense_entries(work_dir: Path, layer: int | None) -> dict[str, dict]:
+    """The dense tensors a work dir holds for decoder layer ``layer`` (None: the LM head), by checkpoint name."""
+    path = _output_file(work_dir) if layer is None else _layer_file(work_dir, layer)
+    if not path.exists():
+        return {}
+    done = torch.load(path, weights_only=False)
+    return done if layer is None else done.get("dense", {})

@@ -1,0 +1,164 @@
+"""The patched llama.cpp runtime, through llama-cpp-python.
+
+``LLAMA_CPP_LIB_PATH`` must point at our build before ``llama_cpp`` is first imported, so every
+caller goes through :func:`llama_cpp_module` instead of importing ``llama_cpp`` directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..errors import McsharpError
+from ..native import build as native_build
+
+_LOG_LINES: deque[str] = deque(maxlen=64)
+_LOG_STATE: dict[str, Any] = {"callback": None, "verbose": False}
+
+
+def ensure_runtime(build_if_missing: bool = True, log=print) -> native_build.BuildInfo:
+    """The cached patched build for this machine, building it first if allowed."""
+    info = native_build.find_build()
+    if info is None:
+        if not build_if_missing:
+            raise McsharpError("the patched llama.cpp runtime is not built; run `mcsharp setup`")
+        info = native_build.build(log=log)
+    return info
+
+
+def llama_cpp_module(log=print) -> ModuleType:
+    """Import ``llama_cpp`` bound to the patched libraries (built on first use)."""
+    if _LOG_STATE["callback"] is not None:  # already bound in this process
+        return sys.modules["llama_cpp"]
+    info = ensure_runtime(log=log)
+    current = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if "llama_cpp" in sys.modules and current != info.lib_dir:
+        raise McsharpError(f"llama_cpp was already imported with libraries from {current!r}; "
+                           "import mcsharp_gguf.runtime.llama before anything imports llama_cpp")
+    os.environ["LLAMA_CPP_LIB_PATH"] = info.lib_dir
+    import llama_cpp
+
+    _install_log_capture(llama_cpp)
+    return llama_cpp
+
+
+def _install_log_capture(llama_cpp: ModuleType) -> None:
+    """Route llama.cpp's log through us: keep recent error lines for messages, echo only when verbose."""
+    if _LOG_STATE["callback"] is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def _callback(level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", errors="replace")
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            _LOG_LINES.append(line.strip())
+        if _LOG_STATE["verbose"]:
+            sys.stderr.write(line)
+
+    _LOG_STATE["callback"] = _callback  # keep a reference: ctypes does not
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def last_llama_error() -> str:
+    """The most telling recent llama.cpp error line (the loader's reason), or ''."""
+    for line in reversed(_LOG_LINES):
+        if "error loading model:" in line:
+            return line.split("error loading model:", 1)[1].strip()
+    return _LOG_LINES[-1] if _LOG_LINES else ""
+
+
+@contextmanager
+def _plain_cpu_buffers(llama_cpp: ModuleType) -> Iterator[None]:
+    """Load weights into plain CPU buffers (``use_extra_bufts = false``, which llama-cpp-python does not expose).
+
+    On CPUs with AMX (built with GGML_NATIVE), llama.cpp otherwise puts some weights into its AMX / repack
+    buffer types, and graphs it cannot schedule there abort the process (seen: a DeepSeek-V2 F16 file,
+    ``GGML_ASSERT(*cur_backend_id != -1)`` in ggml_backend_sched_split_graph) or compute other results than on
+    every other CPU. Plain buffers give the same graph on every machine; the patched and the stock runtime both
+    load this way, so speed ratios between them are unaffected.
+    """
+    import llama_cpp.llama as llama_mod
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_mod.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_mod.llama_cpp.llama_model_default_params = default
+
+
+def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None,
+               kv_overrides: dict[str, Any] | None = None, verbose: bool = False, **kw: Any):
+    """Open a GGUF with the patched runtime (CPU), all logits kept by default."""
+    path = Path(path)
+    if not path.is_file():
+        raise McsharpError(f"{path}: no such GGUF file")
+    llama_cpp = llama_cpp_module()
+    _LOG_LINES.clear()
+    _LOG_STATE["verbose"] = verbose
+    try:
+        with _plain_cpu_buffers(llama_cpp):
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, n_gpu_layers=0,
+                                   n_threads=n_threads or os.cpu_count(), n_batch=min(n_ctx, 512),
+                                   kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
+    except ValueError:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
+        reason = last_llama_error() or "no reason logged"
+        fix = ("choose a pruning option the file supports (--otp / --top-k / --prune-mu)" if "mcsharp." in reason
+               else "re-convert it with this version of mcsharp")
+        raise McsharpError(f"{path}: llama.cpp cannot load it: {reason}; {fix}") from None
+
+
+def logits_for(llm, tokens: list[int] | np.ndarray) -> np.ndarray:
+    """Logits (n_tokens, n_vocab) as float32 for one sequence, from a fresh KV cache."""
+    tokens = [int(t) for t in tokens]
+    if len(tokens) > llm.n_ctx():
+        raise McsharpError(f"sequence of {len(tokens)} tokens exceeds the context {llm.n_ctx()}")
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def _counter_fns():
+    """The patch's exported slot counter functions, or None on a build without them."""
+    llama_cpp = llama_cpp_module()
+    lib = llama_cpp.llama_cpp._lib
+    try:
+        return lib.mcsharp_moe_slot_counter_reset, lib.mcsharp_moe_slot_counter_read
+    except AttributeError:
+        return None
+
+
+def reset_slot_counter() -> None:
+    """Zero the runtime's selected/executed expert-slot counter (no-op without the patch)."""
+    fns = _counter_fns()
+    if fns:
+        fns[0]()
+
+
+def read_slot_counter() -> tuple[int, int]:
+    """(selected, executed) expert slots since the last reset; (0, 0) without the patch."""
+    import ctypes
+
+    fns = _counter_fns()
+    if not fns:
+        return 0, 0
+    sel, exe = ctypes.c_int64(0), ctypes.c_int64(0)
+    fns[1].argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
+    fns[1](ctypes.byref(sel), ctypes.byref(exe))
+    return sel.value, exe.value
