@@ -25,6 +25,7 @@ from .model.checkpoint import validate_model_dir
 from .otp.io import OtpRouters, otp_metadata
 from .otp.train import train_otp
 from .pmq.budget import Budget, header_bytes, resolve_budget
+from .pmq.candidates import ANCHOR_TYPE, STOCK_SAMPLE
 from .pmq.importance import ModelImportance
 from .pmq.measure import measure_importance
 from .pmq.plan import BitPlan, plan_cost, plan_metric, solve_bit_plan
@@ -81,9 +82,11 @@ def check_disk(model_dir, out: Path, recipe: Recipe, bpw: float | None, planning
 
 def measure(recipe: Recipe, model_dir, ids: torch.Tensor, work_dir: Path | None = None) -> ModelImportance:
     """The Importance stage: PMQ's per-(expert, type) and per-tensor errors on ``ids`` (resumable in
-    ``work_dir``)."""
+    ``work_dir``). A stock plan prices a layer's experts together: every type is measured on a sample of them
+    (STOCK_SAMPLE; a mixed plan measures all)."""
     return measure_importance(model_dir, ids, dense=recipe.scope == "file", flip_probe=recipe.flip_probe,
-                              eps_source=recipe.eps_source, work_dir=work_dir)
+                              eps_source=recipe.eps_source, work_dir=work_dir,
+                              expert_sample=STOCK_SAMPLE if recipe.mode == "stock" else None)
 
 
 def planned_weights(importance: ModelImportance, scope: str) -> int:
@@ -115,6 +118,11 @@ def plan_model(recipe: Recipe, model_dir, ids: torch.Tensor | None, budget: Budg
         log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
         with clock.stage("importance"):
             importance = measure(recipe, model_dir, ids, work_dir)
+        sampled = [lay for lay in importance.layers if lay.sampled]
+        if sampled:
+            log(f"[pmq] {len(sampled[0].sampled)} of {sampled[0].n_expert} experts per layer measured at every "
+                f"candidate type, the rest at {ANCHOR_TYPE} with the others predicted (a stock plan prices a "
+                "layer's experts as a sum)")
     with clock.stage("plan (MILP)"):
         return importance, solve(recipe, importance, budget, log=log)
 

@@ -236,7 +236,8 @@ def main() -> None:
             importance[source] = ModelImportance.from_json(imp_cache.read_text())
         else:
             t0 = time.time()
-            importance[source] = measure(replace(base_recipe, eps_source=source), model, ids)
+            # measured as for a mixed plan (every expert at every type): the (e) rows plan per expert
+            importance[source] = measure(replace(base_recipe, eps_source=source, mode="mixed"), model, ids)
             timings[f"importance (eps {source}) s"] = time.time() - t0
             imp_cache.write_text(importance[source].to_json())
     base_imp = importance[sources[0]]  # n_expert and the planned tensor set are the same in every importance

@@ -238,3 +238,17 @@ def test_plan_cli_on_a_tiny_model(tiny_model, tmp_path):
                           "-o", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 2 and "achievable" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_expert_sample_is_stratified_and_the_ratio_estimate_exact_for_proportional_errors():
+    from mcsharp_gguf.pmq.measure import predict_unsampled, sample_experts
+
+    cost = [0.0, 5.0, 1.0, 3.0, 2.0, 4.0, 0.0, 6.0]
+    assert sample_experts(cost, 3) == [4, 5, 7]  # the 2nd, 4th and 6th of six live experts by cost
+    assert sample_experts(cost, 10) == [1, 2, 3, 4, 5, 7]  # fewer live experts than k: all of them
+    anchor = [1.0, 2.0, 3.0, 4.0]
+    values = {"A": anchor, "B": [0.5, None, 1.5, None], "C": [4.0, None, 12.0, None]}
+    out = predict_unsampled(values, "A", [0, 2])
+    assert out["A"] == anchor
+    np.testing.assert_allclose(out["B"], [0.5, 1.0, 1.5, 2.0])
+    np.testing.assert_allclose(out["C"], [4.0, 8.0, 12.0, 16.0])

@@ -138,3 +138,29 @@ def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
         assert np.mean(lg.eps["Q2_K"]) < 0.9 * np.mean(lr.eps["Q2_K"])
     assert all(np.mean(lg.eps_fisher["Q2_K"]) < np.mean(lr.eps_fisher["Q2_K"])
                for lg, lr in zip(gptq.layers, rtn.layers, strict=True))
+
+
+def test_stock_importance_measures_a_sample_of_experts_at_every_type(setup):
+    """expert_sample: every expert at the anchor type, the sampled ones at every type, exactly as the full
+    measurement; the rest predicted so that each layer's sum (what a stock plan prices) stays close; a mixed
+    plan refuses it."""
+    from mcsharp_gguf.pmq.candidates import ANCHOR_TYPE
+
+    model_dir, ids, _ = setup
+    targets = ("Q2_K", "Q3_K", ANCHOR_TYPE, "Q6_K")
+    full = measure_importance(model_dir, ids, targets=targets, progress=False)
+    assert measure_importance(model_dir, ids, targets=targets, progress=False, expert_sample=8).to_json() == \
+        full.to_json()  # as many experts as the sample: nothing predicted
+    part = measure_importance(model_dir, ids, targets=targets, progress=False, expert_sample=3)
+    for lf, lp in zip(full.layers, part.layers, strict=True):
+        assert len(lp.sampled) == 3 and not lf.sampled
+        assert lp.eps_fisher[ANCHOR_TYPE] == lf.eps_fisher[ANCHOR_TYPE]
+        for t in targets:
+            for e in lp.sampled:
+                assert lp.eps_fisher[t][e] == lf.eps_fisher[t][e] and lp.eps[t][e] == lf.eps[t][e]
+            est, true = (sum(x ** 2 for x in v.eps_fisher[t]) for v in (lp, lf))
+            assert est == pytest.approx(true, rel=0.25), (lf.layer, t)
+    plans = [solve_bit_plan(imp.layers, 4.0, mode="stock", targets=targets).layers for imp in (part, full)]
+    assert plans[0] == plans[1]
+    with pytest.raises(McsharpError, match="mixed plan needs every expert"):
+        solve_bit_plan(part.layers, 4.0, mode="mixed", targets=targets)

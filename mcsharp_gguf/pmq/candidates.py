@@ -14,6 +14,10 @@ from ..ggml.types import storable_type, tensor_bytes
 # Expert candidates (DESIGN §3): scalar grids with CPU/CUDA mul_mat_id support, ascending size.
 EXPERT_TYPES: tuple[str, ...] = ("Q1_0", "Q2_0", "Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 
+# A stock plan prices a layer's experts only as a sum: in a layer of more than STOCK_SAMPLE experts, every expert
+# is measured at ANCHOR_TYPE and a stratified sample of STOCK_SAMPLE of them at every type (pmq.measure)
+ANCHOR_TYPE, STOCK_SAMPLE = "Q4_K", 16
+
 # Candidates for non-expert tensors in a whole-file plan; rows that don't fit fall back (storable_type).
 DENSE_TYPES: tuple[str, ...] = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 

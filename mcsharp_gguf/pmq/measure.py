@@ -20,7 +20,7 @@ from ..ggml.types import storable_type
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
 from ..quant.experts import expert_hessians, quantize_expert
-from .candidates import DENSE_TYPES, EXPERT_TYPES, Recipe
+from .candidates import ANCHOR_TYPE, DENSE_TYPES, EXPERT_TYPES, Recipe
 from .eps import _dense_fisher, expert_output_delta, fisher_error, fisher_error_split, fold_a_mask
 from .importance import LayerImportance, ModelImportance, TensorImportance
 from .sensitivity import perturbation_kl, resumable_from, reverse_layers
@@ -41,6 +41,7 @@ class _Measure:
     flip_probe: str | None
     in_a: torch.Tensor  # fold A mask over all calibration tokens
     tied: bool  # the LM head is the token embedding (GGUF then has no output.weight)
+    expert_sample: int | None  # measure every type on this many experts of a layer (None: on all of them)
 
 
 def _head_record(m: _Measure, item) -> dict:
@@ -70,6 +71,78 @@ def _embedding_record(m: _Measure, item, head: dict) -> dict:
     return {"tensors": [asdict(TensorImportance("token_embd.weight", "embd", *emb.shape, eps, eps_fisher_a=eps_a))]}
 
 
+def sample_experts(anchor_cost: list[float], k: int) -> list[int]:
+    """``k`` experts spread evenly over the ranking of their anchor cost (a stratified sample: small, typical
+    and large contributors alike), among those with any cost; all of them when there are at most ``k``."""
+    live = sorted((c, e) for e, c in enumerate(anchor_cost) if c > 0)
+    if len(live) <= k:
+        return sorted(e for _, e in live)
+    return sorted(live[int((j + 0.5) * len(live) / k)][1] for j in range(k))
+
+
+def predict_unsampled(values: dict[str, list[float | None]], anchor: str, sample: list[int]
+                      ) -> dict[str, list[float]]:
+    """Fill each unmeasured (None) error from the expert's own error at ``anchor`` and the sampled experts'
+    ratio: v_t(e) = v_anchor(e) · sqrt(Σ_S v_t² / Σ_S v_anchor²), a ratio estimator of the layer's sum of
+    squares (what a stock plan prices)."""
+    den = sum(values[anchor][e] ** 2 for e in sample)
+    out = {}
+    for t, v in values.items():
+        r = (sum(v[e] ** 2 for e in sample) / den) ** 0.5 if den > 0 else 0.0
+        out[t] = [x if x is not None else values[anchor][e] * r for e, x in enumerate(v)]
+    return out
+
+
+def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict, list[int], list[float]]:
+    """Every (expert, candidate type)'s eps, Fisher error and fold-A Fisher error of one MoE layer
+    ({"eps"|"fisher"|"a": {type: per expert}}), the experts measured at every type (empty: all) and the RTN
+    Fisher errors at the flip probe (what its real KL is compared with).
+
+    With ``m.expert_sample`` below the layer's expert count, every expert is measured at the anchor type (and
+    the flip probe), a stratified sample at the other types, and the rest predicted (predict_unsampled)."""
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    d_model, d_ff = gate_up.shape[2], down.shape[2]
+    n_e = gate_up.shape[0]
+    errors: dict[str, dict[str, list]] = {k: {t: [None] * n_e for t in m.targets} for k in ("eps", "fisher", "a")}
+    probe = [0.0] * n_e
+
+    def measure(e: int, types: tuple[str, ...]) -> None:
+        tok, slot = torch.where(cap.top_k_index == e)
+        x, w = cap.x[tok], cap.top_k_weights[tok, slot]
+        g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
+        hessians = expert_hessians(g, u, x, experts.act_fn) if m.gptq and x.shape[0] else (None, None)
+        for t in types:
+            if x.shape[0] == 0:
+                for acc in errors.values():
+                    acc[t][e] = 0.0
+                continue
+            r = Recipe.for_shapes(t, d_model, d_ff)
+            q = None
+            if m.gptq:
+                res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
+                q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
+            delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
+            errors["eps"][t][e] = float(delta.norm())
+            errors["fisher"][t][e], errors["a"][t][e] = fisher_error_split((delta * grad[tok]).sum(1).square(),
+                                                                           m.in_a[tok])
+            if t == m.flip_probe:
+                probe[e] = errors["fisher"][t][e] if not m.gptq else fisher_error(
+                    expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok])
+
+    if not m.expert_sample or n_e <= m.expert_sample:
+        for e in range(n_e):
+            measure(e, m.targets)
+        return errors, [], probe
+    anchor = ANCHOR_TYPE if ANCHOR_TYPE in m.targets else m.targets[len(m.targets) // 2]
+    first = tuple(dict.fromkeys(t for t in (anchor, m.flip_probe) if t is not None))
+    for e in range(n_e):
+        measure(e, first)
+    sample = sample_experts(errors["fisher"][anchor], m.expert_sample)
+    for e in sample:
+        measure(e, tuple(t for t in m.targets if t not in first))
+    return {k: predict_unsampled(v, anchor, sample) for k, v in errors.items()}, sample, probe
+
+
 def _layer_record(m: _Measure, item, names) -> dict:
     """One decoder layer: its tapped non-expert linears' Fisher errors and, for an MoE layer, phi, w and every
     (expert, recipe)'s eps (plain and Fisher, all tokens and fold A)."""
@@ -91,36 +164,11 @@ def _layer_record(m: _Measure, item, names) -> dict:
     experts = getattr(block, stream.arch.experts)
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     d_model, d_ff = gate_up.shape[2], down.shape[2]
-    eps: dict[str, list[float]] = {t: [] for t in m.targets}
-    eps_fisher: dict[str, list[float]] = {t: [] for t in m.targets}
-    eps_fisher_a: dict[str, list[float]] = {t: [] for t in m.targets}
-    probe = []  # RTN Fisher error at flip_probe: what the flip probe's real KL is compared with
-    for e in range(stream.n_expert):
-        tok, slot = torch.where(cap.top_k_index == e)
-        x, w = cap.x[tok], cap.top_k_weights[tok, slot]
-        g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
-        hessians = expert_hessians(g, u, x, experts.act_fn) if m.gptq else (None, None)
-        for t in m.targets:
-            if x.shape[0] == 0:
-                for acc in (eps, eps_fisher, eps_fisher_a):
-                    acc[t].append(0.0)
-                continue
-            r = Recipe.for_shapes(t, d_model, d_ff)
-            q = None
-            if m.gptq:
-                res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
-                q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
-            delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
-            eps[t].append(float(delta.norm()))
-            e_all, e_a = fisher_error_split((delta * grad[tok]).sum(1).square(), m.in_a[tok])
-            eps_fisher[t].append(e_all)
-            eps_fisher_a[t].append(e_a)
-            if t == m.flip_probe:
-                probe.append(e_all if not m.gptq else fisher_error(
-                    expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok]))
+    errors, sample, probe = _expert_errors(m, cap, grad, experts)
     phi, wmass = cap.stats.normalised()
-    imp = LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), eps, out_norm=float(h_out.float().norm()),
-                          eps_fisher=eps_fisher, eps_fisher_a=eps_fisher_a, tokens=[int(f) for f in cap.stats.freq])
+    imp = LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), errors["eps"],
+                          out_norm=float(h_out.float().norm()), eps_fisher=errors["fisher"],
+                          eps_fisher_a=errors["a"], tokens=[int(f) for f in cap.stats.freq], sampled=sample)
     return {"tensors": tensors, "layer": asdict(imp), "probe": probe}
 
 
@@ -160,7 +208,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                        progress: bool = True, seed: int = 0, dense: bool = False,
                        dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
                        flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE,
-                       work_dir=None) -> ModelImportance:
+                       work_dir=None, expert_sample: int | None = None) -> ModelImportance:
     """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
     (expert, recipe) eps both at the block output and in the output-KL (Fisher) metric; with
     ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
@@ -173,6 +221,12 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     ``eps_source``: the quantiser behind eps. ``rtn`` is the fast proxy; ``gptq`` quantises each (expert, type)
     and each planned linear as convert will (GPTQ on the Hessian of the inputs it is measured on; the token
     embedding, RTN in the file, stays RTN), 1.7× the time on the fixture.
+
+    ``expert_sample``: in a layer with more experts than this, measure every expert at ANCHOR_TYPE and only a
+    stratified sample of ``expert_sample`` of them at every other type, predicting the rest by ratio
+    (predict_unsampled): a stock plan prices a layer's experts only as a sum, which this estimates at 1/4.5 of
+    the grid fits for 128 experts (16 sampled); a mixed plan needs every expert measured (solve_bit_plan refuses
+    a sampled importance for one). None: measure every expert at every type.
 
     ``work_dir``: keep the pass's state (spilled layer inputs, gradients, each finished layer's results) in
     ``work_dir/importance``, so a run stopped at layer N continues there with the same result.
@@ -188,10 +242,12 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     stream = LayerStream.open(model_dir)
     m = _Measure(stream, token_ids, tuple(targets), tuple(dense_types), eps_source == "gptq",
                  (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5, flip_probe,
-                 fold_a_mask(token_ids.numel(), token_ids.shape[1]), stream.lm_head_name() != "lm_head.weight")
+                 fold_a_mask(token_ids.numel(), token_ids.shape[1]), stream.lm_head_name() != "lm_head.weight",
+                 expert_sample)
     names = gguf_name_map(stream.arch, stream.n_layer)
     key = _importance_key(model_dir, token_ids, targets=m.targets, dense=dense, dense_types=m.dense_types,
-                          tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=1)
+                          tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=1,
+                          **({"expert_sample": expert_sample} if expert_sample else {}))
     state, records, resume = _importance_state(work_dir, key, stream.n_layer, dense)
 
     def taps(layer):

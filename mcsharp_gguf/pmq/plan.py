@@ -202,6 +202,10 @@ def _check_plan_args(layers: list[LayerImportance], mode: str, scope: str, metri
         raise McsharpError(f"cost metric {metric} is not one of fisher, mc")
     if not layers:
         raise McsharpError("the model has no MoE layers to plan; PMQ needs a Mixture-of-Experts checkpoint")
+    if mode == "mixed" and any(imp.sampled for imp in layers):
+        raise McsharpError("this importance measured every candidate type on a sample of each layer's experts "
+                           "(enough for a stock plan); a mixed plan needs every expert measured: re-measure it "
+                           "with --mode mixed")
     if scope == "file" and (not tensors or metric != "fisher"):
         raise McsharpError("a whole-file plan needs the non-expert tensors' importance and the fisher metric")
 
