@@ -33,61 +33,84 @@ def _layer_file(work_dir: Path, layer: int) -> Path:
     return work_dir / f"layer-{layer:04d}.pt"
 
 
-def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir: Path, gptq: bool = True,
-                     progress: bool = True, dense: DenseTypes | None = None) -> Path:
-    """Quantise every planned MoE layer (and, with ``dense``, the other linears and the LM head) into
-    ``work_dir``, one layer at a time on the outputs of the already-quantised layers (finished layers are
-    reused). Within a layer the attention is quantised first and the FFN side calibrates on its output."""
-    dense = dense or DenseTypes()
-    check_work_dir(work_dir, plan, dense)
-    stream = LayerStream.open(model_dir)
-    names = gguf_name_map(stream.arch, stream.n_layer)
+class GptqPass:
+    """The sequential pass's work on one decoder layer (``LayerStream.sweep`` calls it with each layer in
+    turn): quantise the layer's planned experts and non-expert linears on what the already-quantised layers
+    before it produce, keep the result in the work dir, and return the quantised layer's output, the next
+    layer's input. A layer finished in an earlier run is loaded from the work dir instead."""
 
-    def step(i: int, layer, run, hidden: torch.Tensor) -> torch.Tensor:
-        block = stream.moe_block(layer)
-        planned = block is not None and i in plan.layers
-        mods = {}  # local name → (class, type, module) of the linears this layer quantises
-        for n, (c, m) in dense_linears(layer, stream.arch).items():
-            gname = names.get_name(checkpoint_name(stream.arch, i, n), try_suffixes=(".weight",))
-            t = dense.type_for(gname, c) if gname is not None else None
+    def __init__(self, stream: LayerStream, plan: BitPlan, dense: DenseTypes, work_dir: Path, gptq: bool = True):
+        self.stream, self.plan, self.dense, self.work_dir, self.gptq = stream, plan, dense, work_dir, gptq
+        self.names = gguf_name_map(stream.arch, stream.n_layer)
+
+    def linears(self, i: int, layer: torch.nn.Module) -> dict[str, tuple[str, str, torch.nn.Linear]]:
+        """local name → (class, ggml type, module) of the non-expert linears of layer ``i`` that are quantised."""
+        mods = {}
+        for n, (c, m) in dense_linears(layer, self.stream.arch).items():
+            gname = self.names.get_name(checkpoint_name(self.stream.arch, i, n), try_suffixes=(".weight",))
+            t = self.dense.type_for(gname, c) if gname is not None else None
             if t is not None:
                 mods[n] = (c, t, m)
+        return mods
+
+    def __call__(self, i: int, layer: torch.nn.Module, run: Callable, hidden: torch.Tensor) -> torch.Tensor:
+        block = self.stream.moe_block(layer)
+        planned = block is not None and i in self.plan.layers
+        mods = self.linears(i, layer)
         if not planned and not mods:
             return run(hidden)
-        path = _layer_file(work_dir, i)
-        applied = False  # the experts in the layer module are already the quantised ones
-        if path.exists():
-            done = torch.load(path, weights_only=False)
-        else:
-            done = {"dense": {}}
-            attn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "attn"}
-            if attn:  # attention first: the FFN side then sees what the quantised attention produces
-                _, hess = _with_hessians({n: m for n, (_, m) in attn.items()}, run, hidden)
-                done["dense"].update(quantize_dense(attn, hess, stream.arch, i, gptq))
-                _apply_dense(layer, done["dense"])
-            ffn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "ffn"}
-            hooks_for = {n: m for n, (_, m) in ffn.items()}
-            if planned:
-                experts = getattr(block, stream.arch.experts)
-                (cap, _), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch,
-                                                                   stream.n_expert, run), hidden)
-                types = [plan.recipes[f"{i}:{t}"] for t in plan.layers[i]]
-                done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(),
-                                                   cap.x, cap.top_k_index, types, experts.act_fn, gptq=gptq,
-                                                   in_place=True))
-                applied = True
-            elif ffn:
-                _, hess = _with_hessians(hooks_for, run, hidden)
-            if ffn:
-                done["dense"].update(quantize_dense(ffn, hess, stream.arch, i, gptq))
+        path = _layer_file(self.work_dir, i)
+        fresh = not path.exists()
+        if fresh:
+            done = self.quantise(i, layer, run, hidden, block if planned else None, mods)
             tmp = path.with_suffix(".tmp")
             torch.save(done, tmp)
             os.replace(tmp, path)
+        else:
+            done = torch.load(path, weights_only=False)
         _apply_dense(layer, done.get("dense", {}))  # (work dirs from before dense quantisation have none)
-        if planned and not applied:  # the next layer calibrates on the quantised experts
-            load_packed_experts(getattr(block, stream.arch.experts), done)
+        if planned and not fresh:  # the next layer calibrates on the quantised experts
+            load_packed_experts(getattr(block, self.stream.arch.experts), done)
         return run(hidden)
 
+    def quantise(self, i: int, layer: torch.nn.Module, run: Callable, hidden: torch.Tensor,
+                 block: torch.nn.Module | None, mods: dict[str, tuple[str, str, torch.nn.Linear]]) -> dict:
+        """Layer ``i``'s work-dir entry: attention first (the FFN side then sees what the quantised attention
+        produces), then the planned experts of ``block`` (written into the layer in place) and the shared /
+        dense FFN linears, calibrated on the same forward."""
+        stream = self.stream
+        done: dict = {"dense": {}}
+        attn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "attn"}
+        if attn:
+            _, hess = _with_hessians({n: m for n, (_, m) in attn.items()}, run, hidden)
+            done["dense"].update(quantize_dense(attn, hess, stream.arch, i, self.gptq))
+            _apply_dense(layer, done["dense"])
+        ffn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "ffn"}
+        hooks_for = {n: m for n, (_, m) in ffn.items()}
+        if block is not None:
+            experts = getattr(block, stream.arch.experts)
+            (cap, _), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch, stream.n_expert,
+                                                               run), hidden)
+            types = [self.plan.recipes[f"{i}:{t}"] for t in self.plan.layers[i]]
+            done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(), cap.x,
+                                               cap.top_k_index, types, experts.act_fn, gptq=self.gptq,
+                                               in_place=True))
+        elif ffn:
+            _, hess = _with_hessians(hooks_for, run, hidden)
+        if ffn:
+            done["dense"].update(quantize_dense(ffn, hess, stream.arch, i, self.gptq))
+        return done
+
+
+def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir: Path, gptq: bool = True,
+                     progress: bool = True, dense: DenseTypes | None = None) -> Path:
+    """Quantise every planned MoE layer (and, with ``dense``, the other linears and the LM head) into
+    ``work_dir``, one layer at a time on the outputs of the already-quantised layers (:class:`GptqPass`;
+    finished layers are reused), then the LM head on the last layer's output."""
+    dense = dense or DenseTypes()
+    check_work_dir(work_dir, plan, dense)
+    stream = LayerStream.open(model_dir)
+    step = GptqPass(stream, plan, dense, work_dir, gptq)
     hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
     out_type = dense.type_for("output.weight", "output")
     if out_type is not None and not _output_file(work_dir).exists():
