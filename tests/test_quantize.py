@@ -14,7 +14,7 @@ from mcsharp_gguf.gguf.pack import plan_hook, plan_metadata, rtn_quantiser
 from mcsharp_gguf.model.calibration import calibration_token_ids
 from mcsharp_gguf.pmq.measure import measure_importance
 from mcsharp_gguf.pmq.plan import solve_bit_plan
-from mcsharp_gguf.quant.sequential import WorkDirQuantiser, quantize_experts
+from mcsharp_gguf.quant.sequential import WorkDirQuantiser, load_work_entry, quantize_experts
 from mcsharp_gguf.runtime.evaluate import evaluate_gguf
 from mcsharp_gguf.text import calibration_text, heldout_text
 
@@ -112,7 +112,7 @@ def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
                    layers={first.layer: ["Q2_K"] * first.n_expert},
                    recipes={f"{first.layer}:Q2_K": {"gate": r.gate, "up": r.up, "down": r.down}})
     work = quantize_experts(model_dir, plan, ids, tmp_path / "work", progress=False)
-    done = torch.load(work / f"layer-{first.layer:04d}.pt", weights_only=False)
+    done = load_work_entry(work / f"layer-{first.layer:04d}.pt")
 
     stream = LayerStream.open(model_dir)
     hidden = stream.embed(ids)
