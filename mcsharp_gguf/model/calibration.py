@@ -4,12 +4,15 @@ into consecutive windows of token ids."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import McsharpError
-from ..recipe import Recipe
 from ..text import calibration_text, calibration_text_limit, read_text_file
+
+if TYPE_CHECKING:  # used in annotations only; no run-time import against the pipeline's direction
+    from ..recipe import Recipe
 
 
 def calibration_ids(recipe: Recipe, model_dir: str | Path) -> torch.Tensor:

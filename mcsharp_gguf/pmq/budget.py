@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import McsharpError
 from ..ggml.types import storable_type, tensor_bytes
-from ..gguf.convert import GgufTensor
 from ..model.names import EXPS_RE, dense_class
 from ..recipe import Recipe
 from .candidates import DENSE_TYPES, EXPERT_TYPES
 from .presets import preset_bytes
+
+if TYPE_CHECKING:  # used in annotations only; no run-time import against the pipeline's direction
+    from ..gguf.convert import GgufTensor
 
 GGUF_HEADER_SLACK = 1 << 16  # besides the tokenizer: hparams, the plan and recipe strings, alignment
 

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,10 +24,12 @@ import torch
 from ..errors import McsharpError
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
-from ..pmq.plan import BitPlan
 from .dense import DenseTypes, _apply_dense, _quantize_linear, quantize_dense
 from .experts import load_packed_experts, quantize_layer_experts
 from .gptq import HessianAccumulator
+
+if TYPE_CHECKING:  # used in annotations only; no run-time import against the pipeline's direction
+    from ..pmq.plan import BitPlan
 
 
 def _layer_file(work_dir: Path, layer: int) -> Path:
