@@ -50,7 +50,7 @@ def _map_arrays(obj, fn):
 def save_work_entry(entry: dict, path: Path) -> None:
     """Write a work-dir entry atomically. Its numpy arrays (the packed bytes) go in as tensors: torch.save
     streams tensor storages into the file, while numpy arrays are pickled, copied twice in memory on the way
-    (+1.5 GB at the peak of a Qwen3-30B-A3B layer)."""
+    (+1.7 GB at the peak of a Qwen3-30B-A3B-shape layer)."""
     tmp = path.with_suffix(".tmp")
     torch.save(_map_arrays(entry, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a), tmp)
     os.replace(tmp, path)
