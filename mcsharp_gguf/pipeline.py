@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .converters import get_architecture
+from .errors import McsharpError
 from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
 from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
 from .model.calibration import calibration_ids
@@ -187,16 +188,16 @@ def _metadata(recipe: Recipe, plan: BitPlan | None, dense: DenseTypes | None, ro
 
 
 def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan | None = None,
-        importance: ModelImportance | None = None, work_dir: Path | None = None,
+        importance: ModelImportance | None = None, routers: OtpRouters | None = None, work_dir: Path | None = None,
         log: Callable[[str], None] = print, clock: StageClock | None = None, verbose: bool = False) -> Conversion:
     """Convert ``model_dir`` to ``out`` as ``recipe`` says; every stage is timed on ``clock``.
 
     ``plan`` (e.g. from ``mcsharp plan``) or ``importance`` (a measured ModelImportance) skip the stages before
-    them. ``work_dir`` (default ``OUT.work``, removed after success unless given) keeps every finished layer of the
-    importance pass and of GPTQ, so an interrupted run resumes with the same bytes. Budget and disk are checked
-    before any calibration.
+    them; ``routers`` (trained OTP routers, with ``recipe.otp``) skip the OTP training. ``work_dir`` (default
+    ``OUT.work``, removed after success unless given) keeps every finished layer of the importance pass and of
+    GPTQ, so an interrupted run resumes with the same bytes. Budget and disk are checked before any calibration.
 
-    (Nine parameters: what to convert and where, then keyword-only stage results to reuse and the log, clock and
+    (Ten parameters: what to convert and where, then keyword-only stage results to reuse and the log, clock and
     verbosity a caller brings.)
     """
     t0 = time.perf_counter()
@@ -215,7 +216,9 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     bpw = res.budget.bpw if res.budget is not None else plan.target_bpw if plan is not None else None
     check_disk(model_dir, out, recipe, bpw, planning, work)
     ids = None
-    if planning or recipe.otp or (bpw is not None and recipe.gptq):
+    if routers is not None and not recipe.otp:
+        raise McsharpError("OTP routers were given to a recipe without otp")
+    if planning or (recipe.otp and routers is None) or (bpw is not None and recipe.gptq):
         with clock.stage("calibration"):
             ids = calibration_ids(recipe, model_dir)
         res.n_tokens = ids.numel()
@@ -229,7 +232,8 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
             res.est_kl = estimated_kl(res.plan, res.importance, res.n_tokens)
         with clock.stage("gptq" if recipe.gptq else "rtn"):
             hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log)
-    if recipe.otp:
+    res.routers = routers
+    if recipe.otp and routers is None:
         log(f"[otp] training routers for executed fraction {recipe.otp_target_frac}")
         with clock.stage("otp"):
             res.routers = train_otp(model_dir, ids, target_frac=recipe.otp_target_frac, hidden=recipe.otp_hidden,

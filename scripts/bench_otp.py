@@ -52,12 +52,13 @@ def main() -> None:
     import torch
 
     from mcsharp_gguf.dev.fixture import cached_fixture
-    from mcsharp_gguf.gguf.convert import convert_checkpoint
     from mcsharp_gguf.model.calibration import calibration_token_ids
     from mcsharp_gguf.otp.capture import capture_otp_data
     from mcsharp_gguf.otp.io import add_otp_to_gguf
     from mcsharp_gguf.otp.refine import refine_otp_kl
     from mcsharp_gguf.otp.train import select_for_target, train_candidates
+    from mcsharp_gguf.pipeline import run
+    from mcsharp_gguf.recipe import Recipe
     from mcsharp_gguf.runtime.bench import bench_gguf
     from mcsharp_gguf.runtime.evaluate import evaluate_gguf, reference_logits
     from mcsharp_gguf.runtime.prune import prune_overrides
@@ -68,7 +69,7 @@ def main() -> None:
     model = cached_fixture(log=log)
     f16 = args.work / "fixture-f16.gguf"
     if not f16.exists():
-        convert_checkpoint(model, f16, outtype="f16")
+        run(Recipe(preset="F16"), model, f16, log=log)
     k = json.loads((model / "config.json").read_text())["num_experts_per_tok"]
 
     t0 = time.time()
@@ -104,7 +105,9 @@ def main() -> None:
     for tgt in [float(t) for t in args.targets.split(",")]:
         routers = select_for_target(cands, data, tgt)
         path = args.work / f"fixture-f16-otp{tgt:.3f}.gguf"
-        add_otp_to_gguf(f16, routers, path)
+        # the user's path (`mcsharp convert --preset F16 --otp`), with routers selected from the shared training
+        run(Recipe(preset="F16", otp=True, otp_target_frac=tgt, otp_hidden=args.hidden), model, path,
+            routers=routers, log=log)
         otp_files[tgt] = (path, routers)
         point("otp", tgt, path, {})
     refine_s = {}
@@ -113,7 +116,8 @@ def main() -> None:
         routers = refine_otp_kl(model, ids, select_for_target(cands, data, tgt), steps=args.refine_steps, log=log)
         refine_s[tgt] = time.time() - t0
         path = args.work / f"fixture-f16-otpkl{tgt:.3f}.gguf"
-        add_otp_to_gguf(f16, routers, path)
+        run(Recipe(preset="F16", otp=True, otp_target_frac=tgt, otp_hidden=args.hidden,
+                   otp_refine_steps=args.refine_steps), model, path, routers=routers, log=log)
         point("otp+kl", tgt, path, {})
     for kk in range(k - 1, k - 4, -1):
         point("static", kk, f16, prune_overrides(top_k=kk))

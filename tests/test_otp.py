@@ -271,3 +271,26 @@ def test_kl_refinement_holds_the_fraction_and_never_loses(tiny_model, calib_file
         if same:  # only the keep-logit shift (into b2) differs
             d = lay["b2"] - layerwise.layers[n]["b2"]
             assert np.allclose(d, d[0]), d
+
+
+@pytest.mark.slow  # tiny models (cached tokenizer), the pinned converter
+def test_run_writes_given_routers_without_training(plain_and_routers, tmp_path):
+    """pipeline.run(routers=...) writes trained routers as they are, without training (bench_otp converts
+    through it), and refuses them for a recipe without OTP before writing anything."""
+    import gguf
+
+    from mcsharp_gguf.otp.io import otp_tensors
+    from mcsharp_gguf.pipeline import run
+    from mcsharp_gguf.recipe import Recipe
+
+    model, _, routers = plain_and_routers
+    good = OtpRouters.load(routers)
+    out, logged = tmp_path / "otp.gguf", []
+    res = run(Recipe(preset="F32", otp=True), model, out, routers=good, log=logged.append)
+    assert res.routers is good and not any("[otp] training" in line for line in logged)
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    want = dict(otp_tensors(good))
+    assert want and all(np.array_equal(stored[n].reshape(a.shape), a) for n, a in want.items())
+    with pytest.raises(McsharpError, match="without otp"):
+        run(Recipe(preset="F32"), model, tmp_path / "x.gguf", routers=good, log=logged.append)
+    assert not (tmp_path / "x.gguf").exists()

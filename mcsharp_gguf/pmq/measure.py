@@ -231,7 +231,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     ``work_dir``: keep the pass's state (spilled layer inputs, gradients, each finished layer's results) in
     ``work_dir/importance``, so a run stopped at layer N continues there with the same result.
 
-    (Twelve parameters: the measurement's knobs, all with defaults, passed by name.)
+    (Thirteen parameters: the measurement's knobs, all with defaults, passed by name.)
     """
     from tqdm import tqdm
 
