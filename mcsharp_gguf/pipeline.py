@@ -203,6 +203,8 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     clock = clock or StageClock(log=log)
+    if routers is not None and not recipe.otp:
+        raise McsharpError("OTP routers were given to a recipe without otp")
     validate_model_dir(model_dir)
     check_output_path(out)
     work = work_dir or out.with_name(out.name + ".work")
@@ -216,8 +218,6 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     bpw = res.budget.bpw if res.budget is not None else plan.target_bpw if plan is not None else None
     check_disk(model_dir, out, recipe, bpw, planning, work)
     ids = None
-    if routers is not None and not recipe.otp:
-        raise McsharpError("OTP routers were given to a recipe without otp")
     if planning or (recipe.otp and routers is None) or (bpw is not None and recipe.gptq):
         with clock.stage("calibration"):
             ids = calibration_ids(recipe, model_dir)
