@@ -252,3 +252,31 @@ def test_expert_sample_is_stratified_and_the_ratio_estimate_exact_for_proportion
     assert out["A"] == anchor
     np.testing.assert_allclose(out["B"], [0.5, 1.0, 1.5, 2.0])
     np.testing.assert_allclose(out["C"], [4.0, 8.0, 12.0, 16.0])
+
+
+def test_neuron_sample_chunks_quantise_as_in_the_whole_expert():
+    """sample_neurons picks whole NEURON_CHUNK-wide chunks, so the sampled rows of gate/up and columns of down
+    quantise to exactly what they are in the whole expert, at every candidate type."""
+    from mcsharp_gguf.ggml.packing import quantize_rtn
+    from mcsharp_gguf.pmq.candidates import EXPERT_TYPES
+    from mcsharp_gguf.pmq.measure import NEURON_CHUNK, sample_neurons
+
+    assert sample_neurons(torch.ones(768), 2048) == (None, 1.0)  # narrow: all neurons
+    assert sample_neurons(torch.ones(14336), None) == (None, 1.0)  # off
+    assert sample_neurons(torch.ones(4000), 1024) == (None, 1.0)  # not whole chunks
+    energy = torch.ones(14336)
+    energy[3 * NEURON_CHUNK + 7] = 1000.0  # one loud neuron in chunk 3
+    n, factor = sample_neurons(energy, 2048)
+    assert len(n) == 2048 and len(set(n.tolist())) == 2048 and int(n.max()) < 14336
+    chunks = sorted({int(j) // NEURON_CHUNK for j in n})
+    assert len(chunks) == 8 and 3 not in chunks  # spread over the chunks' ranking: the top one is not sampled
+    assert factor == pytest.approx(float(energy.sum()) / float(energy[n].sum()))  # the energy ratio, not 7
+    d_ff, d_model = 4 * NEURON_CHUNK, 256
+    idx, _ = sample_neurons(torch.arange(d_ff, dtype=torch.float32), 2 * NEURON_CHUNK)
+    gen = torch.Generator().manual_seed(0)
+    gate, down = torch.randn(d_ff, d_model, generator=gen), torch.randn(d_model, d_ff, generator=gen)
+    for t in EXPERT_TYPES:
+        r = Recipe.for_shapes(t, d_model, d_ff)
+        assert torch.equal(quantize_rtn(gate[idx], r.gate).dequant, quantize_rtn(gate, r.gate).dequant[idx]), t
+        assert torch.equal(quantize_rtn(down[:, idx], r.down).dequant,
+                           quantize_rtn(down, r.down).dequant[:, idx]), t

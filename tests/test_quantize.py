@@ -164,3 +164,26 @@ def test_stock_importance_measures_a_sample_of_experts_at_every_type(setup):
     assert plans[0] == plans[1]
     with pytest.raises(McsharpError, match="mixed plan needs every expert"):
         solve_bit_plan(part.layers, 4.0, mode="mixed", targets=targets)
+
+
+def test_wide_experts_are_measured_on_a_sample_of_their_neurons(tiny_model):
+    """neuron_sample: experts twice as wide as the sample are measured on it and scaled up; each layer's summed
+    error (a stock plan's price) and each expert's block-output error stay close to the measurement on every
+    neuron (an expert's Fisher error, a projection on few tokens' gradients, is noisier: its sum is checked)."""
+    model_dir = tiny_model("mixtral", hidden=256, expert_ff=2048)
+    ids = calibration_token_ids(model_dir, calibration_text(60_000), 8, 256)
+    targets = ("Q2_K", "Q4_K", "Q6_K")
+    full = measure_importance(model_dir, ids, targets=targets, progress=False, neuron_sample=None)
+    part = measure_importance(model_dir, ids, targets=targets, progress=False, neuron_sample=1024)
+    for lf, lp in zip(full.layers, part.layers, strict=True):
+        assert (lf.neurons, lp.neurons) == (2048, 1024)
+        for t in targets:
+            for kind in ("eps", "eps_fisher"):
+                est, true = (np.array(getattr(v, kind)[t]) for v in (lp, lf))
+                assert (est ** 2).sum() == pytest.approx((true ** 2).sum(), rel=0.1), (lf.layer, t, kind)
+            est, true = np.array(lp.eps[t]), np.array(lf.eps[t])
+            live = np.array(lf.tokens) >= 64
+            assert np.abs(est[live] / true[live] - 1).max() < 0.1, (lf.layer, t)
+        assert lp.eps["Q2_K"] != lf.eps["Q2_K"]  # really measured on fewer neurons
+    plans = [solve_bit_plan(imp.layers, 4.0, mode="stock", targets=targets).layers for imp in (part, full)]
+    assert plans[0] == plans[1]

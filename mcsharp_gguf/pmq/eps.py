@@ -17,9 +17,11 @@ from .candidates import Recipe
 
 def expert_output_delta(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
                         recipe: Recipe, act=torch.nn.functional.silu,
-                        quantised: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                        quantised: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                        base: torch.Tensor | None = None) -> torch.Tensor:
     """ΔZ (tokens, d): the change of the MoE-block output on the tokens routed to this expert when only it is
     quantised (RTN on ``recipe``, or the dequantised gate, up, down given as ``quantised``).
+    ``base``: the unquantised expert's output on ``x`` (unweighted), when the caller has it already.
 
     ``gate_up`` (2·ff, d), ``down`` (d, ff); ``x`` the inputs routed to the expert, ``weights`` their routing
     weights. Other experts and the router are untouched, so ΔZ is this expert's weighted output change.
@@ -33,7 +35,9 @@ def expert_output_delta(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tens
     def ffn(g, u, d):
         return (act(x @ g.T) * (x @ u.T)) @ d.T
 
-    return (ffn(gq, uq, dq) - ffn(gate_up[:ff], gate_up[ff:], down)) * weights[:, None]
+    if base is None:
+        base = ffn(gate_up[:ff], gate_up[ff:], down)
+    return (ffn(gq, uq, dq) - base) * weights[:, None]
 
 
 def expert_output_error(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,

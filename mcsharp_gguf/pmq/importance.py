@@ -34,6 +34,7 @@ class LayerImportance:
     # only and their other errors predicted from these (measure.predict_unsampled): a stock plan's sum, not a
     # mixed plan's per-expert choice
     sampled: list[int] = field(default_factory=list)
+    neurons: int = 0  # intermediate neurons each expert was measured on (measure.sample_neurons; 0: unknown/all)
 
     @property
     def n_expert(self) -> int:

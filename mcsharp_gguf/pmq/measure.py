@@ -26,6 +26,10 @@ from .importance import LayerImportance, ModelImportance, TensorImportance
 from .sensitivity import perturbation_kl, resumable_from, reverse_layers
 
 EPS_SOURCE = "gptq"  # measure_importance's quantiser for eps (see its docstring; README: it plans better)
+# Experts at least twice this wide are measured on this many of their intermediate neurons (sample_neurons), in
+# chunks of NEURON_CHUNK: the largest ggml block, so a chunk's rows of gate/up and columns of down are whole blocks
+# of every candidate type and quantise exactly as they do in the whole expert (docs/planner.md: the study)
+NEURON_SAMPLE, NEURON_CHUNK = 2048, 256
 
 
 @dataclass
@@ -42,6 +46,7 @@ class _Measure:
     in_a: torch.Tensor  # fold A mask over all calibration tokens
     tied: bool  # the LM head is the token embedding (GGUF then has no output.weight)
     expert_sample: int | None  # measure every type on this many experts of a layer (None: on all of them)
+    neuron_sample: int | None  # measure wide experts on this many of their neurons (None: on all of them)
 
 
 def _head_record(m: _Measure, item) -> dict:
@@ -80,6 +85,41 @@ def sample_experts(anchor_cost: list[float], k: int) -> list[int]:
     return sorted(live[int((j + 0.5) * len(live) / k)][1] for j in range(k))
 
 
+def neuron_energy(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, x: torch.Tensor, w: torch.Tensor, act
+                  ) -> torch.Tensor:
+    """Each intermediate neuron's share of an expert's weighted output on ``x`` (routing weights ``w``):
+    ||d_j||² Σ_t (w_t act(g_j x_t) u_j x_t)²."""
+    return (act(x @ g.T) * (x @ u.T) * w[:, None]).square().sum(0) * d.square().sum(0)
+
+
+def measured_neurons(d_ff: int, k: int | None) -> int:
+    """How many of an expert's ``d_ff`` intermediate neurons the importance pass measures (sample_neurons): ``k``
+    when the expert is at least twice as wide and both are whole numbers of NEURON_CHUNK, else all of them."""
+    return k if k and d_ff >= 2 * k and not d_ff % NEURON_CHUNK and not k % NEURON_CHUNK else d_ff
+
+
+def sample_neurons(energy: torch.Tensor, k: int | None) -> tuple[torch.Tensor | None, float]:
+    """The intermediate neurons an expert is measured on, and the factor from their squared error to the whole
+    expert's: ``k`` neurons in NEURON_CHUNK-wide chunks spread evenly over the ranking of the chunks' output
+    energy (``energy``: neuron_energy, one per neuron) — (None, 1.0), all of them, when the expert is narrower
+    than 2 ``k`` or its width is not a whole number of chunks.
+
+    An expert's output is a sum over its neurons (down[:, j] · act(gate_j x) · up_j x) and its quantisation error
+    a sum of the chunks' errors, which are independent (no ggml block spans two chunks) and scale with the
+    chunks' size: the whole expert's squared error is the sample's times the energy ratio all / sample (a ratio
+    estimator, as predict_unsampled; with a few loud neurons, the neuron count ratio would miss them)."""
+    d_ff = energy.shape[0]
+    if measured_neurons(d_ff, k) == d_ff:
+        return None, 1.0
+    per_chunk = energy.double().reshape(-1, NEURON_CHUNK).sum(1)
+    n, kc = per_chunk.shape[0], k // NEURON_CHUNK
+    ranked = torch.argsort(per_chunk, stable=True).tolist()
+    chunks = sorted(ranked[int((j + 0.5) * n / kc)] for j in range(kc))
+    picked = float(per_chunk[chunks].sum())
+    factor = float(per_chunk.sum()) / picked if picked > 0 else d_ff / k
+    return torch.cat([torch.arange(c * NEURON_CHUNK, (c + 1) * NEURON_CHUNK) for c in chunks]), factor
+
+
 def predict_unsampled(values: dict[str, list[float | None]], anchor: str, sample: list[int]
                       ) -> dict[str, list[float]]:
     """Fill each unmeasured (None) error from the expert's own error at ``anchor`` and the sampled experts'
@@ -99,18 +139,26 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
     Fisher errors at the flip probe (what its real KL is compared with).
 
     With ``m.expert_sample`` below the layer's expert count, every expert is measured at the anchor type (and
-    the flip probe), a stratified sample at the other types, and the rest predicted (predict_unsampled)."""
+    the flip probe), a stratified sample at the other types, and the rest predicted (predict_unsampled).
+    Experts wider than 2 ``m.neuron_sample`` are measured on a sample of their neurons (sample_neurons)."""
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     d_model, d_ff = gate_up.shape[2], down.shape[2]
     n_e = gate_up.shape[0]
     errors: dict[str, dict[str, list]] = {k: {t: [None] * n_e for t in m.targets} for k in ("eps", "fisher", "a")}
     probe = [0.0] * n_e
+    wide = measured_neurons(d_ff, m.neuron_sample) < d_ff
 
     def measure(e: int, types: tuple[str, ...]) -> None:
         tok, slot = torch.where(cap.top_k_index == e)
         x, w = cap.x[tok], cap.top_k_weights[tok, slot]
         g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
-        hessians = expert_hessians(g, u, x, experts.act_fn) if m.gptq and x.shape[0] else (None, None)
+        scale = 1.0
+        if wide and x.shape[0]:  # measured on a sample of its neurons, scaled to the whole expert
+            neurons, factor = sample_neurons(neuron_energy(g, u, d, x, w, experts.act_fn), m.neuron_sample)
+            g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
+        gu = torch.cat([g, u])
+        hessians = expert_hessians(g, u, x, experts.act_fn, d_ff=d_ff) if m.gptq and x.shape[0] else (None, None)
+        base = (experts.act_fn(x @ g.T) * (x @ u.T)) @ d.T if x.shape[0] else None
         for t in types:
             if x.shape[0] == 0:
                 for acc in errors.values():
@@ -121,13 +169,13 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
             if m.gptq:
                 res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
                 q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
-            delta = expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn, quantised=q)
+            delta = expert_output_delta(gu, d, x, w, r, act=experts.act_fn, quantised=q, base=base) * scale
             errors["eps"][t][e] = float(delta.norm())
             errors["fisher"][t][e], errors["a"][t][e] = fisher_error_split((delta * grad[tok]).sum(1).square(),
                                                                            m.in_a[tok])
             if t == m.flip_probe:
                 probe[e] = errors["fisher"][t][e] if not m.gptq else fisher_error(
-                    expert_output_delta(gate_up[e], down[e], x, w, r, act=experts.act_fn), grad[tok])
+                    expert_output_delta(gu, d, x, w, r, act=experts.act_fn, base=base) * scale, grad[tok])
 
     if not m.expert_sample or n_e <= m.expert_sample:
         for e in range(n_e):
@@ -168,7 +216,8 @@ def _layer_record(m: _Measure, item, names) -> dict:
     phi, wmass = cap.stats.normalised()
     imp = LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), errors["eps"],
                           out_norm=float(h_out.float().norm()), eps_fisher=errors["fisher"],
-                          eps_fisher_a=errors["a"], tokens=[int(f) for f in cap.stats.freq], sampled=sample)
+                          eps_fisher_a=errors["a"], tokens=[int(f) for f in cap.stats.freq], sampled=sample,
+                          neurons=measured_neurons(d_ff, m.neuron_sample))
     return {"tensors": tensors, "layer": asdict(imp), "probe": probe}
 
 
@@ -208,7 +257,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                        progress: bool = True, seed: int = 0, dense: bool = False,
                        dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
                        flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE,
-                       work_dir=None, expert_sample: int | None = None) -> ModelImportance:
+                       work_dir=None, expert_sample: int | None = None,
+                       neuron_sample: int | None = NEURON_SAMPLE) -> ModelImportance:
     """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
     (expert, recipe) eps both at the block output and in the output-KL (Fisher) metric; with
     ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
@@ -228,10 +278,13 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     the grid fits for 128 experts (16 sampled); a mixed plan needs every expert measured (solve_bit_plan refuses
     a sampled importance for one). None: measure every expert at every type.
 
+    ``neuron_sample``: measure an expert at least twice as wide as this on this many of its intermediate
+    neurons (sample_neurons; Mixtral-8x7B's 14,336 → 2,048: 1/7 of the grid fits and forwards); None: all.
+
     ``work_dir``: keep the pass's state (spilled layer inputs, gradients, each finished layer's results) in
     ``work_dir/importance``, so a run stopped at layer N continues there with the same result.
 
-    (Thirteen parameters: the measurement's knobs, all with defaults, passed by name.)
+    (Fourteen parameters: the measurement's knobs, all with defaults, passed by name.)
     """
     from tqdm import tqdm
 
@@ -243,11 +296,12 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     m = _Measure(stream, token_ids, tuple(targets), tuple(dense_types), eps_source == "gptq",
                  (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5, flip_probe,
                  fold_a_mask(token_ids.numel(), token_ids.shape[1]), stream.lm_head_name() != "lm_head.weight",
-                 expert_sample)
+                 expert_sample, neuron_sample)
     names = gguf_name_map(stream.arch, stream.n_layer)
     key = _importance_key(model_dir, token_ids, targets=m.targets, dense=dense, dense_types=m.dense_types,
                           tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=1,
-                          **({"expert_sample": expert_sample} if expert_sample else {}))
+                          **({"expert_sample": expert_sample} if expert_sample else {}),
+                          neuron_sample=neuron_sample)
     state, records, resume = _importance_state(work_dir, key, stream.n_layer, dense)
 
     def taps(layer):

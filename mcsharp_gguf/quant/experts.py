@@ -13,19 +13,22 @@ from .gptq import HessianAccumulator, gptq_quantize
 PROJS = ("gate", "up", "down")
 
 
-def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gptq: bool = True
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gptq: bool = True,
+                    d_ff: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """GPTQ Hessians of one expert: (gate/up input, down input) from its routed inputs ``xe``; None where that
     projection gets RTN instead — without ``gptq``, or when the expert saw fewer tokens than the projection's
     input width (its Hessian is then singular: GPTQ fits those few tokens and, measured on the tiny test models,
-    generalises worse than RTN), in particular for experts no token reached."""
+    generalises worse than RTN), in particular for experts no token reached.
+
+    ``d_ff``: the expert's full width when ``g``/``u`` are a sample of its neurons (pmq.measure), so that the
+    choice between GPTQ and RTN is the one the whole expert gets."""
     n = int(xe.shape[0])
     h_in = h_act = None
     if gptq and n >= xe.shape[1]:
         acc = HessianAccumulator(xe.shape[1])
         acc.add(xe)
         h_in = acc.H
-    if gptq and n >= g.shape[0]:
+    if gptq and n >= (d_ff or g.shape[0]):
         acc = HessianAccumulator(g.shape[0])
         acc.add(act(xe @ g.T) * (xe @ u.T))
         h_act = acc.H
