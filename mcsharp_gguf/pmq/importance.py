@@ -35,6 +35,7 @@ class LayerImportance:
     # mixed plan's per-expert choice
     sampled: list[int] = field(default_factory=list)
     neurons: int = 0  # intermediate neurons each expert was measured on (measure.sample_neurons; 0: unknown/all)
+    layer_tokens: int = 0  # calibration tokens reaching the layer (what a starved expert borrows Hessians from)
 
     @property
     def n_expert(self) -> int:

@@ -19,7 +19,7 @@ from ..ggml.packing import quantize_rtn
 from ..ggml.types import storable_type
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
-from ..quant.experts import expert_hessians, quantize_expert
+from ..quant.experts import LayerTokens, expert_hessians, quantize_expert
 from .candidates import ANCHOR_TYPE, DENSE_TYPES, EXPERT_TYPES, Recipe
 from .eps import _dense_fisher, expert_output_delta, fisher_error, fisher_error_split, fold_a_mask
 from .importance import LayerImportance, ModelImportance, TensorImportance
@@ -147,6 +147,7 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
     errors: dict[str, dict[str, list]] = {k: {t: [None] * n_e for t in m.targets} for k in ("eps", "fisher", "a")}
     probe = [0.0] * n_e
     wide = measured_neurons(d_ff, m.neuron_sample) < d_ff
+    pooled = LayerTokens(cap.x)
 
     def measure(e: int, types: tuple[str, ...]) -> None:
         tok, slot = torch.where(cap.top_k_index == e)
@@ -157,7 +158,7 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
             neurons, factor = sample_neurons(neuron_energy(g, u, d, x, w, experts.act_fn), m.neuron_sample)
             g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
         gu = torch.cat([g, u])
-        hessians = expert_hessians(g, u, x, experts.act_fn, d_ff=d_ff) if m.gptq and x.shape[0] else (None, None)
+        hessians = expert_hessians(g, u, x, experts.act_fn, m.gptq, d_ff, pooled) if x.shape[0] else (None, None)
         base = (experts.act_fn(x @ g.T) * (x @ u.T)) @ d.T if x.shape[0] else None
         for t in types:
             if x.shape[0] == 0:
@@ -217,7 +218,7 @@ def _layer_record(m: _Measure, item, names) -> dict:
     imp = LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), errors["eps"],
                           out_norm=float(h_out.float().norm()), eps_fisher=errors["fisher"],
                           eps_fisher_a=errors["a"], tokens=[int(f) for f in cap.stats.freq], sampled=sample,
-                          neurons=measured_neurons(d_ff, m.neuron_sample))
+                          neurons=measured_neurons(d_ff, m.neuron_sample), layer_tokens=int(cap.x.shape[0]))
     return {"tensors": tensors, "layer": asdict(imp), "probe": probe}
 
 

@@ -45,8 +45,9 @@ class BitPlan:
     # cv_costs: shrink → out-of-fold cost of the plans it gave, when shrink was chosen by cross-validation
     shrink: float = 1.0
     cv_costs: dict[str, float] = field(default_factory=dict)
-    # calibration coverage: layer → {"tokens": per-expert routed tokens, "d_model", "d_ff"}; an expert with fewer
-    # tokens than a projection's input width gets RTN there instead of GPTQ (quant.experts.expert_hessians)
+    # calibration coverage: layer → {"tokens": per-expert routed tokens, "d_model", "d_ff", "layer_tokens"}; an
+    # expert with fewer tokens than a projection's input width borrows the layer's pooled Hessian there, and gets
+    # RTN where the layer's tokens are fewer too (quant.experts.expert_hessians)
     coverage: dict[int, dict] = field(default_factory=dict)
 
     @property
@@ -189,7 +190,8 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
                    alpha=alpha, beta=beta, gamma=gamma, scope=scope, metric=metric, tensor_types=tensor_types,
                    dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights, shrink=float(shrink),
                    cv_costs=cv_costs, coverage={imp.layer: {"tokens": imp.tokens, "d_model": imp.d_model,
-                                                            "d_ff": imp.d_ff} for imp in layers if imp.tokens})
+                                                            "d_ff": imp.d_ff, "layer_tokens": imp.layer_tokens}
+                                                for imp in layers if imp.tokens})
 
 
 def _check_plan_args(layers: list[LayerImportance], mode: str, scope: str, metric: str, tensors) -> None:

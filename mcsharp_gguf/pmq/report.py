@@ -35,16 +35,21 @@ def format_plan_table(plan: BitPlan) -> str:
 
 
 def format_coverage(coverage: dict[int, dict]) -> str:
-    """One line on how well the calibration tokens covered the experts, and which fall back to RTN."""
+    """One line on how well the calibration tokens covered the experts: which borrow their layer's pooled
+    Hessian for lack of tokens, and which fall back to RTN (the layer's tokens too few as well)."""
     toks = np.concatenate([np.asarray(c["tokens"]) for c in coverage.values()])
-    n_in = sum(int((np.asarray(c["tokens"]) < c["d_model"]).sum()) for c in coverage.values())
-    n_ff = sum(int((np.asarray(c["tokens"]) < c["d_ff"]).sum()) for c in coverage.values())
+    counts = {}
+    for proj, width in (("gate/up", "d_model"), ("down", "d_ff")):
+        few = [(np.asarray(c["tokens"]) < c[width], c.get("layer_tokens", 0) >= c[width]) for c in coverage.values()]
+        counts[proj] = (sum(int(f.sum()) for f, ok in few if ok), sum(int(f.sum()) for f, ok in few if not ok))
     starved = [f"{lay}:{e}" for lay, c in sorted(coverage.items()) for e, t in enumerate(c["tokens"])
                if t < c["d_model"]]
     shown = ", ".join(starved[:12]) + (f", … ({len(starved)} in all)" if len(starved) > 12 else "")
+    parts = ", ".join(f"{proj} of {pooled} pooled / {rtn} RTN" for proj, (pooled, rtn) in counts.items())
     return (f"calibration tokens per expert: min {int(toks.min())}, median {int(np.median(toks))}, max "
-            f"{int(toks.max())}; fewer than the input width (RTN instead of GPTQ): gate/up of {n_in}, down of "
-            f"{n_ff} of {toks.size} experts" + (f" [layer:expert {shown}]" if starved else ""))
+            f"{int(toks.max())}; fewer than the input width (GPTQ on the layer's pooled Hessian, or RTN where the "
+            f"layer's tokens are fewer too): {parts} of {toks.size} experts"
+            + (f" [layer:expert {shown}]" if starved else ""))
 
 
 def _layer_key(name: str) -> tuple[int, str]:

@@ -1,5 +1,6 @@
 """GPTQ of MoE experts: one expert's gate/up (on the Hessian of its routed inputs) and down (on that of its own
-activations), RTN where too few tokens reached it; and every expert of one layer."""
+activations), on the Hessians of every token of the layer where too few reached it; and every expert of one
+layer."""
 
 from __future__ import annotations
 
@@ -13,25 +14,64 @@ from .gptq import HessianAccumulator, gptq_quantize
 PROJS = ("gate", "up", "down")
 
 
+class LayerTokens:
+    """Every calibration token's input to one MoE block: what an expert that saw fewer tokens than a projection's
+    input width borrows that projection's Hessian from (expert_hessians). Measured on the fixture with its
+    experts' own tokens cut to ¼–2 × d_model, GPTQ on these pooled Hessians had 0.43–0.77 of RTN's held-out
+    output error on gate/up and 0.93–0.95 on down, below GPTQ on the expert's own (damped, rank-deficient)
+    Hessian at every level (docs/planner.md, scripts/study_starved_experts.py)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self._h_in: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    def h_in(self) -> torch.Tensor:
+        """Hessian of the block's inputs (the gate/up input of every expert): computed once per layer."""
+        if self._h_in is None:
+            acc = HessianAccumulator(self.x.shape[1])
+            acc.add(self.x)
+            self._h_in = acc.H
+        return self._h_in
+
+    def h_act(self, g: torch.Tensor, u: torch.Tensor, act) -> torch.Tensor:
+        """Hessian of one expert's activations (its down projection's input) over every token."""
+        acc = HessianAccumulator(g.shape[0])
+        acc.add(act(self.x @ g.T) * (self.x @ u.T))
+        return acc.H
+
+
 def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gptq: bool = True,
-                    d_ff: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                    d_ff: int | None = None, pooled: LayerTokens | None = None
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """GPTQ Hessians of one expert: (gate/up input, down input) from its routed inputs ``xe``; None where that
-    projection gets RTN instead — without ``gptq``, or when the expert saw fewer tokens than the projection's
-    input width (its Hessian is then singular: GPTQ fits those few tokens and, measured on the tiny test models,
-    generalises worse than RTN), in particular for experts no token reached.
+    projection gets RTN instead (without ``gptq``).
+
+    A projection whose input width exceeds the expert's tokens would have a singular Hessian (GPTQ then fits those
+    few tokens and generalises worse than RTN): it borrows the Hessian of every token of the layer (``pooled``,
+    LayerTokens) and gets RTN only when those too are fewer than its width, or without ``pooled``.
 
     ``d_ff``: the expert's full width when ``g``/``u`` are a sample of its neurons (pmq.measure), so that the
-    choice between GPTQ and RTN is the one the whole expert gets."""
-    n = int(xe.shape[0])
+    choice between own, pooled and RTN is the one the whole expert gets."""
+    if not gptq:
+        return None, None
+    n, width_in, width_ff = int(xe.shape[0]), xe.shape[1], d_ff or g.shape[0]
     h_in = h_act = None
-    if gptq and n >= xe.shape[1]:
-        acc = HessianAccumulator(xe.shape[1])
+    if n >= width_in:
+        acc = HessianAccumulator(width_in)
         acc.add(xe)
         h_in = acc.H
-    if gptq and n >= (d_ff or g.shape[0]):
+    elif pooled is not None and pooled.n >= width_in:
+        h_in = pooled.h_in()
+    if n >= width_ff:
         acc = HessianAccumulator(g.shape[0])
         acc.add(act(xe @ g.T) * (xe @ u.T))
         h_act = acc.H
+    elif pooled is not None and pooled.n >= width_ff:
+        h_act = pooled.h_act(g, u, act)
     return h_in, h_act
 
 
@@ -48,7 +88,8 @@ def quantize_expert(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, types: di
 
 def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
                            types: list[dict[str, str]], act, gptq: bool = True, in_place: bool = False) -> dict:
-    """GPTQ of one layer's experts (quantize_expert on each, RTN where expert_hessians says so).
+    """GPTQ of one layer's experts (quantize_expert on each, on the Hessians expert_hessians gives: the expert's
+    own, or those of every token ``x`` of the layer where it saw too few).
 
     ``types[e]`` maps gate/up/down → ggml type. Returns {"packed": {(e, proj): uint8}, "dequant": ...,
     "tokens": per-expert token counts}. ``in_place``: write each expert's dequantised weights into ``gate_up`` /
@@ -57,11 +98,12 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     """
     ff = down.shape[2]
     packed, dequant, tokens = {}, {}, []
+    pooled = LayerTokens(x)
     for e, t in enumerate(types):
         xe = x[(top_k_index == e).any(dim=1)]
         tokens.append(int(xe.shape[0]))
         g, u, d = gate_up[e, :ff], gate_up[e, ff:], down[e]
-        res = quantize_expert(g, u, d, t, expert_hessians(g, u, xe, act, gptq))
+        res = quantize_expert(g, u, d, t, expert_hessians(g, u, xe, act, gptq, pooled=pooled))
         for p in PROJS:
             packed[(e, p)] = np.asarray(res[p].packed)
         if in_place:
