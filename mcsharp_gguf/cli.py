@@ -56,7 +56,7 @@ def fixture(out_dir: Path) -> None:
     click.echo(str(out_dir))
 
 
-def _calibration_ids(model_dir: Path, calib: str, calib_seqs: int, calib_len: int):
+def _calibration_ids(model_dir: Path, calib: str, calib_seqs: int | None, calib_len: int):
     from .model.calibration import calibration_ids
     from .recipe import Recipe
 
@@ -92,7 +92,9 @@ _CALIB = click.option("--calib", default="builtin", show_default=True,
                       help="Calibration text file; 'builtin' (Python's own documentation, never the text `eval` "
                            "scores); 'self' samples text from the model (loads the whole model).")
 _calib_size_options = [
-    _advanced("--calib-seqs", default=8, show_default=True, help="Calibration sequences."),
+    _advanced("--calib-seqs", type=int, default=None,
+              help="Calibration sequences [default: scaled to the model, 2 × hidden size × experts / top-k tokens "
+                   "in 8-32 sequences]."),
     _advanced("--calib-len", default=512, show_default=True, help="Tokens per calibration sequence."),
 ]
 calib_options = _option_group([_CALIB, *_calib_size_options])
@@ -408,7 +410,7 @@ def otp() -> None:
 @otp_train_options
 @calib_options
 def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, calib: str,
-              calib_seqs: int, calib_len: int) -> None:
+              calib_seqs: int | None, calib_len: int) -> None:
     """Train the routers of every MoE layer of MODEL_DIR into a router file for `mcsharp otp add`."""
     from .gguf.convert import atomic_output, check_output_path
     from .model.checkpoint import validate_model_dir
@@ -430,7 +432,7 @@ def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: in
 @otp_train_options
 @calib_options
 def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, otp_hidden: int,
-            otp_refine_steps: int, calib: str, calib_seqs: int, calib_len: int) -> None:
+            otp_refine_steps: int, calib: str, calib_seqs: int | None, calib_len: int) -> None:
     """Add OTP routers to GGUF_FILE: SOURCE is the HF checkpoint it came from (routers are trained now)
     or a router file from `mcsharp otp train`.
 

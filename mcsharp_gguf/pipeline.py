@@ -21,7 +21,7 @@ from .converters import get_architecture
 from .errors import McsharpError
 from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
 from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
-from .model.calibration import calibration_ids
+from .model.calibration import calibration_ids, calibration_seqs
 from .model.checkpoint import validate_model_dir
 from .otp.io import OtpRouters, otp_metadata
 from .otp.train import train_otp
@@ -76,7 +76,7 @@ def check_disk(model_dir, out: Path, recipe: Recipe, bpw: float | None, planning
     states (n_layer × tokens × d float32) into ``work_dir``; GPTQ keeps its packed layers there."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
-    n_tokens = recipe.calib_seqs * recipe.calib_len
+    n_tokens = calibration_seqs(recipe, model_dir) * recipe.calib_len
     spill = int(cfg["num_hidden_layers"]) * n_tokens * int(cfg["hidden_size"]) * 4 if planning else 0
     check_free_disk(model_dir, out, recipe.outtype, bpw, work_dir, recipe.gptq and bpw is not None, spill)
 
@@ -222,6 +222,8 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         with clock.stage("calibration"):
             ids = calibration_ids(recipe, model_dir)
         res.n_tokens = ids.numel()
+        log(f"[calib] {ids.shape[0]} × {ids.shape[1]} calibration tokens ({recipe.calib}"
+            + (", sequences scaled to the model's experts per token)" if recipe.calib_seqs is None else ")"))
     if res.plan is None and res.budget is not None:
         res.importance, res.plan = plan_model(recipe, model_dir, ids, res.budget, importance, work, log, clock)
     dense = _dense_types(recipe, res.plan)

@@ -49,7 +49,7 @@ class Recipe:
     outtype: str = "f16"
     gptq: bool = True
     calib: str = "builtin"
-    calib_seqs: int = 8
+    calib_seqs: int | None = None  # None: scaled to the model (model.calibration.calibration_seqs)
     calib_len: int = 512
     otp: bool = False
     otp_target_frac: float = 0.75
@@ -98,7 +98,7 @@ class Recipe:
             raise McsharpError(f"--otp-target-frac {self.otp_target_frac} must be in (0, 1]")
         if self.otp and self.otp_hidden < 1:
             raise McsharpError(f"--otp-hidden {self.otp_hidden} must be at least 1")
-        if self.calib_seqs < 1 or self.calib_len < 2:
+        if (self.calib_seqs is not None and self.calib_seqs < 1) or self.calib_len < 2:
             raise McsharpError(f"calibration of {self.calib_seqs} × {self.calib_len} tokens: need at least 1 × 2")
         if self.dense_types or self.tensor_types:
             self._check_dense_types()

@@ -89,3 +89,28 @@ def test_budget_out_of_reach_names_the_range(kw):
         resolve_budget(Recipe(**kw), _inventory(), "qwen2moe")
     msg = str(e.value)
     assert "achievable" in msg and "MB" in msg and "\n" not in msg
+
+
+def test_default_calibration_scales_with_experts_per_token(tmp_path):
+    """Without --calib-seqs, the median expert is given 2 × d_model tokens (2 · d · n_expert / top_k), in 8-32
+    sequences: the real shapes all hit the cap, the fixture and the tiny models keep 8; given, as given."""
+    import json
+
+    from mcsharp_gguf.dev.fixture import EXPERT_WIDTH, N_EXPERTS, NEW_HIDDEN, TOP_K
+    from mcsharp_gguf.dev.scale import SHAPES
+    from mcsharp_gguf.model.calibration import MAX_CALIB_SEQS, MIN_CALIB_SEQS, calibration_seqs
+
+    def seqs(cfg: dict, **kw) -> int:
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        return calibration_seqs(Recipe(**kw), tmp_path)
+
+    assert (MIN_CALIB_SEQS, MAX_CALIB_SEQS) == (8, 32)
+    for name in SHAPES:  # 2 · 2048 · 128 / 8 = 65,536 tokens for Qwen3-30B-A3B: capped at 32 × 512
+        assert seqs(SHAPES[name].config) == MAX_CALIB_SEQS, name
+    fixture = {"hidden_size": NEW_HIDDEN, "num_experts": N_EXPERTS, "num_experts_per_tok": TOP_K,
+               "moe_intermediate_size": EXPERT_WIDTH}
+    assert seqs(fixture) == MIN_CALIB_SEQS  # 2 · 768 · 8 / 6 = 2,048 tokens: 4 sequences, raised to 8
+    mid = {"hidden_size": 1024, "num_local_experts": 16, "num_experts_per_tok": 2}  # 16,384 tokens
+    assert seqs(mid) == 32 and seqs(mid, calib_len=1024) == 16 and seqs(mid, calib_seqs=3) == 3
+    assert seqs({"text_config": {"hidden_size": 64, "n_routed_experts": 64, "num_experts_per_tok": 1}}) == 16
+    assert seqs({"hidden_size": 4096}) == MIN_CALIB_SEQS  # no experts: the floor

@@ -3,6 +3,8 @@ into consecutive windows of token ids."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,18 +17,41 @@ if TYPE_CHECKING:  # used in annotations only; no run-time import against the pi
     from ..recipe import Recipe
 
 
+# Default calibration size (calibration_seqs): at least today's fixture default, at most 4× it (the time budget: the
+# forwards, the reverse pass and the Hessians grow with the tokens; docs/scale.md measures it)
+MIN_CALIB_SEQS, MAX_CALIB_SEQS = 8, 32
+
+
+def calibration_seqs(recipe: Recipe, model_dir: str | Path) -> int:
+    """The recipe's number of calibration sequences: as given, or scaled to the model so that the median expert
+    sees twice the hidden size in tokens (2 · d_model · n_expert / top_k tokens: every token reaches top_k of
+    n_expert experts), within [MIN_CALIB_SEQS, MAX_CALIB_SEQS]. An expert that still sees fewer tokens than a
+    projection's input width borrows its layer's Hessian (quant.experts.expert_hessians)."""
+    if recipe.calib_seqs is not None:
+        return recipe.calib_seqs
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    n_expert = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    top_k = cfg.get("num_experts_per_tok")
+    if not n_expert or not top_k:
+        return MIN_CALIB_SEQS
+    need = 2 * int(cfg["hidden_size"]) * int(n_expert) / int(top_k)
+    return int(min(max(math.ceil(need / recipe.calib_len), MIN_CALIB_SEQS), MAX_CALIB_SEQS))
+
+
 def calibration_ids(recipe: Recipe, model_dir: str | Path) -> torch.Tensor:
-    """The recipe's calibration token ids, (calib_seqs, calib_len): the built-in text (Python's own
+    """The recipe's calibration token ids, (calibration_seqs, calib_len): the built-in text (Python's own
     documentation, streamed; never the held-out text `eval` scores), a text file, or 'self' (text sampled from
     the model itself; loads the whole model)."""
-    n = recipe.calib_seqs * recipe.calib_len
+    n_seq = calibration_seqs(recipe, model_dir)
+    n = n_seq * recipe.calib_len
     if recipe.calib == "builtin":
         text = calibration_text(min(calibration_text_limit(), n * 6))  # ~4 characters a token, with room
     elif recipe.calib == "self":
         text = self_generated_text(model_dir, n * 2)
     else:
         text = read_text_file(recipe.calib, what="--calib")
-    return calibration_token_ids(model_dir, text, recipe.calib_seqs, recipe.calib_len)
+    return calibration_token_ids(model_dir, text, n_seq, recipe.calib_len)
 
 
 def _tokenizer(model_dir: Path):
