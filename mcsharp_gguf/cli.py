@@ -90,7 +90,7 @@ def _advanced(*args, **kw):
 
 _CALIB = click.option("--calib", default="builtin", show_default=True,
                       help="Calibration text file; 'builtin' (Python's own documentation, never the text `eval` "
-                           "scores); 'self' samples text from the model (loads the whole model).")
+                           "scores); 'self' samples text from the model (through a temporary Q8_0 GGUF).")
 _calib_size_options = [
     _advanced("--calib-seqs", type=int, default=None,
               help="Calibration sequences [default: scaled to the model, 2 × hidden size × experts / top-k tokens "

@@ -22,7 +22,7 @@ from .errors import McsharpError
 from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
 from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
 from .model.calibration import calibration_ids, calibration_seqs
-from .model.checkpoint import validate_model_dir
+from .model.checkpoint import checkpoint_weights, validate_model_dir
 from .otp.io import OtpRouters, otp_metadata
 from .otp.train import train_otp
 from .pmq.budget import Budget, header_bytes, resolve_budget
@@ -73,11 +73,14 @@ def _llama_arch(model_dir: Path) -> tuple[object, int]:
 
 def check_disk(model_dir, out: Path, recipe: Recipe, bpw: float | None, planning: bool, work_dir: Path) -> None:
     """gguf.convert.check_free_disk for a conversion: the importance pass (``planning``) spills every layer's input
-    states (n_layer × tokens × d float32) into ``work_dir``; GPTQ keeps its packed layers there."""
+    states (n_layer × tokens × d float32) into ``work_dir``; GPTQ keeps its packed layers there; ``--calib self``
+    a Q8_0 copy of the model while it samples."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
     n_tokens = calibration_seqs(recipe, model_dir) * recipe.calib_len
     spill = int(cfg["num_hidden_layers"]) * n_tokens * int(cfg["hidden_size"]) * 4 if planning else 0
+    if recipe.calib == "self":  # sampled from a temporary Q8_0 file of the model (34 bytes a block of 32)
+        spill += checkpoint_weights(model_dir) * 34 // 32
     check_free_disk(model_dir, out, recipe.outtype, bpw, work_dir, recipe.gptq and bpw is not None, spill)
 
 
@@ -220,7 +223,7 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     ids = None
     if planning or (recipe.otp and routers is None) or (bpw is not None and recipe.gptq):
         with clock.stage("calibration"):
-            ids = calibration_ids(recipe, model_dir)
+            ids = calibration_ids(recipe, model_dir, work)
         res.n_tokens = ids.numel()
         log(f"[calib] {ids.shape[0]} × {ids.shape[1]} calibration tokens ({recipe.calib}"
             + (", sequences scaled to the model's experts per token)" if recipe.calib_seqs is None else ")"))

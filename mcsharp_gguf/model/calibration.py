@@ -39,16 +39,17 @@ def calibration_seqs(recipe: Recipe, model_dir: str | Path) -> int:
     return int(min(max(math.ceil(need / recipe.calib_len), MIN_CALIB_SEQS), MAX_CALIB_SEQS))
 
 
-def calibration_ids(recipe: Recipe, model_dir: str | Path) -> torch.Tensor:
+def calibration_ids(recipe: Recipe, model_dir: str | Path, work_dir: str | Path | None = None) -> torch.Tensor:
     """The recipe's calibration token ids, (calibration_seqs, calib_len): the built-in text (Python's own
     documentation, streamed; never the held-out text `eval` scores), a text file, or 'self' (text sampled from
-    the model itself; loads the whole model)."""
+    the model itself by the llama.cpp runtime, from a temporary Q8_0 file in ``work_dir``:
+    self_generated_text)."""
     n_seq = calibration_seqs(recipe, model_dir)
     n = n_seq * recipe.calib_len
     if recipe.calib == "builtin":
         text = calibration_text(min(calibration_text_limit(), n * 6))  # ~4 characters a token, with room
-    elif recipe.calib == "self":
-        text = self_generated_text(model_dir, n * 2)
+    elif recipe.calib == "self":  # the tokenizer may cut the sampled text slightly differently: a margin
+        text = self_generated_text(model_dir, int(n * 1.05) + 64, work_dir=work_dir)
     else:
         text = read_text_file(recipe.calib, what="--calib")
     return calibration_token_ids(model_dir, text, n_seq, recipe.calib_len)
@@ -70,22 +71,36 @@ def calibration_token_ids(model_dir: str | Path, text: str, n_seq: int, seq_len:
     return torch.tensor(ids[:need]).reshape(n_seq, seq_len)
 
 
+SELF_PIECE = 1024  # tokens per sampled piece of --calib self: a short context keeps each token cheap
+
+
 def self_generated_text(model_dir: str | Path, n_tokens: int, prompts: tuple[str, ...] | None = None,
-                        seed: int = 0) -> str:
-    """Calibration text sampled from the model itself (``--calib self``), deterministic for ``seed``."""
-    from transformers import AutoModelForCausalLM
+                        seed: int = 0, work_dir: str | Path | None = None) -> str:
+    """Calibration text sampled from the model itself (``--calib self``): at least ``n_tokens`` tokens in pieces
+    of at most SELF_PIECE, each continuing one of ``prompts`` in turn, deterministic for ``seed``.
+
+    The checkpoint is streamed tensor by tensor into a temporary Q8_0 GGUF (in ``work_dir``, else the system's
+    temporary directory) and sampled by the llama.cpp runtime, which maps the file and reads the weights the
+    tokens use: the model is never in this process's memory. End-of-text is masked, so pieces rarely end early."""
+    import tempfile
+
+    from ..gguf.convert import convert_checkpoint
+    from ..runtime.llama import load_model
 
     prompts = prompts or ("The", "In this chapter we", "def main():", "Once upon a time", "The results show")
-    tok = _tokenizer(Path(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-    torch.manual_seed(seed)
-    per = max(16, n_tokens // len(prompts))
-    pieces = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            # min_new_tokens: an early end-of-text must not leave the calibration short
-            out = model.generate(ids, max_new_tokens=per, min_new_tokens=per, do_sample=True, top_p=0.95,
-                                 temperature=1.0)
-            pieces.append(tok.decode(out[0], skip_special_tokens=True))
+    n_pieces = max(1, math.ceil(n_tokens / SELF_PIECE))
+    per = math.ceil(n_tokens / n_pieces)
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="calib-self-") as tmp:
+        gguf = convert_checkpoint(model_dir, Path(tmp) / "q8_0.gguf", outtype="q8_0")
+        llm = load_model(gguf, n_ctx=per + 64, logits_all=False, n_threads=torch.get_num_threads())
+        pieces, sampled, i = [], 0, 0
+        while sampled < n_tokens:  # another end-of-generation token may still end a piece early: sample on
+            p = prompts[i % len(prompts)]
+            out = llm.create_completion(p, max_tokens=per, temperature=1.0, top_p=0.95, top_k=0,
+                                        seed=seed * 100_003 + i, logit_bias={llm.token_eos(): -1e9})
+            pieces.append(p + out["choices"][0]["text"])
+            sampled, i = sampled + max(1, out["usage"]["completion_tokens"]), i + 1
+        llm.close()
     return "\n\n".join(pieces)
