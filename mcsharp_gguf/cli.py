@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +65,11 @@ def _calibration_ids(model_dir: Path, calib: str, calib_seqs: int | None, calib_
     return calibration_ids(Recipe(preset="F16", calib=calib, calib_seqs=calib_seqs, calib_len=calib_len), model_dir)
 
 
+def _calib_file(calib: str) -> Path | None:
+    """The calibration text file an option names (None for the built-in text and 'self')."""
+    return None if calib in ("builtin", "self") else Path(calib)
+
+
 def _option_group(options: list):
     """A decorator applying ``options`` (click options) in their listed order."""
     def apply(fn):
@@ -88,6 +95,7 @@ def _advanced(*args, **kw):
     return click.option(*args, hidden=True, **kw)
 
 
+_FORCE = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 _CALIB = click.option("--calib", default="builtin", show_default=True,
                       help="Calibration text file; 'builtin' (Python's own documentation, never the text `eval` "
                            "scores); 'self' samples text from the model (through a temporary Q8_0 GGUF).")
@@ -225,29 +233,32 @@ _HELP_ADVANCED = click.option("--help-advanced", is_flag=True, expose_value=Fals
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
+@_FORCE
 @plan_options
 @click.option("--otp/--no-otp", default=False, show_default=True,
               help="Also train OTP expert-pruning routers into the file (the patched runtime runs fewer experts).")
 @calib_options
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None,
               help="Use this plan.json (from `mcsharp plan`) instead of planning now.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
-              help="Keeps finished layers so an interrupted conversion resumes (default: OUT.work, removed "
-                   "after success).")
+@_advanced("--work-dir", type=click.Path(path_type=Path), default=None,
+           help="Keeps finished layers so an interrupted conversion resumes (default: OUT.work, removed after "
+                "success).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (file, size, bpw, estimated KL, each "
                                                        "stage's time and peak memory) on stdout.")
 @_option_group(_convert_knobs)
 @_option_group(_otp_knobs(hidden=True))
 @_HELP_ADVANCED
-def convert(model_dir: Path, out: Path, otp: bool, plan_file: Path | None, work_dir: Path | None, as_json: bool,
-            verbose: bool, **kw) -> None:
+def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path | None, work_dir: Path | None,
+            as_json: bool, verbose: bool, **kw) -> None:
     """Convert a Hugging Face MoE checkpoint to a compressed GGUF: PMQ mixed-precision GPTQ at a llama-quantize
     preset's size (default Q3_K_M), a file size or a bpw; --otp adds OTP routers."""
+    from .gguf.convert import check_output_path
     from .pipeline import run
     from .pmq.plan import BitPlan
     from .stages import StageClock
 
     recipe = _recipe(kw, otp=otp)
+    check_output_path(out, (model_dir, _calib_file(recipe.calib), plan_file), force)
     plan = None
     if plan_file is not None:
         if not plan_file.is_file():
@@ -276,10 +287,11 @@ def convert(model_dir: Path, out: Path, otp: bool, plan_file: Path | None, work_
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
               help="plan.json to write (plan.png beside it).")
+@_FORCE
 @plan_options
 @calib_options
 @_HELP_ADVANCED
-def plan(model_dir: Path, out: Path, **kw) -> None:
+def plan(model_dir: Path, out: Path, force: bool, **kw) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .gguf.convert import check_output_path
     from .model.calibration import calibration_ids
@@ -292,7 +304,7 @@ def plan(model_dir: Path, out: Path, **kw) -> None:
     if recipe.lossless:
         raise McsharpError(f"--preset {recipe.budget_preset} is a plain conversion; a plan needs a quantised budget")
     validate_model_dir(model_dir)
-    check_output_path(out)
+    check_output_path(out, (model_dir, _calib_file(recipe.calib)), force)
     budget = model_budget(recipe, model_dir, _log)
     clock = StageClock(log=_log)
     with clock.stage("calibration"):
@@ -407,17 +419,18 @@ def otp() -> None:
 @otp.command(name="train")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Router file (.npz).")
+@_FORCE
 @otp_train_options
 @calib_options
-def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: int, otp_refine_steps: int, calib: str,
-              calib_seqs: int | None, calib_len: int) -> None:
+def otp_train(model_dir: Path, out: Path, force: bool, otp_target_frac: float, otp_hidden: int,
+              otp_refine_steps: int, calib: str, calib_seqs: int | None, calib_len: int) -> None:
     """Train the routers of every MoE layer of MODEL_DIR into a router file for `mcsharp otp add`."""
     from .gguf.convert import atomic_output, check_output_path
     from .model.checkpoint import validate_model_dir
 
     _check_otp_options(otp_target_frac, otp_hidden)
     validate_model_dir(model_dir)
-    out = check_output_path(out)
+    out = check_output_path(out, (model_dir, _calib_file(calib)), force)
     routers = _train_routers(model_dir, _calibration_ids(model_dir, calib, calib_seqs, calib_len),
                              otp_target_frac, otp_hidden, otp_refine_steps)
     with atomic_output(out) as tmp:
@@ -429,15 +442,16 @@ def otp_train(model_dir: Path, out: Path, otp_target_frac: float, otp_hidden: in
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
+@_FORCE
 @otp_train_options
 @calib_options
-def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, otp_hidden: int,
+def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_frac: float, otp_hidden: int,
             otp_refine_steps: int, calib: str, calib_seqs: int | None, calib_len: int) -> None:
     """Add OTP routers to GGUF_FILE: SOURCE is the HF checkpoint it came from (routers are trained now)
     or a router file from `mcsharp otp train`.
 
     \f
-    (Nine parameters: click passes one per argument and option.)
+    (Ten parameters: click passes one per argument and option.)
     """
     from .gguf.convert import check_output_path
     from .gguf.edit import open_gguf
@@ -446,7 +460,7 @@ def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, ot
 
     shape = gguf_moe_shape(open_gguf(gguf_file))
     arch, n_embd, k, _ = shape
-    check_output_path(out)
+    check_output_path(out, (gguf_file, source, _calib_file(calib)), force)
     if source.is_dir():
         _check_otp_options(otp_target_frac, otp_hidden)
         validate_model_dir(source)
@@ -469,10 +483,13 @@ def otp_add(gguf_file: Path, source: Path, out: Path, otp_target_frac: float, ot
 @otp.command(name="strip")
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Output GGUF file.")
-def otp_strip(gguf_file: Path, out: Path) -> None:
+@_FORCE
+def otp_strip(gguf_file: Path, out: Path, force: bool) -> None:
     """Copy GGUF_FILE without its OTP routers (then any llama.cpp loads it)."""
+    from .gguf.convert import check_output_path
     from .otp.io import strip_otp
 
+    check_output_path(out, (gguf_file,), force)
     strip_otp(gguf_file, out)
     click.echo(str(out))
 
@@ -502,7 +519,24 @@ def demo(work_dir: Path, prompt: str) -> None:
     run_demo(work_dir, prompt, log=_log)
 
 
+def _crash_log(exc: BaseException) -> Path:
+    """Write ``exc``'s traceback (and the command line) to a new file under the cache's crash/ folder."""
+    import time
+    import traceback
+
+    from .native.build import cache_root
+
+    folder = cache_root() / "crash"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"mcsharp {' '.join(sys.argv[1:])}\n\n"
+                    + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return path
+
+
 def main() -> None:
+    """The console entry point: exit 0 on success, 2 with one ``error:`` line for bad input or a failed build,
+    130 on Ctrl-C, and 3 with one line and the path of a traceback log for anything unexpected (a bug)."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -513,6 +547,24 @@ def main() -> None:
     except (McsharpError, NativeBuildError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # no partial output is left: every output is written to a temp name first
+            click.echo(f"error: no space left on the device while writing {e.filename or 'a file'}; free some and "
+                       "rerun (a conversion's work dir is kept, so it resumes)", err=True)
+            sys.exit(2)
+        _internal_error(e)
+    except Exception as e:  # noqa: BLE001 — a bug: one line here, the traceback in a file for the report
+        _internal_error(e)
+
+
+def _internal_error(exc: BaseException) -> None:
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    try:
+        where = f"traceback in {_crash_log(exc)}"
+    except OSError:
+        where = "the traceback could not be saved"
+    click.echo(f"error: internal: {type(exc).__name__}: {first} ({where}; please report it)", err=True)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

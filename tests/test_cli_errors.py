@@ -162,3 +162,69 @@ def test_a_plan_from_another_version_is_refused_in_one_line(tiny_model, tmp_path
     assert isinstance(res.exception, McsharpError), res.exception
     assert "old-plan.json" in str(res.exception) and "mcsharp plan" in str(res.exception)
     assert_empty(out_dir)
+
+
+def _tree_digest(d: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).digest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+def test_outputs_never_replace_inputs_or_existing_files(tiny_model, tmp_path, out_dir):
+    """-o inside the checkpoint, onto the calibration file or the input GGUF, or onto an existing file without
+    --force: one line, exit 2, every input byte-identical; with --force the file is replaced."""
+    model = tiny_model("qwen2moe")
+    before = _tree_digest(model)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text " * 50)
+    res = run_cli("convert", str(model), "-o", str(model / "model.safetensors"), "--preset", "F16")
+    assert_one_line_error(res, "is inside the input", str(model))
+    res = run_cli("convert", str(model), "-o", str(model), "--preset", "F16")
+    assert_one_line_error(res, "is the input")
+    res = run_cli("convert", str(model), "-o", str(calib), "--calib", str(calib))
+    assert_one_line_error(res, "is the input", "calib.txt")
+    assert _tree_digest(model) == before and calib.read_text().startswith("some calibration")
+    gguf = out_dir / "m.gguf"
+    assert run_cli("convert", str(model), "-o", str(gguf), "--preset", "F16").returncode == 0
+    first = gguf.read_bytes()
+    res = run_cli("convert", str(model), "-o", str(gguf), "--preset", "BF16")
+    assert_one_line_error(res, "exists", "--force")
+    assert gguf.read_bytes() == first
+    res = run_cli("otp", "strip", str(gguf), "-o", str(gguf))
+    assert_one_line_error(res, "is the input")
+    assert gguf.read_bytes() == first
+    res = run_cli("convert", str(model), "-o", str(gguf), "--preset", "BF16", "--force")
+    assert res.returncode == 0, res.stderr
+    assert gguf.read_bytes() != first and sorted(p.name for p in out_dir.iterdir()) == ["m.gguf"]
+
+
+def test_an_unexpected_error_is_one_line_with_a_saved_traceback(monkeypatch, tmp_path, capsys):
+    """A bug reaches the user as `error: internal: …` + the path of a log holding the traceback, exit 3; a full
+    disk as a one-line error, exit 2."""
+    import errno
+
+    from mcsharp_gguf import cli as cli_mod
+
+    monkeypatch.setenv("MCSHARP_CACHE", str(tmp_path / "cache"))
+
+    def boom(**kw):
+        raise KeyError("unexpected\nsecond line")
+
+    monkeypatch.setattr(cli_mod.cli, "main", boom)
+    with pytest.raises(SystemExit) as e:
+        cli_mod.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: internal: KeyError: 'unexpected") and "please report it" in err
+    logs = list((tmp_path / "cache" / "crash").glob("*.log"))
+    assert len(logs) == 1 and str(logs[0]) in err and "Traceback" in logs[0].read_text()
+
+    def full(**kw):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out.gguf.part")
+
+    monkeypatch.setattr(cli_mod.cli, "main", full)
+    with pytest.raises(SystemExit) as e:
+        cli_mod.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "no space left" in err and "/data/out.gguf" in err

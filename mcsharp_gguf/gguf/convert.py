@@ -69,9 +69,19 @@ def check_free_disk(model_dir: str | Path, out: str | Path, outtype: str = "f16"
                                "space or choose -o / --work-dir / TMPDIR on a larger disk")
 
 
-def check_output_path(out: str | Path) -> Path:
-    """Fail early (before any work) when ``out`` cannot be written."""
+def check_output_path(out: str | Path, inputs: tuple = (), force: bool = True) -> Path:
+    """Fail early (before any work) when ``out`` cannot be written, is (or is inside) one of ``inputs`` (a
+    checkpoint dir, a base GGUF, a calibration file: never overwritten), or exists and ``force`` is off."""
     out = Path(out)
+    for src in inputs:
+        if src is None or not Path(src).exists():
+            continue
+        src_r, out_r = Path(src).resolve(), out.resolve()
+        if out_r == src_r or src_r in out_r.parents:
+            where = "is" if out_r == src_r else "is inside"
+            raise McsharpError(f"output {out} {where} the input {src}; write it somewhere else")
+    if out.exists() and not out.is_dir() and not force:
+        raise McsharpError(f"{out} exists; pass --force to replace it (or choose another -o path)")
     if out.is_dir():
         raise McsharpError(f"output {out} is a directory; pass a file name such as {out / 'model.gguf'}")
     parent = out.parent if str(out.parent) else Path(".")
