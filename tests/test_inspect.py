@@ -25,3 +25,32 @@ def test_inspect_counts_true_bytes(tiny_gguf):
     assert res.exit_code == 0, res.output
     js = json.loads(res.stdout)
     assert js["classes"]["experts"]["n_bytes"] == rep.classes["experts"].n_bytes and js["otp"] is False
+
+
+@pytest.mark.parametrize("damage", ["count-1", "count-0", "truncated", "appended"])
+def test_a_gguf_whose_header_disagrees_with_its_data_is_refused(tiny_gguf, tmp_path, damage):
+    """A header tensor count one low (or zero), a cut file or bytes appended: `inspect` and `otp strip` answer
+    with one line and exit 2, and strip writes nothing (it used to shift every tensor silently)."""
+    import shutil
+    import struct
+    import subprocess
+    import sys
+
+    src = tiny_gguf("qwen2moe", "q8_0")
+    bad = tmp_path / "bad.gguf"
+    shutil.copy(src, bad)
+    data = bytearray(bad.read_bytes())
+    (n_tensors,) = struct.unpack_from("<Q", data, 8)  # magic, version, then the tensor count
+    if damage.startswith("count"):
+        struct.pack_into("<Q", data, 8, n_tensors - 1 if damage == "count-1" else 0)
+    elif damage == "truncated":
+        data = data[:-4096]
+    else:
+        data += bytes(4096)
+    bad.write_bytes(bytes(data))
+    for args in (["inspect", str(bad)], ["otp", "strip", str(bad), "-o", str(tmp_path / "out.gguf")]):
+        res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", *args], capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 2 and res.stderr.startswith("error: ") and str(bad) in res.stderr, res.stderr
+        assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert not (tmp_path / "out.gguf").exists() and bad.read_bytes() == bytes(data)

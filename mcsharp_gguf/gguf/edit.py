@@ -19,10 +19,32 @@ def open_gguf(path: str | Path):
     if not path.is_file():
         raise McsharpError(f"{path}: no such GGUF file")
     try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError) as e:
         raise McsharpError(f"{path} is not a readable GGUF ({e}); pass a .gguf written by llama.cpp or mcsharp") \
             from None
+    check_data_section(reader, path)
+    return reader
+
+
+def check_data_section(reader, path: Path) -> None:
+    """The header's tensor table must account for the whole data section: tensors inside the file, in order,
+    not overlapping, and nothing but alignment padding after the last one. (A header whose tensor count is off
+    by one still parses: every tensor after it would be read from the wrong bytes.)"""
+    size = path.stat().st_size
+    end = reader.data_offset
+    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+        if t.data_offset < end:
+            raise McsharpError(f"{path}: tensor {t.name} overlaps the one before it; the file is damaged, convert it "
+                               "again")
+        end = t.data_offset + int(t.n_bytes)
+    if end > size:
+        raise McsharpError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}; copy or convert "
+                           "it again")
+    if size - end >= reader.alignment:
+        raise McsharpError(f"{path} has {size - end} bytes after its last tensor: the header lists "
+                           f"{len(reader.tensors)} tensors but the file holds more data (a damaged header); convert "
+                           "it again")
 
 
 def field_value(reader, key: str):

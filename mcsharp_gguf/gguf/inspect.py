@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import McsharpError
 from ..llama_src import import_gguf
 from ..model.names import tensor_class
+from .edit import open_gguf
 
 
 @dataclass
@@ -73,14 +73,7 @@ def _field_value(f):
 
 def read_report(path: str | Path) -> GgufReport:
     """Parse ``path`` with gguf-py's reader (no runtime needed)."""
-    gguf = import_gguf()
-    path = Path(path)
-    if not path.is_file():
-        raise McsharpError(f"{path}: no such GGUF file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise McsharpError(f"{path} is not a readable GGUF ({e}); re-convert it") from None
+    reader = open_gguf(path)
     kv = {name: f for name, f in reader.fields.items()}
     arch = _field_value(kv["general.architecture"]) if "general.architecture" in kv else "unknown"
 
