@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,20 @@ from .native.build import NativeBuildError
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
+
+
+def _json(obj) -> str:
+    """``--json`` output: always valid JSON, an undefined number (NaN, ±Inf) written as null."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +53,7 @@ def setup(backend: str, tools: bool, tests: bool, cuda_arch: str, as_json: bool)
     ensure_pinned_gguf(log=_log)
     info = nb.build(nb.BuildOptions(backend=backend, tools=tools, tests=tests, cuda_arch=cuda_arch), log=_log)
     if as_json:
-        click.echo(json.dumps(info.to_json(), indent=2))
+        click.echo(_json(info.to_json()))
         return
     click.echo(f"library dir : {info.lib_dir}")
     click.echo(f"llama.cpp   : {info.llama_cpp_commit} (llama-cpp-python {nb.LLAMA_CPP_PYTHON_VERSION})")
@@ -100,10 +115,11 @@ _CALIB = click.option("--calib", default="builtin", show_default=True,
                       help="Calibration text file; 'builtin' (Python's own documentation, never the text `eval` "
                            "scores); 'self' samples text from the model (through a temporary Q8_0 GGUF).")
 _calib_size_options = [
-    _advanced("--calib-seqs", type=int, default=None,
+    _advanced("--calib-seqs", type=click.IntRange(min=1), default=None,
               help="Calibration sequences [default: scaled to the model, 2 × hidden size × experts / top-k tokens "
                    "in 8-32 sequences]."),
-    _advanced("--calib-len", default=512, show_default=True, help="Tokens per calibration sequence."),
+    _advanced("--calib-len", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per calibration sequence."),
 ]
 calib_options = _option_group([_CALIB, *_calib_size_options])
 
@@ -272,7 +288,7 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
     peak = clock.peak_mb()
     _log(f"[convert] {res.summary()}, peak RSS {peak:.0f} MB")
     if as_json:
-        click.echo(json.dumps({
+        click.echo(_json({
             "out": str(out), "file_bytes": out.stat().st_size, "wall_s": res.wall_s, "peak_rss_mb": peak,
             "recipe": json.loads(recipe.to_json()),
             "budget": None if res.budget is None else {"source": res.budget.source, "bpw": res.budget.bpw,
@@ -325,7 +341,7 @@ def inspect(gguf_file: Path, as_json: bool, no_tensors: bool) -> None:
     from .gguf.inspect import format_report, read_report
 
     rep = read_report(gguf_file)
-    click.echo(json.dumps(rep.to_json(), indent=2) if as_json else format_report(rep, not no_tensors))
+    click.echo(_json(rep.to_json()) if as_json else format_report(rep, not no_tensors))
 
 
 _prune_options = [
@@ -345,8 +361,9 @@ prune_options = _option_group(_prune_options)
 @click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
               help="Evaluation text (UTF-8). Default: the built-in held-out pydoc text.")
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="Reference GGUF for KLD / top-1.")
-@click.option("--ctx", default=512, show_default=True, help="Chunk length in tokens.")
-@click.option("--max-tokens", default=4096, show_default=True, help="Evaluate at most this many tokens (0 = all).")
+@click.option("--ctx", type=click.IntRange(min=2), default=512, show_default=True, help="Chunk length in tokens.")
+@click.option("--max-tokens", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="Evaluate at most this many tokens (0 = all).")
 @prune_options
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(gguf_file: Path, text_file: Path | None, base: Path | None, ctx: int, max_tokens: int,
@@ -368,7 +385,7 @@ def eval_cmd(gguf_file: Path, text_file: Path | None, base: Path | None, ctx: in
     res = evaluate_gguf(gguf_file, text, base_path=base, ctx=ctx, max_tokens=max_tokens or None,
                         kv_overrides=kv or None, progress=not as_json)
     if as_json:
-        click.echo(json.dumps(res.to_json(), indent=2))
+        click.echo(_json(res.to_json()))
     else:
         for k, v in res.to_json().items():
             click.echo(f"{k:<20} {v}")
@@ -376,9 +393,12 @@ def eval_cmd(gguf_file: Path, text_file: Path | None, base: Path | None, ctx: in
 
 @cli.command()
 @click.argument("gguf_file", type=click.Path(path_type=Path))
-@click.option("--prompt-tokens", default=256, show_default=True, help="Prompt length for prefill speed.")
-@click.option("--tokens", "decode_tokens", default=64, show_default=True, help="Tokens decoded one at a time.")
-@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds; the best is reported.")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompt length for prefill speed.")
+@click.option("--tokens", "decode_tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens decoded one at a time.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved rounds; the best is reported.")
 @prune_options
 @click.option("--compare/--no-compare", default=True, show_default=True,
               help="Also time the unpruned file (all pruning off) in the same run and report the ratio.")
@@ -404,7 +424,7 @@ def bench(gguf_file: Path, prompt_tokens: int, decode_tokens: int, rounds: int, 
             "prefill": res["run"]["prefill_tok_s"] / res["unpruned"]["prefill_tok_s"],
             "decode": res["run"]["decode_tok_s"] / res["unpruned"]["decode_tok_s"]}
     if as_json:
-        click.echo(json.dumps(res, indent=2))
+        click.echo(_json(res))
         return
     for name, r in res.items():
         click.echo(f"{name:<18} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -497,7 +517,7 @@ def otp_strip(gguf_file: Path, out: Path, force: bool) -> None:
 @cli.command()
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="One non-interactive turn: print the reply and exit.")
-@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 def chat(gguf_file: Path, prompt: str | None, max_tokens: int) -> None:
     """Chat with a GGUF using the model's chat template."""
     from .runtime.chat import interactive, open_chat_model, reply

@@ -228,3 +228,23 @@ def test_an_unexpected_error_is_one_line_with_a_saved_traceback(monkeypatch, tmp
         cli_mod.main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "no space left" in err and "/data/out.gguf" in err
+
+
+def test_json_output_is_always_valid_json_and_counts_are_positive(tmp_path):
+    """--json writes undefined numbers as null (json.loads accepts it); zero counts are refused before work."""
+    from click.testing import CliRunner
+
+    from mcsharp_gguf.cli import _json, cli
+
+    assert json.loads(_json({"ppl": float("nan"), "kld": [0.5, float("inf")], "n": 3})) == \
+        {"ppl": None, "kld": [0.5, None], "n": 3}
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF")
+    for args in (["bench", str(gguf), "--rounds", "0"], ["bench", str(gguf), "--tokens", "0"],
+                 ["eval", str(gguf), "--ctx", "1"], ["eval", str(gguf), "--max-tokens", "-5"],
+                 ["chat", str(gguf), "--max-tokens", "0"],
+                 ["convert", str(tmp_path), "-o", str(tmp_path / "o.gguf"), "--calib-seqs", "0"],
+                 ["convert", str(tmp_path), "-o", str(tmp_path / "o.gguf"), "--calib-len", "-5"]):
+        res = CliRunner().invoke(cli, args, standalone_mode=False)
+        assert isinstance(res.exception, click.BadParameter) and "range" in str(res.exception), (args, res)
+    assert not (tmp_path / "o.gguf").exists()
