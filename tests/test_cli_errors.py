@@ -248,3 +248,25 @@ def test_json_output_is_always_valid_json_and_counts_are_positive(tmp_path):
         res = CliRunner().invoke(cli, args, standalone_mode=False)
         assert isinstance(res.exception, click.BadParameter) and "range" in str(res.exception), (args, res)
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_nonfinite_weights_are_named_before_any_quantisation(tiny_model, tmp_path, out_dir):
+    """NaN in an expert, Inf in the router: a compressed convert stops with one line naming the shard and the
+    tensor (it used to fail deep in calibration sampling, or write NaN); a lossless one copies them."""
+    from safetensors.torch import load_file, save_file
+
+    for name, value in (("model.layers.1.mlp.experts.3.down_proj.weight", float("nan")),
+                        ("model.layers.0.mlp.gate.weight", float("inf"))):
+        bad = tmp_path / f"bad-{value}"
+        shutil.copytree(tiny_model("qwen2moe"), bad)
+        shard = next(bad.glob("*.safetensors"))
+        sd = load_file(shard)
+        assert name in sd, sorted(sd)[:20]
+        sd[name][0, 0] = value
+        save_file(sd, shard, metadata={"format": "pt"})
+        res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--bpw", "4", "--calib-seqs", "2",
+                      "--calib-len", "64")
+        assert_one_line_error(res, name, "NaN/Inf", shard.name)
+        assert not (out_dir / "m.gguf").exists()  # (the work dir of the layers before it stays, as for any stop)
+    res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--preset", "F16")
+    assert res.returncode == 0, res.stderr

@@ -42,7 +42,7 @@ class SafetensorsIndex:
                 if v["dtype"] not in _DTYPES:
                     raise McsharpError(f"{shard}: tensor {k} is {v['dtype']}; supported: {', '.join(_DTYPES)} "
                                        "(dequantise the checkpoint to bf16 first)")
-                self.names[k] = partial(_read_tensor, shard, start + v["data_offsets"][0],
+                self.names[k] = partial(_read_tensor, shard, k, start + v["data_offsets"][0],
                                         v["data_offsets"][1] - v["data_offsets"][0], _DTYPES[v["dtype"]],
                                         tuple(v["shape"]))
 
@@ -50,8 +50,10 @@ class SafetensorsIndex:
         return self.names[key]()
 
 
-def _read_tensor(path: Path, offset: int, n_bytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """One tensor of a safetensors shard as float32, read (not mapped) from ``path``."""
+def _read_tensor(path: Path, name: str, offset: int, n_bytes: int, dtype: torch.dtype, shape: tuple[int, ...]
+                 ) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors shard as float32, read (not mapped) from ``path``; NaN/Inf → error naming
+    it (nothing computed from it would mean anything)."""
     buf = bytearray(n_bytes)
     with open(path, "rb") as f:
         f.seek(offset)
@@ -59,7 +61,12 @@ def _read_tensor(path: Path, offset: int, n_bytes: int, dtype: torch.dtype, shap
             raise McsharpError(f"{path} is truncated; re-download or re-save it")
     if not n_bytes:
         return torch.zeros(shape)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape).float()
+    t = torch.frombuffer(buf, dtype=dtype).reshape(shape).float()
+    bad = int(t.numel() - torch.isfinite(t).sum())
+    if bad:
+        raise McsharpError(f"{path}: tensor {name} holds {bad} NaN/Inf values; fix or re-save the checkpoint "
+                           "(a compressed conversion needs finite weights; --preset F16/BF16 copies them as they are)")
+    return t
 
 
 # A pass's work on one decoder layer: (index, materialised layer, run = the layer over all sequences, its input
