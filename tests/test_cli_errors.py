@@ -270,3 +270,28 @@ def test_nonfinite_weights_are_named_before_any_quantisation(tiny_model, tmp_pat
         assert not (out_dir / "m.gguf").exists()  # (the work dir of the layers before it stays, as for any stop)
     res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--preset", "F16")
     assert res.returncode == 0, res.stderr
+
+
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_any_work(tiny_model, tmp_path, out_dir):
+    """config.json contradicting the weights (hidden size, expert count, no expert count at all) or an index
+    naming a tensor no shard holds: one line naming the tensor / layer and the file, before calibration."""
+    cases = [("qwen2moe", lambda c: c.update(hidden_size=2 * c["hidden_size"]), None, ("is [", "by config.json")),
+             ("qwen2moe", lambda c: c.update(num_experts=4), None, ("mlp.gate.weight is [8, 64]", "[4, 64]")),
+             ("qwen2moe", lambda c: c.pop("num_experts"), None, ("mlp.gate.weight is [8, 64]",)),
+             # transformers renames Mixtral's router on load: the expert count is what disagrees
+             ("mixtral", lambda c: c.update(num_local_experts=4), None, ("layer 0 holds 8 experts", "says 4")),
+             ("qwen2moe", None, "index", ("model.safetensors.index.json lists tensor", "does not hold it"))]
+    for i, (arch, edit, kind, needles) in enumerate(cases):
+        bad = tmp_path / f"bad-{i}"
+        shutil.copytree(tiny_model(arch), bad)
+        if edit is not None:
+            cfg = json.loads((bad / "config.json").read_text())
+            edit(cfg)
+            (bad / "config.json").write_text(json.dumps(cfg))
+        if kind == "index":
+            shard = next(bad.glob("*.safetensors")).name
+            (bad / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {}, "weight_map": {"model.layers.9.mlp.gate.weight": shard}}))
+        res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--bpw", "4")
+        assert_one_line_error(res, str(bad), *needles)
+        assert_empty(out_dir)

@@ -1,10 +1,12 @@
 """A Hugging Face checkpoint directory on disk: complete and convertible (config, shards, safetensors headers, an
-architecture llama.cpp's converter knows), and how many weights it holds. No torch here."""
+architecture llama.cpp's converter knows, weights that fit the config), and how many weights it holds. Torch and
+transformers are imported only to compare the weights with the config."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +67,28 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
     if not shards and not list(path.glob("pytorch_model*.bin")):
         raise McsharpError(f"{path} holds no weights (*.safetensors); pass a complete checkpoint")
     index = path / "model.safetensors.index.json"
+    weight_map = {}
     if index.is_file():
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise McsharpError(f"{index} is not a safetensors index (no weight_map); re-save the checkpoint") from None
+        for shard in sorted(set(weight_map.values())):
             if not (path / shard).is_file():
                 raise McsharpError(f"{path / shard} is listed in {index.name} but missing; re-download it")
+    shapes: dict[str, list[int]] = {}
     for shard in shards:
-        safetensors_header(shard)
+        _, header = safetensors_header(shard)
+        for k, v in header.items():
+            if k != "__metadata__":
+                shapes[k] = v["shape"]
+                if weight_map and weight_map.get(k, shard.name) != shard.name:
+                    raise McsharpError(f"{index} puts {k} in {weight_map[k]}, but {shard.name} holds it; re-save "
+                                       "the checkpoint")
+    for k, shard in weight_map.items():
+        if k not in shapes:
+            raise McsharpError(f"{index} lists tensor {k} in {shard}, which does not hold it; re-download or "
+                               "re-save the checkpoint")
     conversion = import_conversion()
     hf_arch = archs[0]
     try:
@@ -80,7 +98,46 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
 
         raise McsharpError(f"{path}: architecture {hf_arch} is not supported by the pinned llama.cpp converter; "
                            f"supported MoE architectures: {', '.join(supported_architectures())}") from None
+    if shapes:
+        check_weights_fit_config(path, config, shapes)
     return ModelDirInfo(path=path, hf_arch=hf_arch, config=config)
+
+
+_EXPERT_RE = re.compile(r"\.layers\.(\d+)\..*?experts\.(\d+)\.")
+
+
+def check_weights_fit_config(path: Path, config: dict, shapes: dict[str, list[int]]) -> None:
+    """The weights are those config.json describes: every tensor the transformers skeleton of the config has
+    (built on the meta device: no memory) and the checkpoint both name has the shape the config gives it, and
+    every MoE layer has the config's number of experts. (Names alone prove little: transformers renames some
+    tensors on load, e.g. Mixtral's block_sparse_moe.) A config transformers cannot build is not compared."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # noqa: BLE001 — an architecture transformers has no class for: nothing to compare with
+        return
+    known = {k: list(v.shape) for k, v in model.state_dict().items()}
+    cfg_file = path / "config.json"
+    for name, shape in shapes.items():
+        if name in known and known[name] != shape:
+            raise McsharpError(f"{path}: tensor {name} is {shape} in the weights, {known[name]} by {cfg_file.name} "
+                               f"({config['architectures'][0]}); the config does not belong to these weights")
+    text = config.get("text_config", config)
+    n_expert = text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts")
+    per_layer: dict[int, set[int]] = {}
+    for name in shapes:
+        m = _EXPERT_RE.search(name)
+        if m and "shared_expert" not in name:
+            per_layer.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    for layer, experts in sorted(per_layer.items()):
+        if len(experts) != n_expert:
+            raise McsharpError(f"{path}: layer {layer} holds {len(experts)} experts, {cfg_file.name} says "
+                               f"{n_expert or 'nothing'} (num_experts / num_local_experts / n_routed_experts); "
+                               "fix the config")
 
 
 def checkpoint_weights(model_dir: str | Path) -> int:
