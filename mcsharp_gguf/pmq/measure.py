@@ -19,7 +19,7 @@ from ..ggml.packing import quantize_rtn
 from ..ggml.types import storable_type
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
-from ..quant.experts import LayerTokens, expert_hessians, quantize_expert
+from ..quant.experts import LayerTokens, expert_factors, expert_hessians, quantize_expert
 from .candidates import ANCHOR_TYPE, DENSE_TYPES, EXPERT_TYPES, Recipe
 from .eps import _dense_fisher, expert_output_delta, fisher_error, fisher_error_split, fold_a_mask
 from .importance import LayerImportance, ModelImportance, TensorImportance
@@ -159,6 +159,7 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
             g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
         gu = torch.cat([g, u])
         hessians = expert_hessians(g, u, x, experts.act_fn, m.gptq, d_ff, pooled) if x.shape[0] else (None, None)
+        factors = expert_factors(hessians, pooled)  # once for all the types measured
         base = (experts.act_fn(x @ g.T) * (x @ u.T)) @ d.T if x.shape[0] else None
         for t in types:
             if x.shape[0] == 0:
@@ -168,7 +169,7 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
             r = Recipe.for_shapes(t, d_model, d_ff)
             q = None
             if m.gptq:
-                res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, hessians)
+                res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, factors)
                 q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
             delta = expert_output_delta(gu, d, x, w, r, act=experts.act_fn, quantised=q, base=base) * scale
             errors["eps"][t][e] = float(delta.norm())

@@ -9,7 +9,7 @@ import torch
 
 from ..ggml.libggml import ggml_dequantize
 from ..ggml.packing import QuantResult, quantize_rtn
-from .gptq import HessianAccumulator, gptq_quantize
+from .gptq import HessianAccumulator, gptq_factor, gptq_quantize
 
 PROJS = ("gate", "up", "down")
 
@@ -24,6 +24,7 @@ class LayerTokens:
     def __init__(self, x: torch.Tensor):
         self.x = x
         self._h_in: torch.Tensor | None = None
+        self._u_in: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -36,6 +37,15 @@ class LayerTokens:
             acc.add(self.x)
             self._h_in = acc.H
         return self._h_in
+
+    def factor_in(self, h: torch.Tensor | None) -> torch.Tensor | None:
+        """GPTQ's factor of ``h`` when it is this layer's pooled input Hessian (computed once for every expert
+        and type that borrows it), else None."""
+        if h is None or h is not self._h_in:
+            return None
+        if self._u_in is None:
+            self._u_in = gptq_factor(h, h.shape[0])
+        return self._u_in
 
     def h_act(self, g: torch.Tensor, u: torch.Tensor, act) -> torch.Tensor:
         """Hessian of one expert's activations (its down projection's input) over every token."""
@@ -75,14 +85,26 @@ def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gpt
     return h_in, h_act
 
 
-def quantize_expert(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, types: dict[str, str],
-                    hessians: tuple[torch.Tensor | None, torch.Tensor | None]) -> dict[str, QuantResult]:
-    """One expert's gate/up/down on ``types`` (proj → ggml type): GPTQ where ``hessians`` (expert_hessians)
-    has one, RTN elsewhere."""
+def expert_factors(hessians: tuple[torch.Tensor | None, torch.Tensor | None], pooled: LayerTokens | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """GPTQ's factors of an expert's two Hessians (gptq_factor; the pooled input one computed once per layer):
+    what quantize_expert walks with, worth computing once when the expert is quantised at several types."""
     h_in, h_act = hessians
-    res = {p: gptq_quantize(w, h_in, types[p]) if h_in is not None else quantize_rtn(w, types[p])
+    u_in = (pooled.factor_in(h_in) if pooled is not None else None) if h_in is not None else None
+    if h_in is not None and u_in is None:
+        u_in = gptq_factor(h_in, h_in.shape[0])
+    return u_in, (gptq_factor(h_act, h_act.shape[0]) if h_act is not None else None)
+
+
+def quantize_expert(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, types: dict[str, str],
+                    factors: tuple[torch.Tensor | None, torch.Tensor | None]) -> dict[str, QuantResult]:
+    """One expert's gate/up/down on ``types`` (proj → ggml type): GPTQ walking ``factors`` (expert_factors of
+    its Hessians) where there is one, RTN elsewhere."""
+    u_in, u_act = factors
+    res = {p: gptq_quantize(w, None, types[p], U=u_in) if u_in is not None else quantize_rtn(w, types[p])
            for p, w in (("gate", g), ("up", u))}
-    res["down"] = gptq_quantize(d, h_act, types["down"]) if h_act is not None else quantize_rtn(d, types["down"])
+    res["down"] = gptq_quantize(d, None, types["down"], U=u_act) if u_act is not None else \
+        quantize_rtn(d, types["down"])
     return res
 
 
@@ -103,7 +125,7 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
         xe = x[(top_k_index == e).any(dim=1)]
         tokens.append(int(xe.shape[0]))
         g, u, d = gate_up[e, :ff], gate_up[e, ff:], down[e]
-        res = quantize_expert(g, u, d, t, expert_hessians(g, u, xe, act, gptq, pooled=pooled))
+        res = quantize_expert(g, u, d, t, expert_factors(expert_hessians(g, u, xe, act, gptq, pooled=pooled), pooled))
         for p in PROJS:
             packed[(e, p)] = np.asarray(res[p].packed)
         if in_place:

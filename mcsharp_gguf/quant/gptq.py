@@ -108,8 +108,14 @@ def _quant_col(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, inv_s: 
     return level, (q + o if o is not None else q)
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01, block: int = 128,
-                  row_chunk: int = ROW_CHUNK) -> QuantResult:
+def gptq_factor(H: torch.Tensor, cols: int, damp: float = 0.01) -> torch.Tensor:
+    """The factor U GPTQ walks with for Hessian ``H`` (dead columns isolated, damped): what gptq_quantize computes
+    first, for callers that quantise several matrices on one Hessian (an expert's gate and up)."""
+    return inverse_cholesky_upper(_prepare_h(H, cols), damp)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp: float = 0.01, block: int = 128,
+                  row_chunk: int = ROW_CHUNK, U: torch.Tensor | None = None) -> QuantResult:
     """GPTQ of W (rows=out, cols=in) with Hessian H (cols, cols) on ``type_name``'s ggml grid.
 
     ``block`` is the lazy-batch width, rounded up to a multiple of the ggml block. Each ggml block's grid is fitted
@@ -118,11 +124,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float 
 
     Rows never interact in GPTQ (the error of a column moves along its own row), so a tall matrix (an LM head:
     150k rows) is walked ``row_chunk`` rows at a time: its working copies then take a chunk's memory, not the
-    whole matrix's several times over.
+    whole matrix's several times over. ``U``: gptq_factor(H) computed already (H is then not needed).
     """
     check_shape(tuple(W.shape), type_name)
-    H = _prepare_h(H, W.shape[1])
-    U = inverse_cholesky_upper(H, damp)
+    if U is None:
+        U = gptq_factor(H, W.shape[1], damp)
     sp = _spec(type_name)
     rows, cols = W.shape
     codes = torch.empty(rows, cols, dtype=torch.uint8)
