@@ -45,6 +45,13 @@ def test_resume_and_byte_identical_output(setup, tmp_path):
     second = convert_checkpoint(model_dir, tmp_path / "b.gguf", hook=plan_hook(plan, WorkDirQuantiser(work)),
                                 extra_kv=plan_metadata(plan))
     assert _sha(first) == _sha(second)
+    # a damaged layer file (truncated on disk) fails its checksum and is quantised again, to the same bytes
+    layer1.write_bytes(layer1.read_bytes()[:-1000])
+    quantize_experts(model_dir, plan, ids, work, progress=False)
+    assert (work / "layer-0000.pt").stat().st_mtime_ns == mtime0
+    third = convert_checkpoint(model_dir, tmp_path / "c.gguf", hook=plan_hook(plan, WorkDirQuantiser(work)),
+                               extra_kv=plan_metadata(plan))
+    assert _sha(first) == _sha(third)
     other = solve_bit_plan(measure_importance(model_dir, ids, progress=False).layers, 4.5, mode="mixed")
     with pytest.raises(McsharpError, match="different plan"):
         quantize_experts(model_dir, other, ids, work, progress=False)

@@ -231,7 +231,12 @@ def _importance_state(work_dir, key: str, n_layer: int, head_needed: bool) -> tu
     state = Path(work_dir) / "importance"
     if (state / "key.txt").exists() and (state / "key.txt").read_text() != key:
         shutil.rmtree(state)
-    records = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(state.glob("item-*.json"))}
+    records = {}
+    for p in sorted(state.glob("item-*.json")):
+        try:
+            records[int(p.stem.split("-")[1])] = json.loads(p.read_text())
+        except ValueError:  # damaged on disk (records are written through a temporary name): measured again
+            p.unlink()
     resume = resumable_from(state, {i for i in records if 0 <= i < n_layer}, n_layer)
     if resume is None or (head_needed and n_layer not in records):
         shutil.rmtree(state, ignore_errors=True)

@@ -12,6 +12,7 @@ with the experts, and the LM head at the end on the final-norm Hessian. Each fin
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from functools import partial
@@ -47,19 +48,45 @@ def _map_arrays(obj, fn):
     return obj
 
 
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_work_entry(entry: dict, path: Path) -> None:
-    """Write a work-dir entry atomically. Its numpy arrays (the packed bytes) go in as tensors: torch.save
-    streams tensor storages into the file, while numpy arrays are pickled, copied twice in memory on the way
-    (+1.7 GB at the peak of a Qwen3-30B-A3B-shape layer)."""
+    """Write a work-dir entry atomically, with its SHA-256 beside it (work_entry_ok). Its numpy arrays (the
+    packed bytes) go in as tensors: torch.save streams tensor storages into the file, while numpy arrays are
+    pickled, copied twice in memory on the way (+1.7 GB at the peak of a Qwen3-30B-A3B-shape layer)."""
     tmp = path.with_suffix(".tmp")
     torch.save(_map_arrays(entry, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a), tmp)
-    os.replace(tmp, path)
+    digest = _digest_file(path)
+    digest.with_suffix(".tmp").write_text(_sha256(tmp))
+    os.replace(digest.with_suffix(".tmp"), digest)  # a new digest before the new file: a stop in between
+    os.replace(tmp, path)  # leaves a mismatch, i.e. the entry is recomputed, never a wrong one trusted
+
+
+def work_entry_ok(path: Path) -> bool:
+    """``path`` holds a finished entry: it exists and matches the SHA-256 save_work_entry wrote beside it (an
+    entry truncated or changed on disk, or written before digests, is not trusted: it is recomputed)."""
+    digest = _digest_file(path)
+    return path.exists() and digest.exists() and digest.read_text().strip() == _sha256(path)
 
 
 def load_work_entry(path: Path) -> dict:
     """A work-dir entry as save_work_entry got it (packed bytes as numpy arrays)."""
-    return _map_arrays(torch.load(path, weights_only=False),
-                       lambda a: a.numpy() if isinstance(a, torch.Tensor) and a.dtype == torch.uint8 else a)
+    try:
+        entry = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 — torch raises several kinds for a damaged file
+        raise McsharpError(f"{path} is damaged ({type(e).__name__}); delete it, the conversion recomputes it") \
+            from None
+    return _map_arrays(entry, lambda a: a.numpy() if isinstance(a, torch.Tensor) and a.dtype == torch.uint8 else a)
 
 
 class GptqPass:
@@ -89,7 +116,12 @@ class GptqPass:
         if not planned and not mods:
             return run(hidden)
         path = _layer_file(self.work_dir, i)
-        fresh = not path.exists()
+        fresh = not work_entry_ok(path)
+        if fresh and path.exists():
+            from tqdm import tqdm
+
+            tqdm.write(f"[gptq] {path} does not match its checksum (damaged or unfinished): quantising layer {i} "
+                       "again")
         if fresh:
             done = self.quantise(i, layer, run, hidden, block if planned else None, mods)
             save_work_entry(done, path)
@@ -140,7 +172,7 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
     step = GptqPass(stream, plan, dense, work_dir, gptq)
     hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
     out_type = dense.type_for("output.weight", "output")
-    if out_type is not None and not _output_file(work_dir).exists():
+    if out_type is not None and not work_entry_ok(_output_file(work_dir)):
         _quantize_head(stream, hidden, out_type, work_dir, gptq)
     return work_dir
 
