@@ -22,7 +22,7 @@ from .errors import McsharpError
 from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
 from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
 from .model.calibration import calibration_ids, calibration_seqs
-from .model.checkpoint import checkpoint_weights, validate_model_dir
+from .model.checkpoint import checkpoint_weights, model_identity, validate_model_dir
 from .otp.io import OtpRouters, otp_metadata
 from .otp.train import train_otp
 from .pmq.budget import Budget, header_bytes, resolve_budget
@@ -128,7 +128,9 @@ def plan_model(recipe: Recipe, model_dir, ids: torch.Tensor | None, budget: Budg
                 f"candidate type, the rest at {ANCHOR_TYPE} with the others predicted (a stock plan prices a "
                 "layer's experts as a sum)")
     with clock.stage("plan (MILP)"):
-        return importance, solve(recipe, importance, budget, log=log)
+        plan = solve(recipe, importance, budget, log=log)
+    plan.model = model_identity(model_dir)
+    return importance, plan
 
 
 def model_budget(recipe: Recipe, model_dir: str | Path, log: Callable[[str], None] = print) -> Budget:
@@ -210,6 +212,9 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         raise McsharpError("OTP routers were given to a recipe without otp")
     validate_model_dir(model_dir)
     check_output_path(out)
+    if plan is not None and plan.model and plan.model != model_identity(model_dir):
+        raise McsharpError(f"the plan was made for another model (config or tensor shapes differ from {model_dir}); "
+                           "make one for this model with `mcsharp plan`")
     work = work_dir or out.with_name(out.name + ".work")
     res = Conversion(out=out, recipe=recipe, importance=importance, plan=plan)
     outtype = recipe.outtype

@@ -295,3 +295,26 @@ def test_a_config_that_does_not_fit_the_weights_is_refused_before_any_work(tiny_
         res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--bpw", "4")
         assert_one_line_error(res, str(bad), *needles)
         assert_empty(out_dir)
+
+
+def test_a_plan_for_another_model_or_a_malformed_one_is_refused(tiny_model, tmp_path, out_dir):
+    """A plan carries the identity of the checkpoint it was made for (config + tensor shapes): another model's
+    plan, or one whose fields make no sense, is refused in one line before any work."""
+    from mcsharp_gguf.text import calibration_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text(20_000))
+    plan = tmp_path / "plan.json"
+    res = run_cli("plan", str(tiny_model("qwen2moe")), "--bpw", "4", "--calib", str(calib), "--calib-seqs", "2",
+                  "--calib-len", "64", "-o", str(plan))
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(plan.read_text())["model"]) == 16
+    res = run_cli("convert", str(tiny_model("qwen2moe", hidden=128)), "--plan", str(plan), "-o",
+                  str(out_dir / "m.gguf"))
+    assert_one_line_error(res, "made for another model", "mcsharp plan")
+    for edit in ({"mode": "weird"}, {"layers": {"0": "Q4_K"}}, {"expert_bytes": -1}, {"target_bpw": 0}):
+        bad = tmp_path / "bad-plan.json"
+        bad.write_text(json.dumps({**json.loads(plan.read_text()), **edit}))
+        res = run_cli("convert", str(tiny_model("qwen2moe")), "--plan", str(bad), "-o", str(out_dir / "m.gguf"))
+        assert_one_line_error(res, "bad-plan.json", "mcsharp plan")
+    assert_empty(out_dir)

@@ -140,6 +140,20 @@ def check_weights_fit_config(path: Path, config: dict, shapes: dict[str, list[in
                                "fix the config")
 
 
+def model_identity(model_dir: str | Path) -> str:
+    """What a plan is made for: a hash of the checkpoint's config and of every tensor's name, dtype and shape
+    (not the values: a plan carries over to another checkpoint of the same shapes, but not across shapes)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(json.loads((Path(model_dir) / "config.json").read_text()), sort_keys=True)
+                       .encode())
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        _, header = safetensors_header(shard)
+        for k in sorted(k for k in header if k != "__metadata__"):
+            h.update(f"{k}:{header[k]['dtype']}:{header[k]['shape']};".encode())
+    return h.hexdigest()[:16]
+
+
 def checkpoint_weights(model_dir: str | Path) -> int:
     """Number of weights in a checkpoint's safetensors shards (headers only)."""
     n = 0

@@ -49,6 +49,8 @@ class BitPlan:
     # expert with fewer tokens than a projection's input width borrows the layer's pooled Hessian there, and gets
     # RTN where the layer's tokens are fewer too (quant.experts.expert_hessians)
     coverage: dict[int, dict] = field(default_factory=dict)
+    # the checkpoint it was made for (model.checkpoint.model_identity: its config and tensor shapes; "" unknown)
+    model: str = ""
 
     @property
     def planned_bpw(self) -> float:
@@ -65,7 +67,15 @@ class BitPlan:
             d = json.loads(text)
             d["layers"] = {int(k): v for k, v in d["layers"].items()}
             d["coverage"] = {int(k): v for k, v in d.get("coverage", {}).items()}
-            return cls(**d)
+            plan = cls(**d)
+            if plan.mode not in ("stock", "mixed"):
+                raise ValueError(f"mode {plan.mode!r}")
+            for layer, targets in plan.layers.items():
+                if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets) or not targets:
+                    raise ValueError(f"layer {layer} has no list of expert types")
+            if not (plan.expert_weights > 0 and plan.expert_bytes > 0 and 0 < plan.target_bpw <= 32):
+                raise ValueError("its sizes are not positive")
+            return plan
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise McsharpError(f"not a plan of this mcsharp version ({type(e).__name__}: {e}); recompute it with "
                                "`mcsharp plan`") from None
