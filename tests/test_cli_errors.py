@@ -318,3 +318,24 @@ def test_a_plan_for_another_model_or_a_malformed_one_is_refused(tiny_model, tmp_
         res = run_cli("convert", str(tiny_model("qwen2moe")), "--plan", str(bad), "-o", str(out_dir / "m.gguf"))
         assert_one_line_error(res, "bad-plan.json", "mcsharp plan")
     assert_empty(out_dir)
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_run_a_live_ones_is_not(tmp_path):
+    """atomic_output: a `.OUT.*.part` left by a killed run goes at the next write of OUT; one a live writer
+    holds (locked) stays; a failed block leaves neither output nor temp file."""
+    import os
+
+    from mcsharp_gguf.gguf.convert import atomic_output, remove_stale_parts
+
+    out = tmp_path / "m.gguf"
+    stale = tmp_path / ".m.gguf.abc123.part"
+    stale.write_bytes(b"half a file")
+    with atomic_output(out) as live:
+        assert not stale.exists() and live.exists()
+        assert remove_stale_parts(out) == [] and live.exists()  # locked: a concurrent run's file is kept
+        live.write_bytes(b"done")
+    assert out.read_bytes() == b"done" and not live.exists()
+    with pytest.raises(RuntimeError), atomic_output(out) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("stopped")
+    assert out.read_bytes() == b"done" and sorted(os.listdir(tmp_path)) == ["m.gguf"]

@@ -95,11 +95,32 @@ def check_output_path(out: str | Path, inputs: tuple = (), force: bool = True) -
     return out
 
 
+def remove_stale_parts(out: Path) -> list[Path]:
+    """Remove the temp files (``.OUT.*.part``) a killed writer of ``out`` left behind. A live writer holds a lock
+    on its temp file (atomic_output), so a concurrent run's file is left alone. Returns what was removed."""
+    import fcntl
+
+    removed = []
+    for part in (out.parent if str(out.parent) else Path(".")).glob(f".{out.name}.*.part"):
+        try:
+            with open(part, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                part.unlink()
+                removed.append(part)
+        except OSError:  # locked by a live writer, or gone already
+            continue
+    return removed
+
+
 @contextmanager
 def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``out``; rename it over ``out`` only if the block succeeds."""
+    """Yield a temp path beside ``out``; rename it over ``out`` only if the block succeeds. The temp file is
+    locked while the block runs (remove_stale_parts, run first, leaves it alone)."""
+    import fcntl
+
+    remove_stale_parts(out)
     fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".part")
-    os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
@@ -110,6 +131,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+        os.close(fd)
 
 
 def _model_class(conversion, hf_arch: str, hook: TensorHook | None):
