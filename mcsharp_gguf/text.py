@@ -46,4 +46,8 @@ def read_text_file(path: str | Path, what: str = "--text") -> str:
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise McsharpError(f"{what} file {path} is empty; pass a file with some text in it")
+    bad = text.count("\ufffd")
+    if bad > 0.01 * len(text):  # a few stray bytes are replaced; a binary or other-encoding file is refused
+        raise McsharpError(f"{what} file {path} is not UTF-8 text ({bad / len(text):.0%} of it does not decode); "
+                           "pass a UTF-8 text file")
     return text

@@ -339,3 +339,16 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_run_a_live_ones_is_no
         tmp.write_bytes(b"partial")
         raise RuntimeError("stopped")
     assert out.read_bytes() == b"done" and sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_a_text_file_that_is_not_utf8_is_refused(tmp_path):
+    from mcsharp_gguf.errors import McsharpError
+    from mcsharp_gguf.text import read_text_file
+
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(128, 256)) * 100)
+    with pytest.raises(McsharpError, match="is not UTF-8 text"):
+        read_text_file(binary, what="--calib")
+    latin = tmp_path / "notes.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 10 + b"plain ascii " * 100)  # 10 bad bytes in ~1,250
+    assert read_text_file(latin).count("\ufffd") == 10
