@@ -216,6 +216,8 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         raise McsharpError(f"the plan was made for another model (config or tensor shapes differ from {model_dir}); "
                            "make one for this model with `mcsharp plan`")
     work = work_dir or out.with_name(out.name + ".work")
+    if work.exists() and not work.is_dir():
+        raise McsharpError(f"--work-dir {work} is a file; pass a directory (it keeps the finished layers)")
     res = Conversion(out=out, recipe=recipe, importance=importance, plan=plan)
     outtype = recipe.outtype
     if plan is None and recipe.lossless:

@@ -352,3 +352,13 @@ def test_a_text_file_that_is_not_utf8_is_refused(tmp_path):
     latin = tmp_path / "notes.txt"
     latin.write_bytes("caf\xe9 ".encode("latin-1") * 10 + b"plain ascii " * 100)  # 10 bad bytes in ~1,250
     assert read_text_file(latin).count("\ufffd") == 10
+
+
+def test_a_work_dir_that_is_a_file_is_refused(tiny_model, tmp_path, out_dir):
+    f = tmp_path / "work"
+    f.write_text("not a directory")
+    res = run_cli("convert", str(tiny_model("qwen2moe")), "-o", str(out_dir / "m.gguf"), "--bpw", "4",
+                  "--work-dir", str(f))
+    assert_one_line_error(res, "--work-dir", "is a file")
+    assert_empty(out_dir)
+    assert f.read_text() == "not a directory"
