@@ -294,7 +294,7 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
             "budget": None if res.budget is None else {"source": res.budget.source, "bpw": res.budget.bpw,
                                                        "planned_bytes": res.budget.planned_bytes},
             "planned_bpw": None if res.plan is None else res.plan.planned_bpw,
-            "est_kl": res.est_kl, "stages": clock.to_json()}, indent=2))
+            "est_kl": res.est_kl, "stages": clock.to_json()}))
     else:
         click.echo(str(out))
 
