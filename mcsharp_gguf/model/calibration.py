@@ -12,6 +12,7 @@ import torch
 
 from ..errors import McsharpError
 from ..text import calibration_text, calibration_text_limit, read_text_file
+from .checkpoint import moe_counts
 
 if TYPE_CHECKING:  # used in annotations only; no run-time import against the pipeline's direction
     from ..recipe import Recipe
@@ -30,12 +31,10 @@ def calibration_seqs(recipe: Recipe, model_dir: str | Path) -> int:
     if recipe.calib_seqs is not None:
         return recipe.calib_seqs
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    cfg = cfg.get("text_config", cfg)
-    n_expert = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
-    top_k = cfg.get("num_experts_per_tok")
+    n_expert, top_k = moe_counts(cfg)
     if not n_expert or not top_k:
         return MIN_CALIB_SEQS
-    need = 2 * int(cfg["hidden_size"]) * int(n_expert) / int(top_k)
+    need = 2 * int(cfg.get("text_config", cfg)["hidden_size"]) * int(n_expert) / int(top_k)
     return int(min(max(math.ceil(need / recipe.calib_len), MIN_CALIB_SEQS), MAX_CALIB_SEQS))
 
 

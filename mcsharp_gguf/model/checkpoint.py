@@ -106,6 +106,14 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
 _EXPERT_RE = re.compile(r"\.layers\.(\d+)\..*?experts\.(\d+)\.")
 
 
+def moe_counts(config: dict) -> tuple[int | None, int | None]:
+    """(routed experts per layer, experts per token) from a config.json dict, under any of the names the
+    supported architectures use (None where absent: a dense model, or a config missing them)."""
+    text = config.get("text_config", config)
+    n_expert = text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts")
+    return n_expert, text.get("num_experts_per_tok")
+
+
 def check_weights_fit_config(path: Path, config: dict, shapes: dict[str, list[int]]) -> None:
     """The weights are those config.json describes: every tensor the transformers skeleton of the config has
     (built on the meta device: no memory) and the checkpoint both name has the shape the config gives it, and
@@ -126,8 +134,7 @@ def check_weights_fit_config(path: Path, config: dict, shapes: dict[str, list[in
         if name in known and known[name] != shape:
             raise McsharpError(f"{path}: tensor {name} is {shape} in the weights, {known[name]} by {cfg_file.name} "
                                f"({config['architectures'][0]}); the config does not belong to these weights")
-    text = config.get("text_config", config)
-    n_expert = text.get("num_experts") or text.get("num_local_experts") or text.get("n_routed_experts")
+    n_expert, _ = moe_counts(config)
     per_layer: dict[int, set[int]] = {}
     for name in shapes:
         m = _EXPERT_RE.search(name)
