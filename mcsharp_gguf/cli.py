@@ -111,6 +111,18 @@ def _advanced(*args, **kw):
 
 
 _FORCE = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+_DEVICE = click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                       help="Where importance, GPTQ and OTP training run: auto takes the first CUDA GPU torch sees, "
+                            "else the CPU.")
+
+
+def _device(name: str):
+    """The torch device of --device, resolved (and logged) before any long work."""
+    from .devices import describe_device, resolve_device
+
+    dev = resolve_device(name)
+    _log(f"[device] {describe_device(dev)}" + (" (auto)" if name == "auto" else ""))
+    return dev
 _CALIB = click.option("--calib", default="builtin", show_default=True,
                       help="Calibration text file; 'builtin' (Python's own documentation, never the text `eval` "
                            "scores); 'self' samples text from the model (through a temporary Q8_0 GGUF).")
@@ -183,10 +195,11 @@ def _check_otp_options(target_frac: float, hidden: int) -> None:
     Recipe(preset="F16", otp=True, otp_target_frac=target_frac, otp_hidden=hidden)
 
 
-def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine_steps: int = 0):
+def _train_routers(model_dir: Path, ids, target_frac: float, hidden: int, refine_steps: int = 0, device="cpu"):
     from .otp.train import train_otp
 
-    return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, refine_steps=refine_steps, log=_log)
+    return train_otp(model_dir, ids, target_frac=target_frac, hidden=hidden, refine_steps=refine_steps, log=_log,
+                     device=device)
 
 
 def _parse_tensor_types(ctx, param, values) -> tuple[tuple[str, str], ...]:
@@ -261,11 +274,12 @@ _HELP_ADVANCED = click.option("--help-advanced", is_flag=True, expose_value=Fals
                 "success).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (file, size, bpw, estimated KL, each "
                                                        "stage's time and peak memory) on stdout.")
+@_DEVICE
 @_option_group(_convert_knobs)
 @_option_group(_otp_knobs(hidden=True))
 @_HELP_ADVANCED
 def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path | None, work_dir: Path | None,
-            as_json: bool, verbose: bool, **kw) -> None:
+            device: str, as_json: bool, verbose: bool, **kw) -> None:
     """Convert a Hugging Face MoE checkpoint to a compressed GGUF: PMQ mixed-precision GPTQ at a llama-quantize
     preset's size (default Q3_K_M), a file size or a bpw; --otp adds OTP routers."""
     from .gguf.convert import check_output_path
@@ -284,7 +298,8 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
         except McsharpError as e:
             raise McsharpError(f"--plan {plan_file}: {e}") from None
     clock = StageClock(log=_log)
-    res = run(recipe, model_dir, out, plan=plan, work_dir=work_dir, log=_log, clock=clock, verbose=verbose)
+    res = run(recipe, model_dir, out, plan=plan, work_dir=work_dir, device=device, log=_log, clock=clock,
+              verbose=verbose)
     peak = clock.peak_mb()
     _log(f"[convert] {res.summary()}, peak RSS {peak:.0f} MB")
     if as_json:
@@ -306,8 +321,9 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
 @_FORCE
 @plan_options
 @calib_options
+@_DEVICE
 @_HELP_ADVANCED
-def plan(model_dir: Path, out: Path, force: bool, **kw) -> None:
+def plan(model_dir: Path, out: Path, force: bool, device: str, **kw) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .gguf.convert import check_output_path
     from .model.calibration import calibration_ids
@@ -322,10 +338,11 @@ def plan(model_dir: Path, out: Path, force: bool, **kw) -> None:
     validate_model_dir(model_dir)
     check_output_path(out, (model_dir, _calib_file(recipe.calib)), force)
     budget = model_budget(recipe, model_dir, _log)
+    dev = _device(device)
     clock = StageClock(log=_log)
     with clock.stage("calibration"):
         ids = calibration_ids(recipe, model_dir)
-    _, result = plan_model(recipe, model_dir, ids, budget, log=_log, clock=clock)
+    _, result = plan_model(recipe, model_dir, ids, budget, log=_log, clock=clock, device=dev)
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))
@@ -442,17 +459,23 @@ def otp() -> None:
 @_FORCE
 @otp_train_options
 @calib_options
+@_DEVICE
 def otp_train(model_dir: Path, out: Path, force: bool, otp_target_frac: float, otp_hidden: int,
-              otp_refine_steps: int, calib: str, calib_seqs: int | None, calib_len: int) -> None:
-    """Train the routers of every MoE layer of MODEL_DIR into a router file for `mcsharp otp add`."""
+              otp_refine_steps: int, calib: str, calib_seqs: int | None, calib_len: int, device: str) -> None:
+    """Train the routers of every MoE layer of MODEL_DIR into a router file for `mcsharp otp add`.
+
+    \f
+    (Ten parameters: click passes one per argument and option.)
+    """
     from .gguf.convert import atomic_output, check_output_path
     from .model.checkpoint import validate_model_dir
 
     _check_otp_options(otp_target_frac, otp_hidden)
     validate_model_dir(model_dir)
     out = check_output_path(out, (model_dir, _calib_file(calib)), force)
+    dev = _device(device)
     routers = _train_routers(model_dir, _calibration_ids(model_dir, calib, calib_seqs, calib_len),
-                             otp_target_frac, otp_hidden, otp_refine_steps)
+                             otp_target_frac, otp_hidden, otp_refine_steps, dev)
     with atomic_output(out) as tmp:
         routers.save(tmp)
     click.echo(str(out))
@@ -465,13 +488,14 @@ def otp_train(model_dir: Path, out: Path, force: bool, otp_target_frac: float, o
 @_FORCE
 @otp_train_options
 @calib_options
+@_DEVICE
 def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_frac: float, otp_hidden: int,
-            otp_refine_steps: int, calib: str, calib_seqs: int | None, calib_len: int) -> None:
+            otp_refine_steps: int, calib: str, calib_seqs: int | None, calib_len: int, device: str) -> None:
     """Add OTP routers to GGUF_FILE: SOURCE is the HF checkpoint it came from (routers are trained now)
     or a router file from `mcsharp otp train`.
 
     \f
-    (Ten parameters: click passes one per argument and option.)
+    (Eleven parameters: click passes one per argument and option.)
     """
     from .gguf.convert import check_output_path
     from .gguf.edit import open_gguf
@@ -489,8 +513,9 @@ def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_fr
             raise McsharpError(f"{source} is a {src_arch or 'non-MoE'} model with hidden size {d} and top-{src_k} "
                                f"routing, {gguf_file} is {arch} with {n_embd} and top-{k}; pass the checkpoint "
                                "this GGUF was converted from")
+        dev = _device(device)
         routers = _train_routers(source, _calibration_ids(source, calib, calib_seqs, calib_len), otp_target_frac,
-                                 otp_hidden, otp_refine_steps)
+                                 otp_hidden, otp_refine_steps, dev)
     elif source.is_file():
         routers = OtpRouters.load(source)
     else:

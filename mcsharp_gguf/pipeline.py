@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .converters import get_architecture
+from .devices import describe_device, resolve_device
 from .errors import McsharpError
 from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
 from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
@@ -84,13 +85,14 @@ def check_disk(model_dir, out: Path, recipe: Recipe, bpw: float | None, planning
     check_free_disk(model_dir, out, recipe.outtype, bpw, work_dir, recipe.gptq and bpw is not None, spill)
 
 
-def measure(recipe: Recipe, model_dir, ids: torch.Tensor, work_dir: Path | None = None) -> ModelImportance:
+def measure(recipe: Recipe, model_dir, ids: torch.Tensor, work_dir: Path | None = None,
+            device: torch.device | str = "cpu") -> ModelImportance:
     """The Importance stage: PMQ's per-(expert, type) and per-tensor errors on ``ids`` (resumable in
-    ``work_dir``). A stock plan prices a layer's experts together: every type is measured on a sample of them
-    (STOCK_SAMPLE; a mixed plan measures all)."""
+    ``work_dir``), computed on ``device``. A stock plan prices a layer's experts together: every type is measured
+    on a sample of them (STOCK_SAMPLE; a mixed plan measures all)."""
     return measure_importance(model_dir, ids, dense=recipe.scope == "file", flip_probe=recipe.flip_probe,
                               eps_source=recipe.eps_source, work_dir=work_dir,
-                              expert_sample=STOCK_SAMPLE if recipe.mode == "stock" else None)
+                              expert_sample=STOCK_SAMPLE if recipe.mode == "stock" else None, device=device)
 
 
 def planned_weights(importance: ModelImportance, scope: str) -> int:
@@ -113,15 +115,15 @@ def solve(recipe: Recipe, importance: ModelImportance, budget: Budget, log: Call
 
 def plan_model(recipe: Recipe, model_dir, ids: torch.Tensor | None, budget: Budget,
                importance: ModelImportance | None = None, work_dir: Path | None = None,
-               log: Callable[[str], None] = print, clock: StageClock | None = None
-               ) -> tuple[ModelImportance, BitPlan]:
-    """Importance (measured on ``ids`` unless given) → BitPlan at ``budget``: what ``mcsharp plan`` runs and the
-    first stages of ``run``."""
+               log: Callable[[str], None] = print, clock: StageClock | None = None,
+               device: torch.device | str = "cpu") -> tuple[ModelImportance, BitPlan]:
+    """Importance (measured on ``ids`` on ``device`` unless given) → BitPlan at ``budget``: what ``mcsharp plan``
+    runs and the first stages of ``run``."""
     clock = clock or StageClock(log=log)
     if importance is None:
         log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
         with clock.stage("importance"):
-            importance = measure(recipe, model_dir, ids, work_dir)
+            importance = measure(recipe, model_dir, ids, work_dir, device)
         sampled = [lay for lay in importance.layers if lay.sampled]
         if sampled:
             log(f"[pmq] {len(sampled[0].sampled)} of {sampled[0].n_expert} experts per layer measured at every "
@@ -159,16 +161,16 @@ def _dense_types(recipe: Recipe, plan: BitPlan | None) -> DenseTypes | None:
 
 
 def quantise(model_dir, plan: BitPlan, dense: DenseTypes | None, ids: torch.Tensor | None, work: Path,
-             log: Callable[[str], None] = print):
-    """The quantisation stage: sequential GPTQ of the planned experts (and ``dense`` tensors) into ``work``, or
-    RTN when ``ids`` is None; returns the convert hook that writes them."""
+             log: Callable[[str], None] = print, device: torch.device | str = "cpu"):
+    """The quantisation stage: sequential GPTQ (on ``device``) of the planned experts (and ``dense`` tensors) into
+    ``work``, or RTN when ``ids`` is None; returns the convert hook that writes them."""
     served = None
     quantiser = rtn_quantiser
     if ids is not None:
         what = (f" and of {len(plan.tensor_types)} non-expert tensors" if plan.tensor_types
                 else f" and of {dense.to_json()}" if dense else "")
         log(f"[pmq] sequential GPTQ of the planned experts{what}")
-        served = quantize_experts(model_dir, plan, ids, work, dense=dense)
+        served = quantize_experts(model_dir, plan, ids, work, dense=dense, device=device)
         quantiser = WorkDirQuantiser(served)
     hook = plan_hook(plan, quantiser)
     if dense is not None:
@@ -194,20 +196,24 @@ def _metadata(recipe: Recipe, plan: BitPlan | None, dense: DenseTypes | None, ro
 
 def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan | None = None,
         importance: ModelImportance | None = None, routers: OtpRouters | None = None, work_dir: Path | None = None,
-        log: Callable[[str], None] = print, clock: StageClock | None = None, verbose: bool = False) -> Conversion:
+        device: torch.device | str = "auto", log: Callable[[str], None] = print, clock: StageClock | None = None,
+        verbose: bool = False) -> Conversion:
     """Convert ``model_dir`` to ``out`` as ``recipe`` says; every stage is timed on ``clock``.
 
     ``plan`` (e.g. from ``mcsharp plan``) or ``importance`` (a measured ModelImportance) skip the stages before
     them; ``routers`` (trained OTP routers, with ``recipe.otp``) skip the OTP training. ``work_dir`` (default
     ``OUT.work``, removed after success unless given) keeps every finished layer of the importance pass and of
     GPTQ, so an interrupted run resumes with the same bytes. Budget and disk are checked before any calibration.
+    ``device`` (devices.resolve_device: auto, cpu, cuda[:N]) is where importance, GPTQ and OTP training run; a
+    device that cannot be used fails here, before any work.
 
-    (Ten parameters: what to convert and where, then keyword-only stage results to reuse and the log, clock and
-    verbosity a caller brings.)
+    (Eleven parameters: what to convert and where, then keyword-only stage results to reuse, the device, and the
+    log, clock and verbosity a caller brings.)
     """
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
     clock = clock or StageClock(log=log)
+    auto, device = str(device) == "auto", resolve_device(str(device))
     if routers is not None and not recipe.otp:
         raise McsharpError("OTP routers were given to a recipe without otp")
     validate_model_dir(model_dir)
@@ -234,8 +240,11 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         res.n_tokens = ids.numel()
         log(f"[calib] {ids.shape[0]} × {ids.shape[1]} calibration tokens ({recipe.calib}"
             + (", sequences scaled to the model's experts per token)" if recipe.calib_seqs is None else ")"))
+    if ids is not None:
+        log(f"[device] {describe_device(device)}" + (" (auto)" if auto else ""))
     if res.plan is None and res.budget is not None:
-        res.importance, res.plan = plan_model(recipe, model_dir, ids, res.budget, importance, work, log, clock)
+        res.importance, res.plan = plan_model(recipe, model_dir, ids, res.budget, importance, work, log, clock,
+                                              device)
     dense = _dense_types(recipe, res.plan)
     hook = None
     if res.plan is not None:
@@ -243,13 +252,13 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         if res.importance is not None:
             res.est_kl = estimated_kl(res.plan, res.importance, res.n_tokens)
         with clock.stage("gptq" if recipe.gptq else "rtn"):
-            hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log)
+            hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log, device=device)
     res.routers = routers
     if recipe.otp and routers is None:
         log(f"[otp] training routers for executed fraction {recipe.otp_target_frac}")
         with clock.stage("otp"):
             res.routers = train_otp(model_dir, ids, target_frac=recipe.otp_target_frac, hidden=recipe.otp_hidden,
-                                    refine_steps=recipe.otp_refine_steps, log=log)
+                                    refine_steps=recipe.otp_refine_steps, log=log, device=device)
     with clock.stage("gguf write"):
         convert_checkpoint(model_dir, out, outtype=outtype, hook=hook, verbose=verbose,
                            extra_kv=_metadata(recipe, res.plan, dense, res.routers))

@@ -15,8 +15,13 @@ Printed: per-decoder-layer seconds of every step, peak RSS, ours / llama.cpp, th
 model's depth (per-layer time × its layer count: the per-model parts, e.g. the LM head, are counted as if
 they grew with depth, so the figure errs high), and the memory bound 2 × one decoder layer in bf16 + 3 GB.
 
+``--device cuda`` runs our torch stages on the GPU (llama.cpp's steps stay on the CPU, as llama-imatrix and
+llama-quantize run for a user without a GPU build); ``--ours-only`` skips llama.cpp's steps (a machine without
+the native tools, e.g. a GPU box that only times ours).
+
 Usage: python scripts/bench_scale.py --shape qwen3-30b-a3b --layers 4 [--work out/bench-scale]
                                      [--calib-seqs 8] [--preset Q3_K_M] [--threads 1] [--json OUT]
+                                     [--device auto|cpu|cuda] [--ours-only]
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ def main() -> None:
     ap.add_argument("--preset", default="Q3_K_M")
     ap.add_argument("--threads", type=int, default=2, help="threads for every step (torch and llama.cpp)")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="where our torch stages run (mcsharp convert --device)")
+    ap.add_argument("--ours-only", action="store_true", help="skip llama.cpp's steps")
     args = ap.parse_args()
 
     import os
@@ -79,7 +86,7 @@ def main() -> None:
     model = write_real_shape_checkpoint(args.shape, args.work / f"ckpt-{args.shape}-{args.layers}", args.layers,
                                         log=log)
     log(f"[scale] checkpoint {model} ({time.time() - t0:.0f} s)")
-    tools = Path(nb.build(nb.BuildOptions(tools=True), log=log).lib_dir) / "bin"
+    tools = None if args.ours_only else Path(nb.build(nb.BuildOptions(tools=True), log=log).lib_dir) / "bin"
     calib = work / "calib.txt"
     # enough characters for the sequences asked for (pydoc text runs ~4 characters a token)
     calib.write_text(calibration_text(max(CALIB_CHARS, args.calib_seqs * 512 * 5)))
@@ -98,17 +105,20 @@ def main() -> None:
         log(f"[scale]   {wall:7.1f} s, peak RSS {rss:7.0f} MB")
         return err
 
-    step("llama.cpp", "convert HF → F16", [*mcsharp, "convert", str(model), "--preset", "F16", "-o", str(f16)])
-    step("llama.cpp", "llama-imatrix", [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o",
-                                        str(imatrix), "-c", "512", "--chunks", str(args.calib_seqs), "-t",
-                                        str(args.threads), "--no-ppl"])
-    step("llama.cpp", f"llama-quantize {args.preset}", [str(tools / "llama-quantize"), "--imatrix", str(imatrix),
-                                                         str(f16), str(theirs), args.preset, str(args.threads)])
-    bpw, _ = planned_bpw(theirs)
-    log(f"[scale] {args.preset} spends {bpw:.4f} bpw on the tensors a whole-file plan types")
-    err = step("ours", f"mcsharp convert --preset {args.preset}", [
+    if tools is not None:
+        step("llama.cpp", "convert HF → F16", [*mcsharp, "convert", str(model), "--preset", "F16", "-o",
+                                               str(f16)])
+        step("llama.cpp", "llama-imatrix", [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o",
+                                            str(imatrix), "-c", "512", "--chunks", str(args.calib_seqs), "-t",
+                                            str(args.threads), "--no-ppl"])
+        step("llama.cpp", f"llama-quantize {args.preset}", [str(tools / "llama-quantize"), "--imatrix",
+                                                             str(imatrix), str(f16), str(theirs), args.preset,
+                                                             str(args.threads)])
+        bpw, _ = planned_bpw(theirs)
+        log(f"[scale] {args.preset} spends {bpw:.4f} bpw on the tensors a whole-file plan types")
+    err = step("ours", f"mcsharp convert --preset {args.preset} --device {args.device}", [
         *mcsharp, "convert", str(model), "--preset", args.preset, "--mode", "stock", "--calib", str(calib),
-        "--calib-seqs", str(args.calib_seqs), "--calib-len", "512", "-o", str(ours)])
+        "--calib-seqs", str(args.calib_seqs), "--calib-len", "512", "--device", args.device, "-o", str(ours)])
     stages = [{"stage": m.group(1), "wall_s": float(m.group(2)), "peak_rss_mb": float(m.group(3))}
               for m in map(STAGE_RE.match, err.splitlines()) if m]
     # the stages reset the process's high-water mark (stages.py): its peak is the largest stage's
@@ -117,7 +127,7 @@ def main() -> None:
     n, full = args.layers, shape.n_layer
     bound_mb = (2 * layer_bytes_bf16(model, n - 1) + 3e9) / 2**20
     ours_total = sum(r["wall_s"] for r in rows if r["pipeline"] == "ours")
-    theirs_total = sum(r["wall_s"] for r in rows if r["pipeline"] == "llama.cpp")
+    theirs_total = sum(r["wall_s"] for r in rows if r["pipeline"] == "llama.cpp") or float("nan")
     print(f"### {args.shape}, {n} of {full} layers, {args.calib_seqs} × 512 calibration tokens, "
           f"{args.threads} thread(s)\n")
     print("| pipeline | step | s / layer | peak RSS MB | extrapolated to {full} layers |".replace("{full}", str(full)))
@@ -130,19 +140,20 @@ def main() -> None:
                 print(f"| | · {s['stage']} | {s['wall_s'] / n:.1f} | {s['peak_rss_mb']:.0f} | "
                       f"{s['wall_s'] / n * full / 3600:.2f} h |")
     peak_ours = max(r["peak_rss_mb"] for r in rows if r["pipeline"] == "ours")
-    peak_theirs = max(r["peak_rss_mb"] for r in rows if r["pipeline"] == "llama.cpp")
+    peak_theirs = max([r["peak_rss_mb"] for r in rows if r["pipeline"] == "llama.cpp"] or [float("nan")])
     print(f"\nours / llama.cpp: time {ours_total / theirs_total:.1f}×, peak RSS {peak_ours / peak_theirs:.1f}×; "
           f"ours extrapolated to {full} layers: {ours_total / n * full / 3600:.1f} h; "
           f"memory bound (2 × layer bf16 + 3 GB) {bound_mb:.0f} MB: "
           f"{'held' if peak_ours <= bound_mb else 'EXCEEDED'} (peak {peak_ours:.0f} MB)")
-    print(f"file sizes: llama.cpp {args.preset} + imatrix {theirs.stat().st_size / 1e9:.3f} GB, "
-          f"ours {ours.stat().st_size / 1e9:.3f} GB")
+    theirs_bytes = theirs.stat().st_size if theirs.exists() else None
+    print(f"file sizes: llama.cpp {args.preset} + imatrix "
+          f"{'-' if theirs_bytes is None else f'{theirs_bytes / 1e9:.3f}'} GB, ours {ours.stat().st_size / 1e9:.3f} GB")
     if args.json_out:
         args.json_out.write_text(json.dumps({
             "shape": args.shape, "layers": n, "full_layers": full, "calib_seqs": args.calib_seqs,
-            "threads": args.threads, "rows": rows, "ours_stages": stages, "bound_mb": bound_mb,
+            "threads": args.threads, "device": args.device, "rows": rows, "ours_stages": stages, "bound_mb": bound_mb,
             "ratio_time": ours_total / theirs_total, "ours_extrapolated_h": ours_total / n * full / 3600,
-            "file_bytes": {"llama.cpp": theirs.stat().st_size, "ours": ours.stat().st_size}}, indent=2))
+            "file_bytes": {"llama.cpp": theirs_bytes, "ours": ours.stat().st_size}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from mcsharp_gguf.ggml.packing import quantize_rtn
 from mcsharp_gguf.ggml.types import QUANT_TYPES, bits_per_weight, block_size
 from mcsharp_gguf.quant.gptq import (
     HessianAccumulator,
+    gptq_factor,
     gptq_quantize,
+    gptq_quantize_many,
     gptq_textbook,
     inverse_cholesky_upper,
     output_error,
@@ -67,6 +69,22 @@ def test_gptq_exact_and_better_than_rtn(t, oracle):
     e_gptq = output_error(W, res.dequant, acc.H)
     e_rtn = output_error(W, quantize_rtn(W, t, acc.imatrix).dequant, acc.H)
     assert e_gptq < 0.9 * e_rtn, (t, e_gptq / e_rtn)
+
+
+@pytest.mark.parametrize("t,oracle", oracle_params(["Q2_K", "Q3_K", "Q4_K", "Q6_K", "Q8_0", "IQ4_NL", "Q5_0"]))
+def test_many_walked_together_match_one_by_one(t, oracle):
+    """gptq_quantize_many (a GPU's batched walk) gives each matrix what gptq_quantize gives it, up to summation
+    order: exact packing, and an output error within 0.5% of the lone walk's."""
+    mats = [synthetic(48, 512, seed=s) for s in range(3)]
+    factors = [gptq_factor(acc.H, 512) for _, acc in mats]
+    many = gptq_quantize_many([W for W, _ in mats], factors, t)
+    for (W, acc), U, res in zip(mats, factors, many, strict=True):
+        assert_exact(res, (48, 512), (oracle,))
+        one = gptq_quantize(W, None, t, U=U)
+        ratio = output_error(W, res.dequant, acc.H) / output_error(W, one.dequant, acc.H)
+        assert abs(ratio - 1) < 0.005, (t, ratio)
+    with pytest.raises(McsharpError, match="one shape"):
+        gptq_quantize_many([mats[0][0], mats[0][0][:32]], factors[:2], t)
 
 
 @pytest.mark.slow  # llama.cpp's quantiser from the native build

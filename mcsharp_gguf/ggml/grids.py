@@ -47,6 +47,11 @@ class Grid:
             {k: torch.cat([g.fields[k] for g in grids], dim) for k in g0.fields},
         )
 
+    def to(self, device: torch.device | str) -> Grid:
+        """The same grid with its tensors on ``device``."""
+        return Grid(self.type_name, self.scale.to(device), None if self.offset is None else self.offset.to(device),
+                    {k: v.to(device) for k, v in self.fields.items()})
+
     def expand(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-element (rows, n) scale and offset."""
         sub = _spec(self.type_name).sub
@@ -60,8 +65,13 @@ def _f16(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
 
 
-def _levels_t(sp: _Spec) -> torch.Tensor:
-    return torch.tensor(sp.levels, dtype=torch.float32)
+def _levels_t(sp: _Spec, device: torch.device | str = "cpu") -> torch.Tensor:
+    return _levels_on(sp.levels, torch.device(device))
+
+
+@cache
+def _levels_on(levels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(levels, dtype=torch.float32, device=device)
 
 
 def _is_uniform(levels: tuple[int, ...]) -> bool:
@@ -83,6 +93,13 @@ def _code_table(levels: tuple[int, ...]) -> tuple[int, torch.Tensor, torch.Tenso
     return c0, codes, torch.tensor(levels, dtype=torch.float32)[codes]
 
 
+@cache
+def _code_table_on(levels: tuple[int, ...], device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """_code_table with its tensors on ``device`` (the lookups index them with tensors that live there)."""
+    c0, codes, values = _code_table(levels)
+    return c0, codes.to(device), values.to(device)
+
+
 def _table_index(t: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
     c0, codes, _ = _code_table(levels)
     return torch.ceil(t * 2.0).clamp_(c0, c0 + len(codes) - 1).sub_(c0).long()
@@ -93,7 +110,7 @@ def nearest_code(t: torch.Tensor, type_name: str) -> torch.Tensor:
     lv = _spec(type_name).levels
     if _is_uniform(lv):  # contiguous integers: round and clamp
         return (torch.round(t).clamp_(lv[0], lv[-1]) - lv[0]).long()
-    return _code_table(lv)[1][_table_index(t, lv)]
+    return _code_table_on(lv, t.device)[1][_table_index(t, lv)]
 
 
 def nearest_level(t: torch.Tensor, type_name: str) -> torch.Tensor:
@@ -101,7 +118,7 @@ def nearest_level(t: torch.Tensor, type_name: str) -> torch.Tensor:
     lv = _spec(type_name).levels
     if _is_uniform(lv):
         return torch.round(t).clamp_(lv[0], lv[-1])
-    return _code_table(lv)[2][_table_index(t, lv)]
+    return _code_table_on(lv, t.device)[2][_table_index(t, lv)]
 
 
 def _inv(s: torch.Tensor) -> torch.Tensor:
@@ -116,7 +133,7 @@ def codes_on(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, 
 
 def dequant_on(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, type_name: str) -> torch.Tensor:
     """ggml's decode: one fp32 product scale*level, then one fp32 add of the offset (= ggml's ``- m``)."""
-    y = scale * _levels_t(_spec(type_name))[codes.long()]  # (uint8 would index as a mask)
+    y = scale * _levels_t(_spec(type_name), codes.device)[codes.long()]  # (uint8 would index as a mask)
     return y + offset if offset is not None else y
 
 
@@ -146,7 +163,7 @@ def _fit_sym(x: torch.Tensor, w: torch.Tensor, type_name: str, ntry: int = 4) ->
     ratios = [1.0 + step * (k - ntry // 2) for k in range(ntry)]
     invs = [_inv(xm / (e * r)) for e in sorted({lv[0], lv[-1]}) for r in ratios]
     qb, tb = torch.empty_like(x), torch.empty_like(x)
-    sxl, sll = torch.empty((len(invs),) + xm.shape), torch.empty((len(invs),) + xm.shape)
+    sxl, sll = (torch.empty((len(invs),) + xm.shape, device=xm.device) for _ in range(2))
     for k, iv in enumerate(invs):  # only the big per-element work in the loop; the choice is batched below
         q = _nearest_level_(torch.mul(x, iv.unsqueeze(-1), out=qb), type_name)
         torch.sum(torch.mul(q, wx, out=tb), -1, out=sxl[k])
@@ -233,7 +250,8 @@ def _k_ints_asym(st: tuple[torch.Tensor, ...], s: torch.Tensor, D: torch.Tensor,
     Dx, Mx = D.unsqueeze(-1), M.unsqueeze(-1)
     A, Bq, C, P, S = st
     # candidates sc = round(s/D) + (-1, 0, 1) along a leading dim (a short last dim would make every op slow)
-    a = (torch.round(s * _inv(Dx)) + torch.tensor([-1.0, 0.0, 1.0]).reshape(3, *[1] * s.dim())).clamp_(0, hi)
+    steps = torch.tensor([-1.0, 0.0, 1.0], device=s.device).reshape(3, *[1] * s.dim())
+    a = (torch.round(s * _inv(Dx)) + steps).clamp_(0, hi)
     sv = Dx * a  # the fp32 products ggml decodes with
     mn = torch.round((Bq * sv - S) * _inv(C * Mx)).clamp_(0, hi)
     bv = -(Mx * mn)
@@ -377,7 +395,7 @@ def fit_grid(x: torch.Tensor, type_name: str, weights: torch.Tensor | None = Non
     nb, nsub = n // sp.block, n // sp.sub
     xs = x.reshape(rows, nsub, sp.sub)
     if weights is None:
-        ws = torch.ones(1, 1, 1)
+        ws = torch.ones(1, 1, 1, device=x.device)
     else:
         w = weights.float()
         w = w + 1e-6 * w.mean().clamp_min(1e-30)  # never an all-zero weight group

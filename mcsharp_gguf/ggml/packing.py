@@ -147,10 +147,15 @@ def _grid_rows(grid: Grid, r0: int, r1: int) -> Grid:
                 {k: v[r0:r1] for k, v in grid.fields.items()})
 
 
-def finish(codes: torch.Tensor, grid: Grid, chunk_rows: int = 1024) -> QuantResult:
+def finish(codes: torch.Tensor, grid: Grid, chunk_rows: int = 1024, device: torch.device | None = None
+           ) -> QuantResult:
     """Pack codes on grid and decode them the way ggml does (``chunk_rows`` rows at a time: the per-element
-    scales and index tensors of a whole LM head would be several times its size)."""
-    codes = codes.to(torch.uint8)
+    scales and index tensors of a whole LM head would be several times its size).
+
+    Packing and decoding run on the CPU (the bytes are numpy's); the result's ``dequant`` is handed back on the
+    device the codes came from, where the caller goes on computing with it."""
+    device = codes.device
+    codes, grid = codes.to("cpu", torch.uint8), grid.to("cpu")
     rows, n = codes.shape
     packed = np.empty((rows, n // block_size(grid.type_name) * type_size(grid.type_name)), np.uint8)
     deq = torch.empty(rows, n)
@@ -158,7 +163,7 @@ def finish(codes: torch.Tensor, grid: Grid, chunk_rows: int = 1024) -> QuantResu
         c, g = codes[r0:r0 + chunk_rows], _grid_rows(grid, r0, r0 + chunk_rows)
         packed[r0:r0 + chunk_rows] = pack(c, g)
         deq[r0:r0 + chunk_rows] = grid_dequant(c, g)
-    return QuantResult(grid.type_name, packed, deq, codes, grid)
+    return QuantResult(grid.type_name, packed, deq.to(device), codes, grid)
 
 
 def quantize_rtn(W: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = None,
@@ -166,12 +171,13 @@ def quantize_rtn(W: torch.Tensor, type_name: str, imatrix: torch.Tensor | None =
     """Round-to-nearest on our grid: fit each block's scales/mins (weighted by ``imatrix``, per input column, if
     given), then take the nearest code. Rows are processed in chunks to bound memory."""
     check_shape(tuple(W.shape), type_name)
+    device = W.device  # RTN fits on the CPU; the dequantised result goes back where W was
     W = W.detach().float().cpu()
     grids, codes = [], []
     for r0 in range(0, W.shape[0], chunk_rows):
         x = W[r0:r0 + chunk_rows]
-        g = fit_grid(x, type_name, None if imatrix is None else imatrix.float().reshape(1, -1))
+        g = fit_grid(x, type_name, None if imatrix is None else imatrix.float().cpu().reshape(1, -1))
         grids.append(g)
         codes.append(grid_codes(x, g).to(torch.uint8))
     grid = Grid.cat(grids, dim=0)
-    return finish(torch.cat(codes, 0), grid, chunk_rows)
+    return finish(torch.cat(codes, 0), grid, chunk_rows, device)

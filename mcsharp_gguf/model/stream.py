@@ -1,8 +1,9 @@
 """The layer-streamed forward every pass runs (importance, GPTQ, OTP capture, probes), and what each MoE block saw.
 
 Only one decoder layer's weights are resident at a time: the model skeleton lives on the ``meta`` device, each
-layer is materialised from the safetensors shards (through its architecture adapter), run over all calibration
-sequences, and dropped. Hidden states are carried forward between layers.
+layer is materialised from the safetensors shards (through its architecture adapter) on the stream's compute
+device (CPU or a GPU), run over all calibration sequences, and dropped. Hidden states are carried forward between
+layers on that device.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ class LayerStream:
     model: torch.nn.Module  # on the meta device, except what we materialise
     arch: object  # converters.base.MoeArchitecture
     tensors: SafetensorsIndex
+    device: torch.device = torch.device("cpu")  # where layers, hidden states and every pass's tensors live
 
     @classmethod
-    def open(cls, model_dir: str | Path) -> LayerStream:
+    def open(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> LayerStream:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         model_dir = Path(model_dir)
@@ -98,7 +100,7 @@ class LayerStream:
         config._attn_implementation = "sdpa"  # causal masking without building a mask
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        return cls(model_dir, config, model, arch, SafetensorsIndex(model_dir))
+        return cls(model_dir, config, model, arch, SafetensorsIndex(model_dir), torch.device(device))
 
     @property
     def n_layer(self) -> int:
@@ -112,18 +114,21 @@ class LayerStream:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.tensors["model.embed_tokens.weight"]
-        return torch.nn.functional.embedding(ids, w)
+        return torch.nn.functional.embedding(ids, w).to(self.device)
 
     def rotary(self, seq_len: int):
         rot = type(self.model.model.rotary_emb)(config=self.config)  # rebuilt on CPU (skeleton is meta)
         pos = torch.arange(seq_len)[None]
-        return pos, rot(torch.zeros(1, dtype=torch.float32), pos)
+        emb = rot(torch.zeros(1, dtype=torch.float32), pos)  # (cos, sin), or one tensor (e.g. DeepSeek-V2's)
+        emb = tuple(t.to(self.device) for t in emb) if isinstance(emb, tuple) else emb.to(self.device)
+        return pos.to(self.device), emb
 
     def load_layer(self, i: int) -> torch.nn.Module:
-        """Materialise decoder layer ``i`` with its checkpoint weights (float32)."""
+        """Materialise decoder layer ``i`` with its checkpoint weights (float32) on the stream's device."""
         layer = self.model.model.layers[i]
-        layer.to_empty(device="cpu")
-        sd = self.arch.layer_state_dict(self.tensors.names, i, self.n_expert)
+        layer.to_empty(device=self.device)
+        sd = {k: v.to(self.device) for k, v in self.arch.layer_state_dict(self.tensors.names, i,
+                                                                           self.n_expert).items()}
         # assign: the module takes the loaded tensors as they are (a copy into to_empty's storage would hold the
         # layer twice)
         missing, unexpected = layer.load_state_dict(sd, strict=False, assign=True)
@@ -171,17 +176,22 @@ class LayerStream:
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm applied to the last hidden states (the LM head's input)."""
-        norm = type(self.model.model.norm)(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        norm.weight.data = self.tensors["model.norm.weight"]
         with torch.no_grad():
-            return norm(hidden)
+            return self.final_norm_module()(hidden)
+
+    def final_norm_module(self) -> torch.nn.Module:
+        """The model's final norm with its checkpoint weight, on the stream's device (no gradient)."""
+        norm = type(self.model.model.norm)(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = self.tensors["model.norm.weight"].to(self.device)
+        norm.weight.requires_grad_(False)
+        return norm
 
     def lm_head_name(self) -> str:
         """Checkpoint key of the LM head (the token embedding when they are tied)."""
         return "lm_head.weight" if "lm_head.weight" in self.tensors.names else "model.embed_tokens.weight"
 
     def lm_head(self) -> torch.Tensor:
-        return self.tensors[self.lm_head_name()].float()
+        return self.tensors[self.lm_head_name()].float().to(self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head on the last hidden states."""
@@ -246,10 +256,10 @@ def capture_moe(block: torch.nn.Module, arch, n_expert: int, run: Callable[[torc
             h.remove()
     cap = MoeCapture(torch.cat(xs), torch.cat(ys), torch.cat(logits), torch.cat(idx), torch.cat(wts))
     probs = torch.softmax(cap.router_logits, dim=-1)
-    freq = torch.bincount(cap.top_k_index.flatten(), minlength=n_expert).numpy().astype(np.float64)
-    mass = torch.zeros(n_expert, dtype=torch.float64)
+    freq = torch.bincount(cap.top_k_index.flatten(), minlength=n_expert).cpu().numpy().astype(np.float64)
+    mass = torch.zeros(n_expert, dtype=torch.float64, device=probs.device)
     mass.index_add_(0, cap.top_k_index.flatten(), probs.gather(1, cap.top_k_index).flatten().double())
-    cap.stats = ExpertStats(freq=freq, weight_mass=mass.numpy(), n_tokens=int(cap.x.shape[0]),
+    cap.stats = ExpertStats(freq=freq, weight_mass=mass.cpu().numpy(), n_tokens=int(cap.x.shape[0]),
                             top_k=int(cap.top_k_index.shape[1]))
     return cap, out
 

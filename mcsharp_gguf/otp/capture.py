@@ -47,9 +47,11 @@ def slot_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.T
     return out
 
 
-def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True) -> list[OtpLayerData]:
-    """Layer-streamed forward of the full-precision checkpoint; the training data of every MoE layer."""
-    stream = LayerStream.open(model_dir)
+def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True, device: torch.device | str = "cpu"
+                     ) -> list[OtpLayerData]:
+    """Layer-streamed forward of the full-precision checkpoint on ``device``; the training data of every MoE
+    layer (kept there)."""
+    stream = LayerStream.open(model_dir, device)
     renorm = renormalises(stream.arch, stream.config)
     out = []
 

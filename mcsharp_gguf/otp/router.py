@@ -83,7 +83,7 @@ def _router_from_arrays(lay: dict[str, np.ndarray]) -> OtpRouter:
 def router_logits(routers: list[TrainedRouter], data: list[OtpLayerData]) -> list[torch.Tensor]:
     """Calibration keep-logits of every layer's router."""
     with torch.no_grad():
-        return [r.module()(dat.x) for r, dat in zip(routers, data, strict=True)]
+        return [r.module().to(dat.x.device)(dat.x) for r, dat in zip(routers, data, strict=True)]
 
 
 def executed_frac(logits: list[torch.Tensor], shift: float = 0.0) -> float:
@@ -105,5 +105,5 @@ def shift_for_frac(logits: list[torch.Tensor], target: float) -> float:
 
 def layer_logits(lay: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
     """Keep-logits of one exported layer router (arrays w1, b1, w2, b2) on inputs x (T, d)."""
-    w = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in lay.items()}
+    w = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)).to(x.device) for k, v in lay.items()}
     return F.gelu(x @ w["w1"].T + w["b1"]) @ w["w2"].T + w["b2"]

@@ -38,13 +38,15 @@ def train_layer_router(data: OtpLayerData, lam: float, hidden: int = DEFAULT_HID
     """Fit one router: loss = mask error + λ · mean kept fraction of the droppable slots.
 
     The keep mask is a Gumbel-sigmoid (binary concrete) sample of sigmoid(logit) at temperature τ
-    (annealed geometrically), made hard in the forward pass with straight-through gradients.
+    (annealed geometrically), made hard in the forward pass with straight-through gradients. Trains on the
+    device ``data`` lives on; initial weights and every random draw come from seeded CPU generators.
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     T, d = data.x.shape
     k = data.top_k
-    router = OtpRouter(d, hidden, k)
+    dev = data.x.device
+    router = OtpRouter(d, hidden, k).to(dev)
     with torch.no_grad():  # start from "keep everything": training then learns what can go
         router.fc2.weight.mul_(0.1)
         router.fc2.bias.fill_(2.0)
@@ -54,9 +56,9 @@ def train_layer_router(data: OtpLayerData, lam: float, hidden: int = DEFAULT_HID
     xs = (data.x - mu) / sd
     for step in range(steps):
         t = tau[0] * (tau[1] / tau[0]) ** (step / max(steps - 1, 1))
-        rows = torch.randint(0, T, (min(batch, T),), generator=g)
+        rows = torch.randint(0, T, (min(batch, T),), generator=g).to(dev)
         logits = router(xs[rows])
-        u = torch.rand(logits.shape, generator=g).clamp(1e-6, 1 - 1e-6)
+        u = torch.rand(logits.shape, generator=g).to(dev).clamp(1e-6, 1 - 1e-6)
         soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / t)
         keep = (soft > 0.5).float() + soft - soft.detach()
         keep = torch.cat([torch.ones_like(keep[:, :1]), keep[:, 1:]], dim=1)
@@ -69,7 +71,7 @@ def train_layer_router(data: OtpLayerData, lam: float, hidden: int = DEFAULT_HID
         router.fc1.weight.div_(sd)
         keep = hard_keep(router(data.x))
         err = float(mask_error(data, keep))
-    state = {k_: v.detach().clone() for k_, v in router.state_dict().items()}
+    state = {k_: v.detach().cpu().clone() for k_, v in router.state_dict().items()}
     return TrainedRouter(data.layer, state, float(keep.mean()), err)
 
 
@@ -157,11 +159,12 @@ def fit_otp(data: list[OtpLayerData], target_frac: float = DEFAULT_TARGET_FRAC, 
 
 def train_otp(model_dir: str | Path, token_ids: torch.Tensor, target_frac: float = DEFAULT_TARGET_FRAC,
               hidden: int = DEFAULT_HIDDEN, refine_steps: int = 0, log: Callable[[str], None] | None = None,
-              progress: bool = True) -> OtpRouters:
-    """Calibrate (layer-streamed) and train the routers of every MoE layer of a checkpoint; with
-    ``refine_steps`` > 0, then refine them end to end on the logits' KL (:func:`refine_otp_kl`)."""
-    routers = fit_otp(capture_otp_data(model_dir, token_ids, progress=progress), target_frac=target_frac,
-                      hidden=hidden, log=log)
+              progress: bool = True, device: torch.device | str = "cpu") -> OtpRouters:
+    """Calibrate (layer-streamed) and train the routers of every MoE layer of a checkpoint on ``device``; with
+    ``refine_steps`` > 0, then refine them end to end on the logits' KL (:func:`refine_otp_kl`, on the CPU: it
+    holds the whole model)."""
+    routers = fit_otp(capture_otp_data(model_dir, token_ids, progress=progress, device=device),
+                      target_frac=target_frac, hidden=hidden, log=log)
     routers.arch = model_moe_shape(model_dir)[0]
     if refine_steps > 0:
         routers = refine_otp_kl(model_dir, token_ids, routers, steps=refine_steps, log=log, progress=progress)

@@ -74,7 +74,7 @@ def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tupl
     taps see only the first sequences)."""
     h = None
     if gptq and x.shape[0] > 0:
-        h = HessianAccumulator(w.shape[1])
+        h = HessianAccumulator(w.shape[1], device=x.device)
         h.add(x)
     out, out_a = {}, {}
     for t in dict.fromkeys(storable_type(t, w.shape[1]) for t in types):

@@ -19,7 +19,7 @@ from ..ggml.packing import quantize_rtn
 from ..ggml.types import storable_type
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
-from ..quant.experts import LayerTokens, expert_factors, expert_hessians, quantize_expert
+from ..quant.experts import LayerTokens, expert_factors, expert_hessians, quantize_experts_together, walk_size
 from .candidates import ANCHOR_TYPE, DENSE_TYPES, EXPERT_TYPES, Recipe
 from .eps import _dense_fisher, expert_output_delta, fisher_error, fisher_error_split, fold_a_mask
 from .importance import LayerImportance, ModelImportance, TensorImportance
@@ -49,6 +49,20 @@ class _Measure:
     neuron_sample: int | None  # measure wide experts on this many of their neurons (None: on all of them)
 
 
+@dataclass
+class _Case:
+    """One expert in the importance pass, as every candidate type's measurement of it uses it."""
+
+    expert: int
+    tok: torch.Tensor  # the calibration tokens routed to it
+    x: torch.Tensor  # their MoE inputs
+    w: torch.Tensor  # their routing weights
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate, up, down (a neuron sample of wide experts)
+    scale: float  # from the sample's error to the whole expert's
+    factors: tuple[torch.Tensor | None, torch.Tensor | None]  # GPTQ's, of its two Hessians
+    base: torch.Tensor  # its unquantised output on x
+
+
 def _head_record(m: _Measure, item) -> dict:
     """The LM head's Fisher errors (a TensorImportance unless tied: then they add to the embedding's)."""
     head = m.stream.lm_head()
@@ -69,7 +83,7 @@ def _embedding_record(m: _Measure, item, head: dict) -> dict:
     eps, eps_a = {}, {}
     for t in dict.fromkeys(storable_type(t, emb.shape[1]) for t in m.dense_types):
         de = quantize_rtn(emb[used], t).dequant - emb[used]
-        eps[t], eps_a[t] = fisher_error_split((g * de[where]).sum(1).square(), m.in_a)
+        eps[t], eps_a[t] = fisher_error_split((g * de[where].to(g.device)).sum(1).square(), m.in_a)
         if m.tied:
             eps[t] = float(np.hypot(eps[t], head["head_eps"][t]))
             eps_a[t] = float(np.hypot(eps_a[t], head["head_eps_a"][t]))
@@ -148,48 +162,61 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
     probe = [0.0] * n_e
     wide = measured_neurons(d_ff, m.neuron_sample) < d_ff
     pooled = LayerTokens(cap.x)
+    together = walk_size(cap.x.device)
 
-    def measure(e: int, types: tuple[str, ...]) -> None:
+    def prepare(e: int) -> _Case | None:
+        """What every type's measurement of expert ``e`` shares (None: no token reached it)."""
         tok, slot = torch.where(cap.top_k_index == e)
+        if tok.numel() == 0:
+            return None
         x, w = cap.x[tok], cap.top_k_weights[tok, slot]
         g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
         scale = 1.0
-        if wide and x.shape[0]:  # measured on a sample of its neurons, scaled to the whole expert
+        if wide:  # measured on a sample of its neurons, scaled to the whole expert
             neurons, factor = sample_neurons(neuron_energy(g, u, d, x, w, experts.act_fn), m.neuron_sample)
+            neurons = neurons.to(g.device)
             g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
-        gu = torch.cat([g, u])
-        hessians = expert_hessians(g, u, x, experts.act_fn, m.gptq, d_ff, pooled) if x.shape[0] else (None, None)
-        factors = expert_factors(hessians, pooled)  # once for all the types measured
-        base = (experts.act_fn(x @ g.T) * (x @ u.T)) @ d.T if x.shape[0] else None
-        for t in types:
-            if x.shape[0] == 0:
+        hessians = expert_hessians(g, u, x, experts.act_fn, m.gptq, d_ff, pooled)
+        return _Case(e, tok, x, w, (g, u, d), scale, expert_factors(hessians, pooled),  # once for every type
+                     (experts.act_fn(x @ g.T) * (x @ u.T)) @ d.T)
+
+    def measure(es: list[int], types: tuple[str, ...]) -> None:
+        for c0 in range(0, len(es), together):  # (walk_size experts prepared and walked together)
+            cases = [prepare(e) for e in es[c0:c0 + together]]
+            for e in (e for e, c in zip(es[c0:c0 + together], cases, strict=True) if c is None):
                 for acc in errors.values():
-                    acc[t][e] = 0.0
-                continue
-            r = Recipe.for_shapes(t, d_model, d_ff)
-            q = None
-            if m.gptq:
-                res = quantize_expert(g, u, d, {"gate": r.gate, "up": r.up, "down": r.down}, factors)
-                q = (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
-            delta = expert_output_delta(gu, d, x, w, r, act=experts.act_fn, quantised=q, base=base) * scale
-            errors["eps"][t][e] = float(delta.norm())
-            errors["fisher"][t][e], errors["a"][t][e] = fisher_error_split((delta * grad[tok]).sum(1).square(),
-                                                                           m.in_a[tok])
-            if t == m.flip_probe:
-                probe[e] = errors["fisher"][t][e] if not m.gptq else fisher_error(
-                    expert_output_delta(gu, d, x, w, r, act=experts.act_fn, base=base) * scale, grad[tok])
+                    for t in types:
+                        acc[t][e] = 0.0
+            live = [c for c in cases if c is not None]
+            for t in types:
+                r = Recipe.for_shapes(t, d_model, d_ff)
+                results = quantize_experts_together([c.weights for c in live],
+                                                    [{"gate": r.gate, "up": r.up, "down": r.down}] * len(live),
+                                                    [c.factors for c in live]) if m.gptq else [None] * len(live)
+                for c, res in zip(live, results, strict=True):
+                    _record(c, t, r, None if res is None else (res["gate"].dequant, res["up"].dequant,
+                                                               res["down"].dequant))
+
+    def _record(c: _Case, t: str, r: Recipe, q) -> None:
+        g, u, d = c.weights
+        gu = torch.cat([g, u])
+        delta = expert_output_delta(gu, d, c.x, c.w, r, act=experts.act_fn, quantised=q, base=c.base) * c.scale
+        e = c.expert
+        errors["eps"][t][e] = float(delta.norm())
+        errors["fisher"][t][e], errors["a"][t][e] = fisher_error_split((delta * grad[c.tok]).sum(1).square(),
+                                                                       m.in_a[c.tok])
+        if t == m.flip_probe:
+            probe[e] = errors["fisher"][t][e] if not m.gptq else fisher_error(
+                expert_output_delta(gu, d, c.x, c.w, r, act=experts.act_fn, base=c.base) * c.scale, grad[c.tok])
 
     if not m.expert_sample or n_e <= m.expert_sample:
-        for e in range(n_e):
-            measure(e, m.targets)
+        measure(list(range(n_e)), m.targets)
         return errors, [], probe
     anchor = ANCHOR_TYPE if ANCHOR_TYPE in m.targets else m.targets[len(m.targets) // 2]
     first = tuple(dict.fromkeys(t for t in (anchor, m.flip_probe) if t is not None))
-    for e in range(n_e):
-        measure(e, first)
+    measure(list(range(n_e)), first)
     sample = sample_experts(errors["fisher"][anchor], m.expert_sample)
-    for e in sample:
-        measure(e, tuple(t for t in m.targets if t not in first))
+    measure(sample, tuple(t for t in m.targets if t not in first))
     return {k: predict_unsampled(v, anchor, sample) for k, v in errors.items()}, sample, probe
 
 
@@ -265,7 +292,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                        dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
                        flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE,
                        work_dir=None, expert_sample: int | None = None,
-                       neuron_sample: int | None = NEURON_SAMPLE) -> ModelImportance:
+                       neuron_sample: int | None = NEURON_SAMPLE, device: torch.device | str = "cpu"
+                       ) -> ModelImportance:
     """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
     (expert, recipe) eps both at the block output and in the output-KL (Fisher) metric; with
     ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
@@ -291,7 +319,10 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     ``work_dir``: keep the pass's state (spilled layer inputs, gradients, each finished layer's results) in
     ``work_dir/importance``, so a run stopped at layer N continues there with the same result.
 
-    (Fourteen parameters: the measurement's knobs, all with defaults, passed by name.)
+    ``device``: where the layers run and the errors are computed (devices.resolve_device); a GPU's results
+    differ from the CPU's by float rounding only.
+
+    (Fifteen parameters: the measurement's knobs, all with defaults, passed by name.)
     """
     from tqdm import tqdm
 
@@ -299,10 +330,11 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         raise McsharpError(f"eps source {eps_source} is not one of rtn, gptq")
     if flip_probe is not None and flip_probe not in targets:
         raise McsharpError(f"--flip-probe {flip_probe} is not one of the candidate types {', '.join(targets)}")
-    stream = LayerStream.open(model_dir)
+    stream = LayerStream.open(model_dir, device)
     m = _Measure(stream, token_ids, tuple(targets), tuple(dense_types), eps_source == "gptq",
                  (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5, flip_probe,
-                 fold_a_mask(token_ids.numel(), token_ids.shape[1]), stream.lm_head_name() != "lm_head.weight",
+                 fold_a_mask(token_ids.numel(), token_ids.shape[1]).to(stream.device),
+                 stream.lm_head_name() != "lm_head.weight",
                  expert_sample, neuron_sample)
     names = gguf_name_map(stream.arch, stream.n_layer)
     key = _importance_key(model_dir, token_ids, targets=m.targets, dense=dense, dense_types=m.dense_types,

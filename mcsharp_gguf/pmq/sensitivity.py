@@ -27,9 +27,7 @@ def output_grad(stream: LayerStream, hidden: torch.Tensor, seed: int = 0, tap_se
     """∇_h log p(ŷ | h) for the last hidden states ``hidden`` (n_seq, seq, d), ŷ sampled per token from the
     model's own next-token distribution (seeded); with ``tap_seqs``, also the LM head's input (the normed
     hidden states) and the gradient at its output (onehot(ŷ) − p) on the first ``tap_seqs`` sequences."""
-    norm = type(stream.model.model.norm)(stream.config.hidden_size, eps=stream.config.rms_norm_eps)
-    norm.weight.data = stream.tensors["model.norm.weight"]
-    norm.weight.requires_grad_(False)
+    norm = stream.final_norm_module()
     head = stream.lm_head()
     gen = torch.Generator().manual_seed(seed)
     grads, head_x, head_g = [], [], []
@@ -39,7 +37,8 @@ def output_grad(stream: LayerStream, hidden: torch.Tensor, seed: int = 0, tap_se
             x = norm(h)
             logp = torch.log_softmax(x @ head.T, dim=-1)
             p = logp.detach().exp()
-            y = torch.multinomial(p, 1, generator=gen)
+            # sampled on the CPU from one seeded generator: the same labels whatever the compute device
+            y = torch.multinomial(p.cpu(), 1, generator=gen).to(p.device)
             logp.gather(1, y).sum().backward()
         grads.append(h.grad)
         if s < tap_seqs:
@@ -114,7 +113,7 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
         spill.mkdir(parents=True, exist_ok=True)
         if resume_at is None:
             def spill_input(i: int, layer, run, hidden: torch.Tensor) -> torch.Tensor:
-                _save(hidden, spill / f"h{i:04d}.pt")
+                _save(hidden, spill / f"h{i:04d}.pt")  # (kept on the CPU's disk whatever the device)
                 return run(hidden)
 
             hidden = stream.sweep(stream.embed(token_ids), spill_input, "importance: forward", progress)
@@ -124,11 +123,11 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
                 yield LayerGrads(stream.n_layer, None, None, g, {"lm_head": head_tap})
             top = stream.n_layer
         else:
-            g, top = torch.load(spill / f"g{resume_at:04d}.pt"), resume_at
+            g, top = torch.load(spill / f"g{resume_at:04d}.pt").to(stream.device), resume_at
         pos, rope = stream.rotary(token_ids.shape[1])
         for i in reversed(range(top)):
             layer = stream.load_layer(i)
-            h_in = torch.load(spill / f"h{i:04d}.pt", mmap=True)
+            h_in = torch.load(spill / f"h{i:04d}.pt", mmap=True).to(stream.device)  # (on the CPU: still mapped)
             g_in, tapped = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs)
             _save(g_in, spill / f"g{i:04d}.pt")
             yield LayerGrads(i, layer, h_in, g, tapped)
@@ -158,7 +157,7 @@ def resumable_from(state_dir: str | Path, done: set[int], n_layer: int) -> int |
 def _save(t: torch.Tensor, path: Path) -> None:
     """torch.save through a temporary name: a killed run never leaves a half-written state file."""
     tmp = path.with_suffix(".tmp")
-    torch.save(t, tmp)
+    torch.save(t.cpu(), tmp)
     tmp.replace(path)
 
 

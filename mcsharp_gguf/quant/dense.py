@@ -57,7 +57,7 @@ class DenseTypes:
 
 def row_keys(w: torch.Tensor) -> list[bytes]:
     """A digest per row of ``w`` as float32: tells whether the converter reordered rows (e.g. llama's q/k)."""
-    a = np.ascontiguousarray(w.detach().float().numpy())
+    a = np.ascontiguousarray(w.detach().float().cpu().numpy())
     return [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in a]
 
 

@@ -16,11 +16,13 @@ finished lazy block into the rest of the matrix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..errors import McsharpError
 from ..ggml.grids import Grid, _is_uniform, _levels_t, fit_grid, nearest_code, nearest_level
-from ..ggml.packing import QuantResult, finish
+from ..ggml.packing import QuantResult, _grid_rows, finish
 from ..ggml.types import _spec, block_size, check_shape
 
 GROUP = 32  # columns per rank-1 group inside a lazy block (a divisor of every ggml block size)
@@ -33,13 +35,13 @@ class HessianAccumulator:
     ``n`` counts rows (tokens) seen. ``imatrix`` = diag(H)/2 = mean x², llama.cpp's importance-matrix convention.
     """
 
-    def __init__(self, cols: int, dtype: torch.dtype = torch.float32):
-        self.H = torch.zeros(cols, cols, dtype=dtype)
+    def __init__(self, cols: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(cols, cols, dtype=dtype, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate calibration inputs x (..., cols) of the linear layer."""
-        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H.dtype).cpu()
+        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H.device, self.H.dtype)
         m = x.shape[0]
         if m == 0:
             return
@@ -57,7 +59,7 @@ def _trinv_lower(L: torch.Tensor) -> torch.Tensor:
     """Inverse of a lower-triangular matrix by recursive 2×2 blocking (matmul-bound, faster than a full solve)."""
     n = L.shape[0]
     if n <= 512:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
     h = n // 2
     A, D = _trinv_lower(L[:h, :h]), _trinv_lower(L[h:, h:])
     out = torch.zeros_like(L)
@@ -125,61 +127,110 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp:
     Rows never interact in GPTQ (the error of a column moves along its own row), so a tall matrix (an LM head:
     150k rows) is walked ``row_chunk`` rows at a time: its working copies then take a chunk's memory, not the
     whole matrix's several times over. ``U``: gptq_factor(H) computed already (H is then not needed).
+
+    The walk runs on W's device (a GPU's is much faster than the CPU's); H or U are moved there. Packing and
+    the exact decode run on the CPU (ggml.packing.finish), the dequantised weights come back on W's device.
     """
     check_shape(tuple(W.shape), type_name)
     if U is None:
-        U = gptq_factor(H, W.shape[1], damp)
-    sp = _spec(type_name)
+        U = gptq_factor(H.to(W.device), W.shape[1], damp)
+    U = U.to(W.device)
     rows, cols = W.shape
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     grids: list[Grid] = []
     for r0 in range(0, rows, row_chunk):
-        levels, grid = _gptq_rows(W[r0:r0 + row_chunk].detach().float().cpu().T.contiguous(), U, type_name, block)
+        levels, grid = _gptq_walk(W[None, r0:r0 + row_chunk].detach().float().transpose(1, 2).contiguous(),
+                                  U[None], type_name, block)
         grids.append(grid)
-        lv = levels.T.float()
-        codes[r0:r0 + row_chunk] = (lv - sp.levels[0]) if _is_uniform(sp.levels) else \
-            torch.bucketize(lv.contiguous(), _levels_t(sp))
-        del levels, lv
+        codes[r0:r0 + row_chunk] = _codes(levels[0], type_name)
+        del levels
     return finish(codes, grids[0] if len(grids) == 1 else Grid.cat(grids, dim=0))
 
 
-def _gptq_rows(Wt: torch.Tensor, U: torch.Tensor, type_name: str, block: int) -> tuple[torch.Tensor, Grid]:
-    """The GPTQ walk over the columns of ``Wt`` (cols, rows), updated in place: (the level of every weight as
-    (cols, rows) int16, the fitted grid)."""
-    cols, rows = Wt.shape
+def gptq_quantize_many(Ws: Sequence[torch.Tensor], Us: Sequence[torch.Tensor], type_name: str, block: int = 128
+                       ) -> list[QuantResult]:
+    """gptq_quantize of several matrices of one shape, each on its own factor U (gptq_factor), walked together:
+    every step of the walk is one op over all of them. The result of each is what gptq_quantize gives it, up to
+    float summation order; on a GPU, where a lone walk's time goes to launching its small ops, many experts cost
+    about what one does."""
+    if not Ws:
+        return []
+    W0 = Ws[0]
+    check_shape(tuple(W0.shape), type_name)
+    if any(tuple(w.shape) != tuple(W0.shape) for w in Ws):
+        raise McsharpError("GPTQ: gptq_quantize_many needs matrices of one shape")
+    rows = W0.shape[0]
+    Wt = torch.stack([w.detach().float().T for w in Ws])  # (E, cols, rows): a copy, walked in place
+    levels, grid = _gptq_walk(Wt, torch.stack([u.to(W0.device) for u in Us]), type_name, block)
+    del Wt
+    return [finish(_codes(levels[e], type_name), _grid_rows(grid, e * rows, (e + 1) * rows))
+            for e in range(len(Ws))]
+
+
+def _codes(levels: torch.Tensor, type_name: str) -> torch.Tensor:
+    """The (rows, cols) uint8 codes of a walk's (cols, rows) levels."""
+    sp = _spec(type_name)
+    lv = levels.T.float()
+    if _is_uniform(sp.levels):
+        return (lv - sp.levels[0]).to(torch.uint8)
+    return torch.bucketize(lv.contiguous(), _levels_t(sp, lv.device)).to(torch.uint8)
+
+
+def _gptq_walk(Wt: torch.Tensor, U: torch.Tensor, type_name: str, block: int) -> tuple[torch.Tensor, Grid]:
+    """The GPTQ walk over the columns of ``Wt`` (E, cols, rows): E matrices, each with its factor in ``U``
+    (E, cols, cols), updated in place. Returns (the level of every weight as (E, cols, rows) int16, the fitted
+    grid of all E × rows rows, matrix by matrix)."""
+    n_mat, cols, rows = Wt.shape
     B = block_size(type_name)
     lazy = max(B, -(-block // B) * B)
     grp = min(GROUP, B)
     # per-column weight of the grid fit (on the real fixture about as good as diag(H), better than imatrix·sqrt(σ²+x²))
-    sal = 1.0 / torch.diagonal(U) ** 2
-    levels = torch.empty(cols, rows, dtype=torch.int16)
+    sal = 1.0 / torch.diagonal(U, dim1=1, dim2=2) ** 2  # (E, cols)
+    if n_mat > 1:  # one scale per matrix: fit_grid's floor (1e-6 × mean weight) is then alike for all of them
+        sal = sal / sal.mean(1, keepdim=True).clamp_min(1e-30)
+    levels = torch.empty(n_mat, cols, rows, dtype=torch.int16, device=Wt.device)
     grids: list[Grid] = []
     for i1 in range(0, cols, lazy):
         i2 = min(i1 + lazy, cols)
-        W1 = Wt[i1:i2]  # view: updated in place
-        U1 = U[i1:i2, i1:i2]
-        E1 = torch.empty(i2 - i1, rows)
+        W1 = Wt[:, i1:i2]  # view: updated in place
+        U1 = U[:, i1:i2, i1:i2]
+        E1 = torch.empty(n_mat, i2 - i1, rows, device=Wt.device)
         for b0 in range(0, i2 - i1, B):
-            g = fit_grid(W1[b0:b0 + B].T, type_name, sal[i1 + b0:i1 + b0 + B].reshape(1, -1))
+            x = W1[:, b0:b0 + B].transpose(1, 2).reshape(n_mat * rows, B)
+            s = sal[:, i1 + b0:i1 + b0 + B]
+            g = fit_grid(x, type_name, s if n_mat == 1 else s[:, None, :].expand(n_mat, rows, B).reshape(-1, B))
             grids.append(g)
-            S, O = g.expand()
-            S, O = S.T.contiguous(), (None if O is None else O.T.contiguous())
+            S, O = g.expand()  # (E·rows, B) → per column k: (E, rows)
+            S = S.reshape(n_mat, rows, B).permute(2, 0, 1).contiguous()
+            O = None if O is None else O.reshape(n_mat, rows, B).permute(2, 0, 1).contiguous()
             invS = torch.where(S != 0, 1.0 / torch.where(S != 0, S, 1.0), 0.0)
             for g0 in range(b0, b0 + B, grp):
                 g1 = g0 + grp
                 for j in range(g0, g1):
                     k = j - b0
-                    lev, q = _quant_col(W1[j], S[k], None if O is None else O[k], invS[k], type_name)
-                    levels[i1 + j] = lev.to(torch.int16)
-                    err = (W1[j] - q) / U1[j, j]
-                    E1[j] = err
+                    lev, q = _quant_col(W1[:, j], S[k], None if O is None else O[k], invS[k], type_name)
+                    levels[:, i1 + j] = lev.to(torch.int16)
+                    err = (W1[:, j] - q) / U1[:, j, j, None]
+                    E1[:, j] = err
                     if j + 1 < g1:
-                        W1[j + 1:g1].addr_(U1[j, j + 1:g1], err, alpha=-1.0)
+                        _push(W1[:, j + 1:g1], U1[:, j:j + 1, j + 1:g1], err[:, None, :])
                 if g1 < i2 - i1:  # push the finished group into the rest of the lazy block
-                    W1[g1:].addmm_(U1[g0:g1, g1:].T, E1[g0:g1], alpha=-1.0)
+                    _push(W1[:, g1:], U1[:, g0:g1, g1:], E1[:, g0:g1])
         if i2 < cols:  # push the finished lazy block into the rest of the matrix
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
+            _push(Wt[:, i2:], U[:, i1:i2, i2:], E1)
     return levels, Grid.cat(grids)
+
+
+def _push(W: torch.Tensor, U: torch.Tensor, E: torch.Tensor) -> None:
+    """W -= Uᵀ E for each matrix of the batch (W (n, a, rows), U (n, b, a), E (n, b, rows)): the errors of
+    finished columns pushed into later ones. One matrix takes the 2-D ops (addr_/addmm_), whose rounding the
+    CPU's files were measured with; a batch takes baddbmm_."""
+    if W.shape[0] == 1 and U.shape[1] == 1:
+        W[0].addr_(U[0, 0], E[0, 0], alpha=-1.0)
+    elif W.shape[0] == 1:
+        W[0].addmm_(U[0].T, E[0], alpha=-1.0)
+    else:
+        W.baddbmm_(U.transpose(1, 2), E, alpha=-1.0)
 
 
 def gptq_textbook(W: torch.Tensor, H: torch.Tensor, type_name: str, damp: float = 0.01) -> QuantResult:

@@ -162,13 +162,15 @@ class GptqPass:
 
 
 def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir: Path, gptq: bool = True,
-                     progress: bool = True, dense: DenseTypes | None = None) -> Path:
+                     progress: bool = True, dense: DenseTypes | None = None, device: torch.device | str = "cpu"
+                     ) -> Path:
     """Quantise every planned MoE layer (and, with ``dense``, the other linears and the LM head) into
     ``work_dir``, one layer at a time on the outputs of the already-quantised layers (:class:`GptqPass`;
-    finished layers are reused), then the LM head on the last layer's output."""
+    finished layers are reused), then the LM head on the last layer's output. ``device``: where the layers run
+    and GPTQ walks (devices.resolve_device)."""
     dense = dense or DenseTypes()
     check_work_dir(work_dir, plan, dense)
-    stream = LayerStream.open(model_dir)
+    stream = LayerStream.open(model_dir, device)
     step = GptqPass(stream, plan, dense, work_dir, gptq)
     hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
     out_type = dense.type_for("output.weight", "output")
@@ -181,7 +183,7 @@ def _quantize_head(stream: LayerStream, hidden: torch.Tensor, out_type: str, wor
     """GPTQ (RTN without ``gptq``) of the LM head on the Hessian of its input, the final norm of the last hidden
     states ``hidden``, into the work dir's output file."""
     head = stream.lm_head()
-    h = HessianAccumulator(head.shape[1])
+    h = HessianAccumulator(head.shape[1], device=hidden.device)
     if gptq:
         h.add(stream.final_norm(hidden))
     save_work_entry({stream.lm_head_name(): _quantize_linear(head, h if gptq else None, out_type)},
@@ -190,7 +192,7 @@ def _quantize_head(stream: LayerStream, hidden: torch.Tensor, out_type: str, wor
 
 def _with_hessians(mods: dict[str, torch.nn.Linear], fn: Callable, hidden: torch.Tensor):
     """``fn(hidden)`` with input-Hessian hooks on ``mods``; returns (fn's result, the Hessians)."""
-    acc = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
+    acc = {n: HessianAccumulator(m.in_features, device=m.weight.device) for n, m in mods.items()}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: acc[n].add(args[0])) for n, m in mods.items()]
     try:
         out = fn(hidden)
