@@ -80,7 +80,7 @@ def test_gptq_on_cuda_packs_exactly_and_matches_cpu(t):
     assert gpu.dequant.device.type == "cuda" and gpu.packed.dtype == np.uint8
     decoded = gguf.quants.dequantize(gpu.packed, ggml_type(t)).reshape(W.shape)
     np.testing.assert_array_equal(decoded, gpu.dequant.cpu().numpy())
-    agree = float((cpu.codes == gpu.codes).float().mean())
+    agree = float((cpu.codes == gpu.codes.cpu()).float().mean())
     e_cpu, e_gpu = output_error(W, cpu.dequant, H), output_error(W, gpu.dequant.cpu(), H)
     assert agree >= 0.85, (t, agree)
     assert abs(e_gpu / e_cpu - 1) < 0.01, (t, e_cpu, e_gpu)

@@ -126,12 +126,12 @@ class QuantResult:
     """A matrix quantised to one ggml type.
 
     ``packed``: uint8 (rows, cols // block * type_size), ready for ``GGUFWriter.add_tensor(name, packed,
-    raw_dtype=ggml_type(type_name))``; ``dequant``: float32 (rows, cols), bit-identical to ggml's decode of
-    ``packed``; ``codes``/``grid``: what was packed.
+    raw_dtype=ggml_type(type_name))`` (None when only the decoded weights were asked for); ``dequant``: float32
+    (rows, cols), bit-identical to ggml's decode of ``packed``; ``codes``/``grid``: what was packed.
     """
 
     type_name: str
-    packed: np.ndarray
+    packed: np.ndarray | None
     dequant: torch.Tensor
     codes: torch.Tensor | None = None
     grid: Grid | None = None
@@ -147,23 +147,27 @@ def _grid_rows(grid: Grid, r0: int, r1: int) -> Grid:
                 {k: v[r0:r1] for k, v in grid.fields.items()})
 
 
-def finish(codes: torch.Tensor, grid: Grid, chunk_rows: int = 1024, device: torch.device | None = None
-           ) -> QuantResult:
+def finish(codes: torch.Tensor, grid: Grid, chunk_rows: int = 1024, device: torch.device | None = None,
+           packed: bool = True) -> QuantResult:
     """Pack codes on grid and decode them the way ggml does (``chunk_rows`` rows at a time: the per-element
     scales and index tensors of a whole LM head would be several times its size).
 
-    Packing and decoding run on the CPU (the bytes are numpy's); the result's ``dequant`` is handed back on the
-    device the codes came from, where the caller goes on computing with it."""
-    device = codes.device
-    codes, grid = codes.to("cpu", torch.uint8), grid.to("cpu")
+    The decode runs where the codes are (on a GPU too: one fp32 product and one fp32 add per weight, as ggml
+    does, give the same bits there) and the result's ``dequant`` is handed over on ``device`` (default: the codes'
+    device); the bytes are packed on the CPU (numpy), or not at all without ``packed`` (the importance pass needs
+    only the decoded weights)."""
+    device = device or codes.device
+    codes = codes.to(torch.uint8)
+    grid = grid.to(codes.device)
     rows, n = codes.shape
-    packed = np.empty((rows, n // block_size(grid.type_name) * type_size(grid.type_name)), np.uint8)
-    deq = torch.empty(rows, n)
+    out = np.empty((rows, n // block_size(grid.type_name) * type_size(grid.type_name)), np.uint8) if packed else None
+    deq = torch.empty(rows, n, device=device)
     for r0 in range(0, rows, chunk_rows):
         c, g = codes[r0:r0 + chunk_rows], _grid_rows(grid, r0, r0 + chunk_rows)
-        packed[r0:r0 + chunk_rows] = pack(c, g)
+        if out is not None:
+            out[r0:r0 + chunk_rows] = pack(c.cpu(), g.to("cpu"))
         deq[r0:r0 + chunk_rows] = grid_dequant(c, g)
-    return QuantResult(grid.type_name, packed, deq.to(device), codes, grid)
+    return QuantResult(grid.type_name, out, deq, codes, grid)
 
 
 def quantize_rtn(W: torch.Tensor, type_name: str, imatrix: torch.Tensor | None = None,

@@ -78,7 +78,7 @@ def _dense_fisher(w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, types: tupl
         h.add(x)
     out, out_a = {}, {}
     for t in dict.fromkeys(storable_type(t, w.shape[1]) for t in types):
-        dw = (gptq_quantize(w, h.H, t) if h is not None else quantize_rtn(w, t)).dequant - w
+        dw = (gptq_quantize(w, h.H, t, packed=False) if h is not None else quantize_rtn(w, t)).dequant - w
         per_token = ((g @ dw) * x).sum(1).square()  # (gᵀΔW)·x == gᵀ(ΔW x), cheaper
         out[t], out_a[t] = (scale * e for e in fisher_error_split(per_token, in_a))
     return out, out_a

@@ -77,13 +77,13 @@ def _head_record(m: _Measure, item) -> dict:
 def _embedding_record(m: _Measure, item, head: dict) -> dict:
     """The token embedding's Fisher errors (RTN, as the file stores it; a tied head's errors added)."""
     emb = m.stream.tensors["model.embed_tokens.weight"]
-    ids = m.token_ids.flatten()
+    ids = m.token_ids.flatten().to(emb.device)
     used, where = torch.unique(ids, return_inverse=True)  # rows are independent: quantise those seen
     g = item.g_out.reshape(ids.shape[0], -1)
     eps, eps_a = {}, {}
     for t in dict.fromkeys(storable_type(t, emb.shape[1]) for t in m.dense_types):
         de = quantize_rtn(emb[used], t).dequant - emb[used]
-        eps[t], eps_a[t] = fisher_error_split((g * de[where].to(g.device)).sum(1).square(), m.in_a)
+        eps[t], eps_a[t] = fisher_error_split((g * de[where]).sum(1).square(), m.in_a)
         if m.tied:
             eps[t] = float(np.hypot(eps[t], head["head_eps"][t]))
             eps_a[t] = float(np.hypot(eps_a[t], head["head_eps_a"][t]))
@@ -192,7 +192,8 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
                 r = Recipe.for_shapes(t, d_model, d_ff)
                 results = quantize_experts_together([c.weights for c in live],
                                                     [{"gate": r.gate, "up": r.up, "down": r.down}] * len(live),
-                                                    [c.factors for c in live]) if m.gptq else [None] * len(live)
+                                                    [c.factors for c in live], packed=False
+                                                    ) if m.gptq else [None] * len(live)
                 for c, res in zip(live, results, strict=True):
                     _record(c, t, r, None if res is None else (res["gate"].dequant, res["up"].dequant,
                                                                res["down"].dequant))

@@ -117,11 +117,11 @@ def quantize_expert(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, types: di
 
 def quantize_experts_together(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                               types: list[dict[str, str]],
-                              factors: list[tuple[torch.Tensor | None, torch.Tensor | None]]
+                              factors: list[tuple[torch.Tensor | None, torch.Tensor | None]], packed: bool = True
                               ) -> list[dict[str, QuantResult]]:
     """quantize_expert of several experts ((gate, up, down), types, factors each): every projection of the experts
     with a factor and one type walked together (gptq_quantize_many, walk_size of them at a time), RTN for the
-    others."""
+    others. Without ``packed`` the GPTQ results carry no bytes (the importance pass needs the decoded weights)."""
     out: list[dict[str, QuantResult]] = [{} for _ in weights]
     together = walk_size(weights[0][0].device) if weights else 1
     for k, p in enumerate(PROJS):
@@ -136,9 +136,10 @@ def quantize_experts_together(weights: list[tuple[torch.Tensor, torch.Tensor, to
             for j in range(0, len(idx), together):
                 walk = idx[j:j + together]
                 if len(walk) == 1:  # (the lone walk: the ops the CPU's files were measured with)
-                    res = [gptq_quantize(weights[walk[0]][k], None, t, U=factors[walk[0]][which])]
+                    res = [gptq_quantize(weights[walk[0]][k], None, t, U=factors[walk[0]][which], packed=packed)]
                 else:
-                    res = gptq_quantize_many([weights[i][k] for i in walk], [factors[i][which] for i in walk], t)
+                    res = gptq_quantize_many([weights[i][k] for i in walk], [factors[i][which] for i in walk], t,
+                                             packed=packed)
                 for i, r in zip(walk, res, strict=True):
                     out[i][p] = r
     return out

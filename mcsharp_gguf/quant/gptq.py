@@ -27,6 +27,7 @@ from ..ggml.types import _spec, block_size, check_shape
 
 GROUP = 32  # columns per rank-1 group inside a lazy block (a divisor of every ggml block size)
 ROW_CHUNK = 16384  # rows walked together (every expert projection of the supported models is one chunk)
+GPU_ROW_CHUNK = 262144  # on a GPU, whose walk time is its launches: an LM head (≤ 256k rows) in one walk
 
 
 class HessianAccumulator:
@@ -117,7 +118,7 @@ def gptq_factor(H: torch.Tensor, cols: int, damp: float = 0.01) -> torch.Tensor:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp: float = 0.01, block: int = 128,
-                  row_chunk: int = ROW_CHUNK, U: torch.Tensor | None = None) -> QuantResult:
+                  row_chunk: int = ROW_CHUNK, U: torch.Tensor | None = None, packed: bool = True) -> QuantResult:
     """GPTQ of W (rows=out, cols=in) with Hessian H (cols, cols) on ``type_name``'s ggml grid.
 
     ``block`` is the lazy-batch width, rounded up to a multiple of the ggml block. Each ggml block's grid is fitted
@@ -128,14 +129,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp:
     150k rows) is walked ``row_chunk`` rows at a time: its working copies then take a chunk's memory, not the
     whole matrix's several times over. ``U``: gptq_factor(H) computed already (H is then not needed).
 
-    The walk runs on W's device (a GPU's is much faster than the CPU's); H or U are moved there. Packing and
-    the exact decode run on the CPU (ggml.packing.finish), the dequantised weights come back on W's device.
+    The walk and the exact decode run on W's device (H or U are moved there), the packing on the CPU
+    (ggml.packing.finish); without ``packed``, no bytes (the result's ``packed`` is None).
     """
     check_shape(tuple(W.shape), type_name)
     if U is None:
         U = gptq_factor(H.to(W.device), W.shape[1], damp)
     U = U.to(W.device)
     rows, cols = W.shape
+    if W.is_cuda:
+        row_chunk = max(row_chunk, GPU_ROW_CHUNK)
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     grids: list[Grid] = []
     for r0 in range(0, rows, row_chunk):
@@ -144,11 +147,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp:
         grids.append(grid)
         codes[r0:r0 + row_chunk] = _codes(levels[0], type_name)
         del levels
-    return finish(codes, grids[0] if len(grids) == 1 else Grid.cat(grids, dim=0))
+    return finish(codes, grids[0] if len(grids) == 1 else Grid.cat(grids, dim=0), packed=packed)
 
 
-def gptq_quantize_many(Ws: Sequence[torch.Tensor], Us: Sequence[torch.Tensor], type_name: str, block: int = 128
-                       ) -> list[QuantResult]:
+def gptq_quantize_many(Ws: Sequence[torch.Tensor], Us: Sequence[torch.Tensor], type_name: str, block: int = 128,
+                       packed: bool = True) -> list[QuantResult]:
     """gptq_quantize of several matrices of one shape, each on its own factor U (gptq_factor), walked together:
     every step of the walk is one op over all of them. The result of each is what gptq_quantize gives it, up to
     float summation order; on a GPU, where a lone walk's time goes to launching its small ops, many experts cost
@@ -163,7 +166,7 @@ def gptq_quantize_many(Ws: Sequence[torch.Tensor], Us: Sequence[torch.Tensor], t
     Wt = torch.stack([w.detach().float().T for w in Ws])  # (E, cols, rows): a copy, walked in place
     levels, grid = _gptq_walk(Wt, torch.stack([u.to(W0.device) for u in Us]), type_name, block)
     del Wt
-    return [finish(_codes(levels[e], type_name), _grid_rows(grid, e * rows, (e + 1) * rows))
+    return [finish(_codes(levels[e], type_name), _grid_rows(grid, e * rows, (e + 1) * rows), packed=packed)
             for e in range(len(Ws))]
 
 
