@@ -58,8 +58,8 @@ class MoeArchitecture:
         if first in tensors:  # a dense layer (e.g. DeepSeek's first_k_dense_replace) has no experts
             # filled one expert at a time: a layer's experts are in memory once, not once per list and stack
             g0, d0 = get(first), get(f"{prefix}{expert_keys}0.{d}.weight")
-            gate_up = torch.empty((n_expert, 2 * g0.shape[0], g0.shape[1]), dtype=g0.dtype)
-            down = torch.empty((n_expert, *d0.shape), dtype=d0.dtype)
+            gate_up = torch.empty((n_expert, 2 * g0.shape[0], g0.shape[1]), dtype=g0.dtype, device=g0.device)
+            down = torch.empty((n_expert, *d0.shape), dtype=d0.dtype, device=d0.device)
             for e in range(n_expert):
                 base = f"{prefix}{expert_keys}{e}."
                 gate_up[e, :g0.shape[0]] = get(base + f"{g}.weight")

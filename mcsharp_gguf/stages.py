@@ -19,6 +19,26 @@ _STATUS = Path("/proc/self/status")
 _CLEAR = Path("/proc/self/clear_refs")
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere). Tensors freed in
+    pieces below malloc's mmap threshold otherwise stay resident: at Mixtral-8x7B shape the importance pass left
+    1.1 GB behind for GPTQ to start on. Called after each decoder layer and before each stage."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def _reset_peak() -> bool:
     try:
         _CLEAR.write_text("5")
@@ -53,6 +73,7 @@ class StageClock:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        release_free_memory()
         reset_ok = _reset_peak()
         t0 = time.perf_counter()
         yield

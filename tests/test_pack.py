@@ -74,3 +74,31 @@ def test_packed_plan_runs_like_its_dequantised_weights(mode, bpw, tiny_model, tm
     assert np.median(per_token) <= 5e-2
     if bpw >= 6:
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.98
+
+
+def test_spilled_tensors_are_written_like_arrays(tmp_path):
+    """A hook's tensors wait in a TensorSpill file (not in memory) until the writer lays out the GGUF: gguf-py's
+    writer takes them as it takes arrays, and its reader gets the same values back."""
+    import gguf
+
+    from mcsharp_gguf.gguf.convert import TensorSpill
+
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((3, 64)).astype(np.float32), "b": rng.integers(0, 255, (5, 18), np.uint8),
+              "c": rng.standard_normal((2, 4, 32)).astype(np.float16)}
+    spill = TensorSpill(tmp_path)
+    try:
+        w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+        for name, arr in arrays.items():
+            w.add_tensor(name, spill.add(arr), raw_dtype=gguf.GGMLQuantizationType.Q4_0 if name == "b" else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    finally:
+        spill.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]  # the spill file is gone
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "t.gguf").tensors}
+    np.testing.assert_array_equal(np.asarray(got["a"].data).reshape(3, 64), arrays["a"])
+    np.testing.assert_array_equal(np.asarray(got["c"].data).reshape(2, 4, 32), arrays["c"])
+    assert np.asarray(got["b"].data).tobytes() == arrays["b"].tobytes()

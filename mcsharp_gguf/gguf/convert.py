@@ -48,13 +48,14 @@ def _free_bytes(path: Path) -> int:
 def check_free_disk(model_dir: str | Path, out: str | Path, outtype: str = "f16", bpw: float | None = None,
                     work_dir: str | Path | None = None, gptq: bool = False, spill_bytes: int = 0) -> None:
     """Refuse to start a conversion that cannot finish for lack of disk: the output (every weight at ``bpw``, or
-    at ``outtype`` without a plan, + 2% for metadata), with ``gptq`` the work dir's packed layers (the planned
-    weights again) and the importance pass's spilled layer inputs (``spill_bytes``, in ``work_dir``, else in the
-    system's temp dir)."""
+    at ``outtype`` without a plan, + 2% for metadata; with ``bpw`` twice: TensorSpill), with ``gptq`` the work
+    dir's packed layers (the planned weights again) and the importance pass's spilled layer inputs
+    (``spill_bytes``, in ``work_dir``, else in the system's temp dir)."""
     n = checkpoint_weights(model_dir)
     bits = _OUT_BITS[outtype] if bpw is None else max(bpw, 1.0) + 0.25  # router, norms stay wide
     wd = Path(work_dir).parent if work_dir is not None else Path(tempfile.gettempdir())
-    needs = [(Path(out).parent, int(1.02 * n * bits / 8)),
+    # the output, and with a plan the hook's tensors spilled beside it until the writer lays the file out
+    needs = [(Path(out).parent, int(1.02 * n * bits / 8) * (1 if bpw is None else 2)),
              (wd, int(1.02 * n * bits / 8) if gptq and bpw is not None else 0), (wd, spill_bytes)]
     by_fs: dict[int, tuple[Path, int]] = {}  # device → (a path on it, bytes needed there)
     for p, b in needs:
@@ -134,7 +135,52 @@ def atomic_output(out: Path) -> Iterator[Path]:
         os.close(fd)
 
 
-def _model_class(conversion, hf_arch: str, hook: TensorHook | None):
+class SpilledTensor:
+    """A tensor a hook produced, kept in a TensorSpill's file until the GGUF writer copies it into the output: what
+    ``GGUFWriter.add_tensor`` and ``write_tensors_to_file`` use of an array (shape, dtype, nbytes, tofile)."""
+
+    def __init__(self, spill: TensorSpill, offset: int, shape: tuple[int, ...], dtype, nbytes: int):
+        self.spill, self.offset, self.shape, self.dtype, self.nbytes = spill, offset, shape, dtype, nbytes
+
+    def tofile(self, fout) -> None:
+        """Copy the bytes into ``fout`` with plain reads, 64 MB at a time (never mapped: no resident pages)."""
+        f = self.spill.file
+        f.seek(self.offset)
+        left = self.nbytes
+        while left:
+            chunk = f.read(min(left, 1 << 26))
+            if not chunk:
+                raise McsharpError(f"the tensor spill file beside {self.spill.directory} was cut short; convert again")
+            fout.write(chunk)
+            left -= len(chunk)
+
+
+class TensorSpill:
+    """Where a conversion keeps the tensors its hook computed until the writer lays out the file.
+
+    llama.cpp's converter adds every tensor first and writes them all at the end; its own tensors stay lazy
+    until then, a hook's quantised bytes would sit in memory: at the end of a whole Qwen3-30B-A3B conversion the
+    entire file (~13 GB at Q3_K_M). They go to an unnamed temporary file beside the output instead (gone when
+    closed, also after a crash)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.file = tempfile.TemporaryFile(dir=directory, prefix=".mcsharp-tensors-")
+
+    def add(self, data) -> SpilledTensor:
+        """Append ``data`` (a numpy array) to the spill file."""
+        import numpy as np
+
+        arr = np.ascontiguousarray(data)
+        offset = self.file.seek(0, os.SEEK_END)
+        self.file.write(memoryview(arr.reshape(-1)).cast("B"))
+        return SpilledTensor(self, offset, arr.shape, arr.dtype, arr.nbytes)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _model_class(conversion, hf_arch: str, hook: TensorHook | None, spill: TensorSpill | None = None):
     base = conversion.get_model_class(hf_arch)
     lazy_type = conversion.LazyTorchTensor
 
@@ -153,7 +199,7 @@ def _model_class(conversion, hf_arch: str, hook: TensorHook | None):
                     yield new_name, eager
                     continue
                 for name_out, data, qtype in replacement:
-                    self.gguf_writer.add_tensor(name_out, data, raw_dtype=qtype)
+                    self.gguf_writer.add_tensor(name_out, data if spill is None else spill.add(data), raw_dtype=qtype)
 
     HookedModel.__name__ = f"Mcsharp{base.__name__}"
     return HookedModel
@@ -213,12 +259,17 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, outtype: str = "f
     conversion = import_conversion()
     ftype = _ftypes(gguf)[outtype]
     logging.getLogger("hf-to-gguf").setLevel(logging.INFO if verbose else logging.WARNING)
-    cls = _model_class(conversion, info.hf_arch, hook)
+    spill = TensorSpill(out.parent if str(out.parent) else Path(".")) if hook is not None else None
+    cls = _model_class(conversion, info.hf_arch, hook, spill)
     import torch
 
-    with atomic_output(out) as tmp, torch.inference_mode():
-        model = cls(info.path, ftype, tmp, eager=False)
-        if extra_kv is not None:
-            extra_kv(model.gguf_writer)
-        model.write()
+    try:
+        with atomic_output(out) as tmp, torch.inference_mode():
+            model = cls(info.path, ftype, tmp, eager=False)
+            if extra_kv is not None:
+                extra_kv(model.gguf_writer)
+            model.write()
+    finally:
+        if spill is not None:
+            spill.close()
     return out

@@ -70,11 +70,12 @@ def plan_hook(plan: BitPlan, quantise: Quantiser = rtn_quantiser):
             return None
         layer, proj = int(m.group(1)), m.group(2)
         lay = layouts[layer]
-        w = tensor.float()
         out, pos = [], 0
         for g, (target, n) in enumerate(lay.groups):
             qtype = plan.recipes[f"{layer}:{target}"][proj]
-            packed = np.stack([np.asarray(quantise(w[e], qtype, layer, e, proj)) for e in lay.order[pos:pos + n]])
+            # one expert widened at a time (a Mixtral layer's merged experts are 1.9 GB a projection in float32)
+            packed = np.stack([np.asarray(quantise(tensor[e].float(), qtype, layer, e, proj))
+                               for e in lay.order[pos:pos + n]])
             pos += n
             gname = name if plan.mode == "stock" else name.replace("_exps.weight", f"_exps.g{g}.weight")
             out.append((gname, packed, ggml_type(qtype)))

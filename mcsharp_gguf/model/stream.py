@@ -19,6 +19,7 @@ import torch
 
 from ..converters import get_architecture, supported_architectures
 from ..errors import McsharpError
+from ..stages import release_free_memory
 from .checkpoint import safetensors_header
 from .names import MIN_ROWS
 
@@ -126,6 +127,7 @@ class LayerStream:
 
     def load_layer(self, i: int) -> torch.nn.Module:
         """Materialise decoder layer ``i`` with its checkpoint weights (float32) on the stream's device."""
+        release_free_memory()  # what the work since the last layer freed, before the largest allocation
         layer = self.model.model.layers[i]
         layer.to_empty(device=self.device)
         sd = {k: v.to(self.device) for k, v in self.arch.layer_state_dict(self.tensors.names, i,
@@ -140,6 +142,7 @@ class LayerStream:
 
     def unload_layer(self, i: int) -> None:
         self.model.model.layers[i].to("meta")
+        release_free_memory()
 
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         block = getattr(layer, self.arch.moe_block, None)

@@ -361,6 +361,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
             bar.update()
         records[i] = rec
         _save_record(state, i, rec)
+        del item  # its layer inputs, gradients and taps are not held while the next layer loads
     bar.close()
     out = sorted((LayerImportance(**r["layer"]) for r in records.values() if r.get("layer")), key=lambda x: x.layer)
     tensors = [TensorImportance(**t) for r in records.values() for t in r["tensors"]]

@@ -121,6 +121,9 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
             del hidden
             if head_tap is not None:
                 yield LayerGrads(stream.n_layer, None, None, g, {"lm_head": head_tap})
+            # (the LM head's taps hold tokens × vocab gradients: 2.5 GB at Qwen3's vocab and 4,096 tokens;
+            # a local left bound would keep them through the whole reverse pass)
+            del head_tap
             top = stream.n_layer
         else:
             g, top = torch.load(spill / f"g{resume_at:04d}.pt").to(stream.device), resume_at
@@ -131,6 +134,7 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
             g_in, tapped = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs)
             _save(g_in, spill / f"g{i:04d}.pt")
             yield LayerGrads(i, layer, h_in, g, tapped)
+            del tapped  # (not held while the next layer loads)
             g = g_in
             stream.unload_layer(i)
             del h_in
