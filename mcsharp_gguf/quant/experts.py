@@ -4,6 +4,8 @@ layer."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -123,13 +125,25 @@ def quantize_experts_together(weights: list[tuple[torch.Tensor, torch.Tensor, to
     with a factor and one type walked together (gptq_quantize_many, walk_size of them at a time), RTN for the
     others. Without ``packed`` the GPTQ results carry no bytes (the importance pass needs the decoded weights)."""
     out: list[dict[str, QuantResult]] = [{} for _ in weights]
+    for i, p, res in each_expert_quantised(weights, types, factors, packed):
+        out[i][p] = res
+    return out
+
+
+def each_expert_quantised(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                          types: list[dict[str, str]],
+                          factors: list[tuple[torch.Tensor | None, torch.Tensor | None]], packed: bool = True
+                          ) -> Iterator[tuple[int, str, QuantResult]]:
+    """What quantize_experts_together computes, as (expert's position in ``weights``, projection, result) when
+    each is done: a caller that stores the result right away holds one projection's results at a time (a
+    Mixtral-8x7B expert's three are 0.9 GB)."""
     together = walk_size(weights[0][0].device) if weights else 1
     for k, p in enumerate(PROJS):
         which = 1 if p == "down" else 0
         groups: dict[str, list[int]] = {}
         for i, (w, t, f) in enumerate(zip(weights, types, factors, strict=True)):
             if f[which] is None:
-                out[i][p] = quantize_rtn(w[k], t[p])
+                yield i, p, quantize_rtn(w[k], t[p])
             else:
                 groups.setdefault(t[p], []).append(i)
         for t, idx in groups.items():
@@ -140,9 +154,8 @@ def quantize_experts_together(weights: list[tuple[torch.Tensor, torch.Tensor, to
                 else:
                     res = gptq_quantize_many([weights[i][k] for i in walk], [factors[i][which] for i in walk], t,
                                              packed=packed)
-                for i, r in zip(walk, res, strict=True):
-                    out[i][p] = r
-    return out
+                for i in walk:
+                    yield i, p, res.pop(0)
 
 
 def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
@@ -153,14 +166,15 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     ``types[e]`` maps gate/up/down → ggml type. Returns {"packed": {(e, proj): uint8}, "dequant": ...,
     "tokens": per-expert token counts}. ``in_place``: write each expert's dequantised weights into ``gate_up`` /
     ``down`` as soon as it is done, and return no "dequant" (a layer's experts are then in memory once; an
-    expert's GPTQ reads only its own weights, so the experts after it are unaffected).
+    expert's GPTQ reads only its own weights, and its Hessians are taken before any is written, so the experts
+    after it are unaffected).
     """
     ff = down.shape[2]
     packed, dequant, tokens = {}, {}, []
     pooled = LayerTokens(x)
     together = walk_size(x.device)
     for e0 in range(0, len(types), together):  # (on a GPU, walk_size experts walked together)
-        chunk = range(e0, min(e0 + together, len(types)))
+        chunk = list(range(e0, min(e0 + together, len(types))))
         weights, factors = [], []
         for e in chunk:
             xe = x[(top_k_index == e).any(dim=1)]
@@ -168,17 +182,15 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
             g, u, d = gate_up[e, :ff], gate_up[e, ff:], down[e]
             weights.append((g, u, d))
             factors.append(expert_factors(expert_hessians(g, u, xe, act, gptq, pooled=pooled), pooled))
-        results = quantize_experts_together(weights, [types[e] for e in chunk], factors)
-        for e, (g, u, d), res in zip(chunk, weights, results, strict=True):
-            for p in PROJS:
-                packed[(e, p)] = np.asarray(res[p].packed)
+        for i, p, res in each_expert_quantised(weights, [types[e] for e in chunk], factors):
+            e = chunk[i]
+            packed[(e, p)] = np.asarray(res.packed)
             if in_place:
                 with torch.no_grad():
-                    g.copy_(res["gate"].dequant)
-                    u.copy_(res["up"].dequant)
-                    d.copy_(res["down"].dequant)
+                    weights[i][PROJS.index(p)].copy_(res.dequant)
             else:
-                dequant.update({(e, p): res[p].dequant for p in PROJS})
+                dequant[(e, p)] = res.dequant
+            del res
     return {"packed": packed, "tokens": tokens, "types": types, **({} if in_place else {"dequant": dequant})}
 
 
