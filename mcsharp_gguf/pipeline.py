@@ -20,6 +20,7 @@ import torch
 from .converters import get_architecture
 from .devices import describe_device, resolve_device
 from .errors import McsharpError
+from .executors import InProcess, RayCluster
 from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
 from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
 from .model.calibration import calibration_ids, calibration_seqs
@@ -86,13 +87,15 @@ def check_disk(model_dir, out: Path, recipe: Recipe, bpw: float | None, planning
 
 
 def measure(recipe: Recipe, model_dir, ids: torch.Tensor, work_dir: Path | None = None,
-            device: torch.device | str = "cpu") -> ModelImportance:
+            device: torch.device | str = "cpu", executor: InProcess | RayCluster | None = None) -> ModelImportance:
     """The Importance stage: PMQ's per-(expert, type) and per-tensor errors on ``ids`` (resumable in
     ``work_dir``), computed on ``device``. A stock plan prices a layer's experts together: every type is measured
-    on a sample of them (STOCK_SAMPLE; a mixed plan measures all)."""
+    on a sample of them (STOCK_SAMPLE; a mixed plan measures all). Each expert's measurement runs on ``executor``
+    (executors.connect; default: this process)."""
     return measure_importance(model_dir, ids, dense=recipe.scope == "file", flip_probe=recipe.flip_probe,
                               eps_source=recipe.eps_source, work_dir=work_dir,
-                              expert_sample=STOCK_SAMPLE if recipe.mode == "stock" else None, device=device)
+                              expert_sample=STOCK_SAMPLE if recipe.mode == "stock" else None, device=device,
+                              executor=executor)
 
 
 def planned_weights(importance: ModelImportance, scope: str) -> int:
@@ -116,14 +119,15 @@ def solve(recipe: Recipe, importance: ModelImportance, budget: Budget, log: Call
 def plan_model(recipe: Recipe, model_dir, ids: torch.Tensor | None, budget: Budget,
                importance: ModelImportance | None = None, work_dir: Path | None = None,
                log: Callable[[str], None] = print, clock: StageClock | None = None,
-               device: torch.device | str = "cpu") -> tuple[ModelImportance, BitPlan]:
+               device: torch.device | str = "cpu", executor: InProcess | RayCluster | None = None
+               ) -> tuple[ModelImportance, BitPlan]:
     """Importance (measured on ``ids`` on ``device`` unless given) → BitPlan at ``budget``: what ``mcsharp plan``
     runs and the first stages of ``run``."""
     clock = clock or StageClock(log=log)
     if importance is None:
         log(f"[pmq] measuring importance on {ids.numel()} calibration tokens")
         with clock.stage("importance"):
-            importance = measure(recipe, model_dir, ids, work_dir, device)
+            importance = measure(recipe, model_dir, ids, work_dir, device, executor)
         sampled = [lay for lay in importance.layers if lay.sampled]
         if sampled:
             log(f"[pmq] {len(sampled[0].sampled)} of {sampled[0].n_expert} experts per layer measured at every "
@@ -161,7 +165,8 @@ def _dense_types(recipe: Recipe, plan: BitPlan | None) -> DenseTypes | None:
 
 
 def quantise(model_dir, plan: BitPlan, dense: DenseTypes | None, ids: torch.Tensor | None, work: Path,
-             log: Callable[[str], None] = print, device: torch.device | str = "cpu"):
+             log: Callable[[str], None] = print, device: torch.device | str = "cpu",
+             executor: InProcess | RayCluster | None = None):
     """The quantisation stage: sequential GPTQ (on ``device``) of the planned experts (and ``dense`` tensors) into
     ``work``, or RTN when ``ids`` is None; returns the convert hook that writes them."""
     served = None
@@ -170,7 +175,7 @@ def quantise(model_dir, plan: BitPlan, dense: DenseTypes | None, ids: torch.Tens
         what = (f" and of {len(plan.tensor_types)} non-expert tensors" if plan.tensor_types
                 else f" and of {dense.to_json()}" if dense else "")
         log(f"[pmq] sequential GPTQ of the planned experts{what}")
-        served = quantize_experts(model_dir, plan, ids, work, dense=dense, device=device)
+        served = quantize_experts(model_dir, plan, ids, work, dense=dense, device=device, executor=executor)
         quantiser = WorkDirQuantiser(served)
     hook = plan_hook(plan, quantiser)
     if dense is not None:
@@ -196,8 +201,8 @@ def _metadata(recipe: Recipe, plan: BitPlan | None, dense: DenseTypes | None, ro
 
 def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan | None = None,
         importance: ModelImportance | None = None, routers: OtpRouters | None = None, work_dir: Path | None = None,
-        device: torch.device | str = "auto", log: Callable[[str], None] = print, clock: StageClock | None = None,
-        verbose: bool = False) -> Conversion:
+        device: torch.device | str = "auto", executor: InProcess | RayCluster | None = None,
+        log: Callable[[str], None] = print, clock: StageClock | None = None, verbose: bool = False) -> Conversion:
     """Convert ``model_dir`` to ``out`` as ``recipe`` says; every stage is timed on ``clock``.
 
     ``plan`` (e.g. from ``mcsharp plan``) or ``importance`` (a measured ModelImportance) skip the stages before
@@ -205,10 +210,11 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     ``OUT.work``, removed after success unless given) keeps every finished layer of the importance pass and of
     GPTQ, so an interrupted run resumes with the same bytes. Budget and disk are checked before any calibration.
     ``device`` (devices.resolve_device: auto, cpu, cuda[:N]) is where importance, GPTQ and OTP training run; a
-    device that cannot be used fails here, before any work.
+    device that cannot be used fails here, before any work. ``executor`` (executors.connect) runs each expert's
+    importance measurement and GPTQ: this process by default, or Ray tasks on a cluster (the same bytes).
 
-    (Eleven parameters: what to convert and where, then keyword-only stage results to reuse, the device, and the
-    log, clock and verbosity a caller brings.)
+    (Twelve parameters: what to convert and where, then keyword-only stage results to reuse, the device and
+    executor, and the log, clock and verbosity a caller brings.)
     """
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -241,10 +247,11 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         log(f"[calib] {ids.shape[0]} × {ids.shape[1]} calibration tokens ({recipe.calib}"
             + (", sequences scaled to the model's experts per token)" if recipe.calib_seqs is None else ")"))
     if ids is not None:
-        log(f"[device] {describe_device(device)}" + (" (auto)" if auto else ""))
+        log(f"[device] {describe_device(device)}" + (" (auto)" if auto else "")
+            + (f"; expert work on the {executor.describe()}" if executor is not None and executor.remote else ""))
     if res.plan is None and res.budget is not None:
         res.importance, res.plan = plan_model(recipe, model_dir, ids, res.budget, importance, work, log, clock,
-                                              device)
+                                              device, executor)
     dense = _dense_types(recipe, res.plan)
     hook = None
     if res.plan is not None:
@@ -252,7 +259,8 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         if res.importance is not None:
             res.est_kl = estimated_kl(res.plan, res.importance, res.n_tokens)
         with clock.stage("gptq" if recipe.gptq else "rtn"):
-            hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log, device=device)
+            hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log, device=device,
+                            executor=executor)
     res.routers = routers
     if recipe.otp and routers is None:
         log(f"[otp] training routers for executed fraction {recipe.otp_target_frac}")

@@ -93,7 +93,7 @@ def test_starved_experts_borrow_the_layers_hessian_and_rtn_only_without_it():
     idx = torch.zeros(300, 1, dtype=torch.long)  # every token goes to expert 0
     types = [{"gate": "Q4_K", "up": "Q4_K", "down": "Q4_K"}] * 2
     act = torch.nn.functional.silu
-    res = quantize_layer_experts(gate_up, down, x, idx, types, act)
+    res = quantize_layer_experts(gate_up.clone(), down.clone(), x, idx, types, act)  # (written in place)
     assert res["tokens"] == [300, 0]
     pooled = LayerTokens(x)
     assert np.array_equal(res["packed"][(1, "gate")], gptq_quantize(gate_up[1, :256], pooled.h_in(), "Q4_K").packed)
@@ -101,7 +101,7 @@ def test_starved_experts_borrow_the_layers_hessian_and_rtn_only_without_it():
                           gptq_quantize(down[1], pooled.h_act(gate_up[1, :256], gate_up[1, 256:], act), "Q4_K").packed)
     assert not np.array_equal(res["packed"][(1, "down")], quantize_rtn(down[1], "Q4_K").packed)
     # the layer's 100 tokens are fewer than the 256-wide inputs: a singular Hessian either way, RTN instead
-    few = quantize_layer_experts(gate_up, down, x[:100], idx[:100], types, act)
+    few = quantize_layer_experts(gate_up.clone(), down.clone(), x[:100], idx[:100], types, act)
     assert all(np.array_equal(few["packed"][(e, p)], quantize_rtn(w, "Q4_K").packed) for e in (0, 1)
                for p, w in (("gate", gate_up[e, :256]), ("down", down[e])))
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import McsharpError
+from ..executors import InProcess, RayCluster
 from ..ggml.packing import quantize_rtn
 from ..ggml.types import storable_type
 from ..model.names import checkpoint_name, gguf_name_map
@@ -47,6 +48,7 @@ class _Measure:
     tied: bool  # the LM head is the token embedding (GGUF then has no output.weight)
     expert_sample: int | None  # measure every type on this many experts of a layer (None: on all of them)
     neuron_sample: int | None  # measure wide experts on this many of their neurons (None: on all of them)
+    executor: InProcess | RayCluster  # where each expert's measurement runs (executors.connect)
 
 
 @dataclass
@@ -54,9 +56,7 @@ class _Case:
     """One expert in the importance pass, as every candidate type's measurement of it uses it."""
 
     expert: int
-    tok: torch.Tensor  # the calibration tokens routed to it
-    x: torch.Tensor  # their MoE inputs
-    w: torch.Tensor  # their routing weights
+    tokens: ExpertTokens  # the calibration tokens routed to it
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate, up, down (a neuron sample of wide experts)
     scale: float  # from the sample's error to the whole expert's
     factors: tuple[torch.Tensor | None, torch.Tensor | None]  # GPTQ's, of its two Hessians
@@ -147,6 +147,74 @@ def predict_unsampled(values: dict[str, list[float | None]], anchor: str, sample
     return out
 
 
+@dataclass
+class ExpertTokens:
+    """One expert's share of a layer's calibration tokens: what measuring it needs, shipped to wherever it runs
+    (executors)."""
+
+    expert: int
+    x: torch.Tensor  # the MoE inputs of the tokens routed to it
+    w: torch.Tensor  # their routing weights
+    grad: torch.Tensor  # ∇ log p(ŷ) at the block output, for those tokens
+    in_a: torch.Tensor  # the fold A mask, for those tokens
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # its gate, up, down
+
+
+@dataclass(frozen=True)
+class ErrorSettings:
+    """How one layer's experts are measured (the _Measure settings an expert's measurement uses)."""
+
+    gptq: bool
+    d_model: int
+    d_ff: int
+    neuron_sample: int | None
+    flip_probe: str | None
+
+
+def _prepare(t: ExpertTokens, s: ErrorSettings, pooled: LayerTokens, act) -> _Case:
+    """What every type's measurement of one expert shares: its (sampled) weights, their GPTQ factors, its
+    unquantised output."""
+    g, u, d = t.weights
+    scale = 1.0
+    if measured_neurons(s.d_ff, s.neuron_sample) < s.d_ff:  # measured on a sample of its neurons, scaled up
+        neurons, factor = sample_neurons(neuron_energy(g, u, d, t.x, t.w, act), s.neuron_sample)
+        neurons = neurons.to(g.device)
+        g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
+    hessians = expert_hessians(g, u, t.x, act, s.gptq, s.d_ff, pooled)
+    return _Case(t.expert, t, (g, u, d), scale, expert_factors(hessians, pooled),  # once for every type
+                 (act(t.x @ g.T) * (t.x @ u.T)) @ d.T)
+
+
+def measure_experts(group: list[ExpertTokens], types: tuple[str, ...], pooled: LayerTokens, act,
+                    settings: ErrorSettings) -> list[dict]:
+    """Each expert of ``group`` (walked together by GPTQ: walk_size of them) at every type of ``types``: per
+    expert {"eps"|"fisher"|"a": {type: error}, "probe": the RTN Fisher error at the flip probe or None}. The
+    unit of work an executor runs (a Ray task on a cluster)."""
+    s = settings
+    cases = [_prepare(t, s, pooled, act) for t in group]
+    out = [{"expert": c.expert, "eps": {}, "fisher": {}, "a": {}, "probe": None} for c in cases]
+    for t in types:
+        r = Recipe.for_shapes(t, s.d_model, s.d_ff)
+        results = quantize_experts_together([c.weights for c in cases],
+                                            [{"gate": r.gate, "up": r.up, "down": r.down}] * len(cases),
+                                            [c.factors for c in cases], packed=False
+                                            ) if s.gptq else [None] * len(cases)
+        for c, res, rec in zip(cases, results, out, strict=True):
+            q = None if res is None else (res["gate"].dequant, res["up"].dequant, res["down"].dequant)
+            g, u, d = c.weights
+            gu = torch.cat([g, u])
+            delta = expert_output_delta(gu, d, c.tokens.x, c.tokens.w, r, act=act, quantised=q, base=c.base
+                                        ) * c.scale
+            rec["eps"][t] = float(delta.norm())
+            rec["fisher"][t], rec["a"][t] = fisher_error_split((delta * c.tokens.grad).sum(1).square(),
+                                                               c.tokens.in_a)
+            if t == s.flip_probe:
+                rec["probe"] = rec["fisher"][t] if not s.gptq else fisher_error(
+                    expert_output_delta(gu, d, c.tokens.x, c.tokens.w, r, act=act, base=c.base) * c.scale,
+                    c.tokens.grad)
+    return out
+
+
 def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict, list[int], list[float]]:
     """Every (expert, candidate type)'s eps, Fisher error and fold-A Fisher error of one MoE layer
     ({"eps"|"fisher"|"a": {type: per expert}}), the experts measured at every type (empty: all) and the RTN
@@ -154,61 +222,39 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
 
     With ``m.expert_sample`` below the layer's expert count, every expert is measured at the anchor type (and
     the flip probe), a stratified sample at the other types, and the rest predicted (predict_unsampled).
-    Experts wider than 2 ``m.neuron_sample`` are measured on a sample of their neurons (sample_neurons)."""
+    Experts wider than 2 ``m.neuron_sample`` are measured on a sample of their neurons (sample_neurons).
+    Each expert's measurement (measure_experts) runs on ``m.executor``."""
+    executor = m.executor
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     d_model, d_ff = gate_up.shape[2], down.shape[2]
     n_e = gate_up.shape[0]
     errors: dict[str, dict[str, list]] = {k: {t: [None] * n_e for t in m.targets} for k in ("eps", "fisher", "a")}
     probe = [0.0] * n_e
-    wide = measured_neurons(d_ff, m.neuron_sample) < d_ff
+    settings = ErrorSettings(m.gptq, d_model, d_ff, m.neuron_sample, m.flip_probe)
     pooled = LayerTokens(cap.x)
+    if m.gptq and executor.remote:  # the pooled input Hessian's factor once here, not in every task borrowing it
+        pooled.prepare()
     together = walk_size(cap.x.device)
 
-    def prepare(e: int) -> _Case | None:
-        """What every type's measurement of expert ``e`` shares (None: no token reached it)."""
-        tok, slot = torch.where(cap.top_k_index == e)
-        if tok.numel() == 0:
-            return None
-        x, w = cap.x[tok], cap.top_k_weights[tok, slot]
-        g, u, d = gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]
-        scale = 1.0
-        if wide:  # measured on a sample of its neurons, scaled to the whole expert
-            neurons, factor = sample_neurons(neuron_energy(g, u, d, x, w, experts.act_fn), m.neuron_sample)
-            neurons = neurons.to(g.device)
-            g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
-        hessians = expert_hessians(g, u, x, experts.act_fn, m.gptq, d_ff, pooled)
-        return _Case(e, tok, x, w, (g, u, d), scale, expert_factors(hessians, pooled),  # once for every type
-                     (experts.act_fn(x @ g.T) * (x @ u.T)) @ d.T)
-
     def measure(es: list[int], types: tuple[str, ...]) -> None:
-        for c0 in range(0, len(es), together):  # (walk_size experts prepared and walked together)
-            cases = [prepare(e) for e in es[c0:c0 + together]]
-            for e in (e for e, c in zip(es[c0:c0 + together], cases, strict=True) if c is None):
-                for acc in errors.values():
+        routed = {e: torch.where(cap.top_k_index == e) for e in es}
+        for e in (e for e in es if routed[e][0].numel() == 0):  # no token reached it
+            for acc in errors.values():
+                for t in types:
+                    acc[t][e] = 0.0
+        live = [e for e in es if routed[e][0].numel()]
+        groups = ([ExpertTokens(e, cap.x[routed[e][0]], cap.top_k_weights[routed[e]], grad[routed[e][0]],
+                                m.in_a[routed[e][0]], (gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]))
+                   for e in live[j:j + together]] for j in range(0, len(live), together))  # (made as needed)
+        for result in executor.map(measure_experts, groups, types=types, pooled=pooled, act=experts.act_fn,
+                                   settings=settings):
+            for rec in result:
+                e = rec["expert"]
+                for k in ("eps", "fisher", "a"):
                     for t in types:
-                        acc[t][e] = 0.0
-            live = [c for c in cases if c is not None]
-            for t in types:
-                r = Recipe.for_shapes(t, d_model, d_ff)
-                results = quantize_experts_together([c.weights for c in live],
-                                                    [{"gate": r.gate, "up": r.up, "down": r.down}] * len(live),
-                                                    [c.factors for c in live], packed=False
-                                                    ) if m.gptq else [None] * len(live)
-                for c, res in zip(live, results, strict=True):
-                    _record(c, t, r, None if res is None else (res["gate"].dequant, res["up"].dequant,
-                                                               res["down"].dequant))
-
-    def _record(c: _Case, t: str, r: Recipe, q) -> None:
-        g, u, d = c.weights
-        gu = torch.cat([g, u])
-        delta = expert_output_delta(gu, d, c.x, c.w, r, act=experts.act_fn, quantised=q, base=c.base) * c.scale
-        e = c.expert
-        errors["eps"][t][e] = float(delta.norm())
-        errors["fisher"][t][e], errors["a"][t][e] = fisher_error_split((delta * grad[c.tok]).sum(1).square(),
-                                                                       m.in_a[c.tok])
-        if t == m.flip_probe:
-            probe[e] = errors["fisher"][t][e] if not m.gptq else fisher_error(
-                expert_output_delta(gu, d, c.x, c.w, r, act=experts.act_fn, base=c.base) * c.scale, grad[c.tok])
+                        errors[k][t][e] = rec[k][t]
+                if rec["probe"] is not None:
+                    probe[e] = rec["probe"]
 
     if not m.expert_sample or n_e <= m.expert_sample:
         measure(list(range(n_e)), m.targets)
@@ -293,8 +339,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                        dense_types: tuple[str, ...] = DENSE_TYPES, tap_seqs: int = 8,
                        flip_probe: str | None = None, probe_seqs: int = 4, eps_source: str = EPS_SOURCE,
                        work_dir=None, expert_sample: int | None = None,
-                       neuron_sample: int | None = NEURON_SAMPLE, device: torch.device | str = "cpu"
-                       ) -> ModelImportance:
+                       neuron_sample: int | None = NEURON_SAMPLE, device: torch.device | str = "cpu",
+                       executor: InProcess | RayCluster | None = None) -> ModelImportance:
     """Stream the model layer by layer over ``token_ids`` and measure, for every MoE layer, phi, w and per
     (expert, recipe) eps both at the block output and in the output-KL (Fisher) metric; with
     ``dense``, also the Fisher error of every non-expert tensor the converter quantises (attention and shared
@@ -321,9 +367,10 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     ``work_dir/importance``, so a run stopped at layer N continues there with the same result.
 
     ``device``: where the layers run and the errors are computed (devices.resolve_device); a GPU's results
-    differ from the CPU's by float rounding only.
+    differ from the CPU's by float rounding only. ``executor``: where each expert's measurement runs
+    (executors.connect: this process by default, or Ray tasks; the same results either way).
 
-    (Fifteen parameters: the measurement's knobs, all with defaults, passed by name.)
+    (Sixteen parameters: the measurement's knobs, all with defaults, passed by name.)
     """
     from tqdm import tqdm
 
@@ -336,7 +383,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                  (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5, flip_probe,
                  fold_a_mask(token_ids.numel(), token_ids.shape[1]).to(stream.device),
                  stream.lm_head_name() != "lm_head.weight",
-                 expert_sample, neuron_sample)
+                 expert_sample, neuron_sample, executor or InProcess())
     names = gguf_name_map(stream.arch, stream.n_layer)
     key = _importance_key(model_dir, token_ids, targets=m.targets, dense=dense, dense_types=m.dense_types,
                           tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=1,

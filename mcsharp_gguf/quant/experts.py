@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..executors import InProcess, RayCluster
 from ..ggml.libggml import ggml_dequantize
 from ..ggml.packing import QuantResult, quantize_rtn
 from .gptq import HessianAccumulator, gptq_factor, gptq_quantize, gptq_quantize_many
@@ -39,6 +40,12 @@ class LayerTokens:
             acc.add(self.x)
             self._h_in = acc.H
         return self._h_in
+
+    def prepare(self) -> None:
+        """Compute the pooled input Hessian and its factor now, if any expert can borrow them: before this object
+        is shipped to the tasks that would each compute them again (executors)."""
+        if self.n >= self.x.shape[1]:
+            self.factor_in(self.h_in())
 
     def factor_in(self, h: torch.Tensor | None) -> torch.Tensor | None:
         """GPTQ's factor of ``h`` when it is this layer's pooled input Hessian (computed once for every expert
@@ -158,40 +165,51 @@ def each_expert_quantised(weights: list[tuple[torch.Tensor, torch.Tensor, torch.
                     yield i, p, res.pop(0)
 
 
-def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
-                           types: list[dict[str, str]], act, gptq: bool = True, in_place: bool = False) -> dict:
-    """GPTQ of one layer's experts (quantize_expert on each, on the Hessians expert_hessians gives: the expert's
-    own, or those of every token ``x`` of the layer where it saw too few).
+def quantize_expert_group(group: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]],
+                          types: list[dict[str, str]], pooled: LayerTokens, act, gptq: bool = True
+                          ) -> list[tuple[int, str, np.ndarray]]:
+    """GPTQ of a group of one layer's experts, each (expert, (gate, up, down), its routed inputs), walked together
+    (walk_size of them) on the Hessians expert_hessians gives them: (expert, projection, packed bytes) of each.
+    The unit of work an executor runs (a Ray task on a cluster)."""
+    weights = [w for _, w, _ in group]
+    factors = [expert_factors(expert_hessians(g, u, xe, act, gptq, pooled=pooled), pooled)
+               for _, (g, u, _), xe in group]
+    return [(group[i][0], p, np.asarray(res.packed))
+            for i, p, res in each_expert_quantised(weights, [types[e] for e, _, _ in group], factors)]
 
-    ``types[e]`` maps gate/up/down → ggml type. Returns {"packed": {(e, proj): uint8}, "dequant": ...,
-    "tokens": per-expert token counts}. ``in_place``: write each expert's dequantised weights into ``gate_up`` /
-    ``down`` as soon as it is done, and return no "dequant" (a layer's experts are then in memory once; an
-    expert's GPTQ reads only its own weights, and its Hessians are taken before any is written, so the experts
-    after it are unaffected).
+
+def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
+                           types: list[dict[str, str]], act, gptq: bool = True,
+                           executor: InProcess | RayCluster | None = None) -> dict:
+    """GPTQ of one layer's experts (quantize_expert_group: on their own Hessians, or those of every token ``x``
+    of the layer where one saw too few), each written into ``gate_up`` / ``down`` as soon as it is done, decoded
+    from its packed bytes by libggml (bit-exact with what GPTQ computed; what a resumed run loads too). An
+    expert's GPTQ reads only its own weights, so the experts after it are unaffected.
+
+    ``types[e]`` maps gate/up/down → ggml type; ``executor`` (executors.connect; default: this process) runs
+    the groups. Returns {"packed": {(e, proj): uint8}, "tokens": per-expert token counts, "types": types}.
     """
+    executor = executor or InProcess()
     ff = down.shape[2]
-    packed, dequant, tokens = {}, {}, []
     pooled = LayerTokens(x)
+    if gptq and executor.remote:  # the pooled input Hessian's factor once here, not in every task borrowing it
+        pooled.prepare()
+    routed = [(top_k_index == e).any(dim=1) for e in range(len(types))]
     together = walk_size(x.device)
-    for e0 in range(0, len(types), together):  # (on a GPU, walk_size experts walked together)
-        chunk = list(range(e0, min(e0 + together, len(types))))
-        weights, factors = [], []
-        for e in chunk:
-            xe = x[(top_k_index == e).any(dim=1)]
-            tokens.append(int(xe.shape[0]))
-            g, u, d = gate_up[e, :ff], gate_up[e, ff:], down[e]
-            weights.append((g, u, d))
-            factors.append(expert_factors(expert_hessians(g, u, xe, act, gptq, pooled=pooled), pooled))
-        for i, p, res in each_expert_quantised(weights, [types[e] for e in chunk], factors):
-            e = chunk[i]
-            packed[(e, p)] = np.asarray(res.packed)
-            if in_place:
-                with torch.no_grad():
-                    weights[i][PROJS.index(p)].copy_(res.dequant)
-            else:
-                dequant[(e, p)] = res.dequant
-            del res
-    return {"packed": packed, "tokens": tokens, "types": types, **({} if in_place else {"dequant": dequant})}
+
+    def views(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return gate_up[e, :ff], gate_up[e, ff:], down[e]
+
+    groups = ([(e, views(e), x[routed[e]]) for e in range(e0, min(e0 + together, len(types)))]
+              for e0 in range(0, len(types), together))  # (on a GPU, walk_size experts walked together)
+    packed = {}
+    for result in executor.map(quantize_expert_group, groups, types=types, pooled=pooled, act=act, gptq=gptq):
+        for e, p, data in result:
+            packed[(e, p)] = data
+            w = views(e)[PROJS.index(p)]
+            with torch.no_grad():
+                w.copy_(torch.from_numpy(ggml_dequantize(data, types[e][p], tuple(w.shape))))
+    return {"packed": packed, "tokens": [int(r.sum()) for r in routed], "types": types}
 
 
 def load_packed_experts(experts: torch.nn.Module, done: dict) -> None:

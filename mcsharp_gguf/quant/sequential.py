@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import McsharpError
+from ..executors import InProcess, RayCluster
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
 from .dense import DenseTypes, _apply_dense, _quantize_linear, quantize_dense
@@ -95,8 +96,10 @@ class GptqPass:
     before it produce, keep the result in the work dir, and return the quantised layer's output, the next
     layer's input. A layer finished in an earlier run is loaded from the work dir instead."""
 
-    def __init__(self, stream: LayerStream, plan: BitPlan, dense: DenseTypes, work_dir: Path, gptq: bool = True):
+    def __init__(self, stream: LayerStream, plan: BitPlan, dense: DenseTypes, work_dir: Path, gptq: bool = True,
+                 executor: InProcess | RayCluster | None = None):
         self.stream, self.plan, self.dense, self.work_dir, self.gptq = stream, plan, dense, work_dir, gptq
+        self.executor = executor  # where each expert's GPTQ runs (executors.connect)
         self.names = gguf_name_map(stream.arch, stream.n_layer)
 
     def linears(self, i: int, layer: torch.nn.Module) -> dict[str, tuple[str, str, torch.nn.Linear]]:
@@ -153,7 +156,7 @@ class GptqPass:
             types = [self.plan.recipes[f"{i}:{t}"] for t in self.plan.layers[i]]
             done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(), cap.x,
                                                cap.top_k_index, types, experts.act_fn, gptq=self.gptq,
-                                               in_place=True))
+                                               executor=self.executor))
         elif ffn:
             _, hess = _with_hessians(hooks_for, run, hidden)
         if ffn:
@@ -162,16 +165,17 @@ class GptqPass:
 
 
 def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir: Path, gptq: bool = True,
-                     progress: bool = True, dense: DenseTypes | None = None, device: torch.device | str = "cpu"
-                     ) -> Path:
+                     progress: bool = True, dense: DenseTypes | None = None, device: torch.device | str = "cpu",
+                     executor: InProcess | RayCluster | None = None) -> Path:
     """Quantise every planned MoE layer (and, with ``dense``, the other linears and the LM head) into
     ``work_dir``, one layer at a time on the outputs of the already-quantised layers (:class:`GptqPass`;
     finished layers are reused), then the LM head on the last layer's output. ``device``: where the layers run
-    and GPTQ walks (devices.resolve_device)."""
+    and GPTQ walks (devices.resolve_device); ``executor``: where each expert's GPTQ runs (executors.connect:
+    this process by default, or Ray tasks; the same bytes either way)."""
     dense = dense or DenseTypes()
     check_work_dir(work_dir, plan, dense)
     stream = LayerStream.open(model_dir, device)
-    step = GptqPass(stream, plan, dense, work_dir, gptq)
+    step = GptqPass(stream, plan, dense, work_dir, gptq, executor)
     hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
     out_type = dense.type_for("output.weight", "output")
     if out_type is not None and not work_entry_ok(_output_file(work_dir)):
