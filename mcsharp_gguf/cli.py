@@ -116,6 +116,22 @@ _DEVICE = click.option("--device", default="auto", show_default=True, metavar="a
                             "else the CPU.")
 
 
+_RAY = click.option("--ray", "ray_address", default=None, metavar="auto|HOST:PORT",
+                    help="Run each layer's expert work (importance, GPTQ) as Ray tasks (pip install "
+                         "'mcsharp-gguf[ray]'): auto = the cluster running here or at RAY_ADDRESS, else a new one "
+                         "on this machine; HOST:PORT = a cluster's head node. Same file as without.")
+
+
+def _executor(address: str | None):
+    """The executor of --ray (executors.connect), connected (and logged) before any long work."""
+    from .executors import connect
+
+    ex = connect(address)
+    if ex.remote:
+        _log(f"[ray] {ex.describe()}")
+    return ex
+
+
 def _device(name: str):
     """The torch device of --device, resolved (and logged) before any long work."""
     from .devices import describe_device, resolve_device
@@ -275,11 +291,12 @@ _HELP_ADVANCED = click.option("--help-advanced", is_flag=True, expose_value=Fals
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (file, size, bpw, estimated KL, each "
                                                        "stage's time and peak memory) on stdout.")
 @_DEVICE
+@_RAY
 @_option_group(_convert_knobs)
 @_option_group(_otp_knobs(hidden=True))
 @_HELP_ADVANCED
 def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path | None, work_dir: Path | None,
-            device: str, as_json: bool, verbose: bool, **kw) -> None:
+            device: str, ray_address: str | None, as_json: bool, verbose: bool, **kw) -> None:
     """Convert a Hugging Face MoE checkpoint to a compressed GGUF: PMQ mixed-precision GPTQ at a llama-quantize
     preset's size (default Q3_K_M), a file size or a bpw; --otp adds OTP routers."""
     from .gguf.convert import check_output_path
@@ -298,8 +315,12 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
         except McsharpError as e:
             raise McsharpError(f"--plan {plan_file}: {e}") from None
     clock = StageClock(log=_log)
-    res = run(recipe, model_dir, out, plan=plan, work_dir=work_dir, device=device, log=_log, clock=clock,
-              verbose=verbose)
+    executor = _executor(ray_address)
+    try:
+        res = run(recipe, model_dir, out, plan=plan, work_dir=work_dir, device=device, executor=executor, log=_log,
+                  clock=clock, verbose=verbose)
+    finally:
+        executor.close()
     peak = clock.peak_mb()
     _log(f"[convert] {res.summary()}, peak RSS {peak:.0f} MB")
     if as_json:
@@ -322,8 +343,9 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
 @plan_options
 @calib_options
 @_DEVICE
+@_RAY
 @_HELP_ADVANCED
-def plan(model_dir: Path, out: Path, force: bool, device: str, **kw) -> None:
+def plan(model_dir: Path, out: Path, force: bool, device: str, ray_address: str | None, **kw) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
     from .gguf.convert import check_output_path
     from .model.calibration import calibration_ids
@@ -339,10 +361,15 @@ def plan(model_dir: Path, out: Path, force: bool, device: str, **kw) -> None:
     check_output_path(out, (model_dir, _calib_file(recipe.calib)), force)
     budget = model_budget(recipe, model_dir, _log)
     dev = _device(device)
+    executor = _executor(ray_address)
     clock = StageClock(log=_log)
-    with clock.stage("calibration"):
-        ids = calibration_ids(recipe, model_dir)
-    _, result = plan_model(recipe, model_dir, ids, budget, log=_log, clock=clock, device=dev)
+    try:
+        with clock.stage("calibration"):
+            ids = calibration_ids(recipe, model_dir)
+        _, result = plan_model(recipe, model_dir, ids, budget, log=_log, clock=clock,
+                               device=executor.layer_device(dev, device == "auto"), executor=executor)
+    finally:
+        executor.close()
     out.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))

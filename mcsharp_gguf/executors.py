@@ -14,6 +14,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,10 @@ class InProcess:
         """``fn(item, **shared)`` of each item, in order."""
         for item in items:
             yield fn(item, **shared)
+
+    def layer_device(self, device: torch.device, auto: bool) -> torch.device:
+        """Where the layer loop runs beside this executor: ``device``."""
+        return device
 
     def describe(self) -> str:
         return "this process"
@@ -98,6 +103,15 @@ class RayCluster:
             raise McsharpError(f"a Ray task failed after {RETRIES} retries on {self.where}: {first}; finished "
                                "layers are kept in the work dir, so a rerun resumes") from None
 
+    def layer_device(self, device: torch.device, auto: bool) -> torch.device:
+        """Where the layer loop runs beside the cluster: the CPU (its tasks compute on CPUs, and a task's inputs
+        and results cross processes as CPU tensors); ``--device auto`` falls back to it, a GPU asked for by
+        name is an error."""
+        if device.type == "cpu" or auto:
+            return torch.device("cpu")
+        raise McsharpError(f"--ray runs the expert work on the cluster's CPUs and --device {device} asks for a GPU; "
+                           "use one of them (on one machine with a GPU, --device cuda alone is the faster)")
+
     def describe(self) -> str:
         cpus = int(self._ray.cluster_resources().get("CPU", 0))
         nodes = sum(1 for n in self._ray.nodes() if n.get("Alive"))
@@ -122,6 +136,18 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                            f"`ray start --head --port {port}` on {host}, or check the address") from None
 
 
+def _use_token_if_any() -> None:
+    """Send a Ray auth token when there is one (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and
+    RAY_AUTH_MODE is unset: Ray ≥ 2.59 starts clusters with token authentication, and a driver that joins one by
+    address sends no token unless told to (a cluster without authentication ignores it). Ray reads this when it
+    is imported: a program that imported it already sets RAY_AUTH_MODE=token itself."""
+    import os
+
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                                              or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"  # (read by Ray's client in ray.init)
+
+
 def connect(address: str | None, threads: int | None = None) -> InProcess | RayCluster:
     """The executor of ``--ray``: None → InProcess; ``auto`` → the Ray cluster ``RAY_ADDRESS`` names or one
     running on this machine (``ray start --head``), else a new one on this machine's CPUs; ``HOST:PORT`` → the
@@ -131,6 +157,9 @@ def connect(address: str | None, threads: int | None = None) -> InProcess | RayC
     many CPUs."""
     if address is None:
         return InProcess()
+    if address != "auto":
+        _check_reachable(address)
+        _use_token_if_any()  # (before Ray is imported: it reads its settings then)
     try:
         import ray
     except ImportError:
@@ -145,12 +174,13 @@ def connect(address: str | None, threads: int | None = None) -> InProcess | RayC
             ray.init(**quiet)
             where = "started on this machine"
     else:
-        _check_reachable(address)
         try:
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         except Exception as e:  # noqa: BLE001 — ray raises several kinds for a port that is not a Ray head
-            raise McsharpError(f"--ray {address}: not a Ray cluster ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise McsharpError(f"--ray {address}: could not join a Ray cluster there ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); a cluster with token authentication "
+                               "needs its token here: RAY_AUTH_TOKEN, or ~/.ray/auth_token (`ray get-auth-token` on "
+                               "its head node)") from None
         where = address
     per_node = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     if max(per_node, default=0) < 1:

@@ -220,6 +220,8 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     model_dir, out = Path(model_dir), Path(out)
     clock = clock or StageClock(log=log)
     auto, device = str(device) == "auto", resolve_device(str(device))
+    if executor is not None:
+        device = executor.layer_device(device, auto)
     if routers is not None and not recipe.otp:
         raise McsharpError("OTP routers were given to a recipe without otp")
     validate_model_dir(model_dir)
