@@ -19,16 +19,24 @@ they grew with depth, so the figure errs high), and the memory bound 2 × one de
 llama-quantize run for a user without a GPU build); ``--ours-only`` skips llama.cpp's steps (a machine without
 the native tools, e.g. a GPU box that only times ours).
 
+``--ray-workers 1,2`` also converts ours with its expert work on a local Ray cluster of each number of CPUs
+(``ray start --head --num-cpus N`` on 127.0.0.1, ``mcsharp convert --ray``; each task on ``--threads`` threads),
+and prints the per-layer time of each beside the one-process run and whether the files are byte-identical (the
+peak RSS of a Ray run is its driver's: the workers are the cluster's processes).
+
 Usage: python scripts/bench_scale.py --shape qwen3-30b-a3b --layers 4 [--work out/bench-scale]
                                      [--calib-seqs 8] [--preset Q3_K_M] [--threads 1] [--json OUT]
-                                     [--device auto|cpu|cuda] [--ours-only]
+                                     [--device auto|cpu|cuda] [--ours-only] [--ray-workers 1,2]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +67,48 @@ def planned_bpw(path: Path) -> tuple[float, int]:
     return 8 * n_b / n_w, n_w
 
 
+def stage_lines(err: str) -> list[dict]:
+    """The ``[stage]`` lines of a conversion's log: each stage's wall seconds and peak RSS."""
+    return [{"stage": m.group(1), "wall_s": float(m.group(2)), "peak_rss_mb": float(m.group(3))}
+            for m in map(STAGE_RE.match, err.splitlines()) if m]
+
+
+class local_ray_cluster:  # noqa: N801 — used as a context manager, named like one
+    """A Ray head on this machine with ``n_cpus`` CPUs (``ray start --head``), its address; stopped on exit."""
+
+    def __init__(self, n_cpus: int, env: dict):
+        self.n_cpus, self.env = n_cpus, dict(env, RAY_USAGE_STATS_ENABLED="0")
+        self.ray = str(Path(sys.executable).with_name("ray"))
+
+    def __enter__(self) -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        subprocess.run([self.ray, "start", "--head", f"--port={port}", f"--num-cpus={self.n_cpus}",
+                        "--include-dashboard=false", "--disable-usage-stats"], check=True, env=self.env,
+                       capture_output=True, timeout=300)
+        return f"127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=300)
+
+
+def print_ray_table(ray_runs: list[dict], stages: list[dict], rows: list[dict], n: int, threads: int) -> None:
+    """Per-layer seconds of ours in one process and on each local Ray cluster, the expert stages apart."""
+    def per_layer(st: list[dict], name: str) -> str:
+        return next((f"{s['wall_s'] / n:.1f}" for s in st if s["stage"] == name), "-")
+
+    one = next(r for r in rows if r["pipeline"] == "ours")
+    print(f"\n#### ours, one process vs a local Ray cluster (tasks on {threads} thread(s) each), s / layer\n")
+    print("| run | total | importance | gptq | same bytes as one process |")
+    print("|---|---|---|---|---|")
+    print(f"| one process | {one['wall_s'] / n:.1f} | {per_layer(stages, 'importance')} | "
+          f"{per_layer(stages, 'gptq')} | – |")
+    for r in ray_runs:
+        print(f"| Ray, {r['workers']} CPU(s) | {r['wall_s'] / n:.1f} | {per_layer(r['stages'], 'importance')} | "
+              f"{per_layer(r['stages'], 'gptq')} | {'yes' if r['byte_identical'] else 'NO'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", required=True)
@@ -70,6 +120,8 @@ def main() -> None:
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
     ap.add_argument("--device", default="cpu", help="where our torch stages run (mcsharp convert --device)")
     ap.add_argument("--ours-only", action="store_true", help="skip llama.cpp's steps")
+    ap.add_argument("--ray-workers", default="", help="also convert ours on a local Ray cluster of each of these "
+                                                      "CPU counts, e.g. 1,2")
     args = ap.parse_args()
 
     import os
@@ -116,13 +168,24 @@ def main() -> None:
                                                              str(args.threads)])
         bpw, _ = planned_bpw(theirs)
         log(f"[scale] {args.preset} spends {bpw:.4f} bpw on the tensors a whole-file plan types")
-    err = step("ours", f"mcsharp convert --preset {args.preset} --device {args.device}", [
-        *mcsharp, "convert", str(model), "--preset", args.preset, "--mode", "stock", "--calib", str(calib),
-        "--calib-seqs", str(args.calib_seqs), "--calib-len", "512", "--device", args.device, "-o", str(ours)])
-    stages = [{"stage": m.group(1), "wall_s": float(m.group(2)), "peak_rss_mb": float(m.group(3))}
-              for m in map(STAGE_RE.match, err.splitlines()) if m]
+    convert_ours = [*mcsharp, "convert", str(model), "--preset", args.preset, "--mode", "stock", "--calib", str(calib),
+                    "--calib-seqs", str(args.calib_seqs), "--calib-len", "512", "--device", args.device]
+    err = step("ours", f"mcsharp convert --preset {args.preset} --device {args.device}",
+               [*convert_ours, "-o", str(ours)])
+    stages = stage_lines(err)
     # the stages reset the process's high-water mark (stages.py): its peak is the largest stage's
     rows[-1]["peak_rss_mb"] = max([rows[-1]["peak_rss_mb"]] + [s["peak_rss_mb"] for s in stages])
+    ray_runs = []
+    for n_cpus in [int(w) for w in args.ray_workers.split(",") if w]:
+        out = work / f"ours-ray{n_cpus}.gguf"
+        out.unlink(missing_ok=True)
+        with local_ray_cluster(n_cpus, env) as address:
+            log(f"[scale] ours on a local Ray cluster of {n_cpus} CPU(s) at {address}")
+            wall, rss, err = run_logged([*convert_ours, "--ray", address, "-o", str(out)], env)
+        same = hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(ours.read_bytes()).digest()
+        ray_runs.append({"workers": n_cpus, "wall_s": wall, "driver_peak_rss_mb": rss, "stages": stage_lines(err),
+                         "byte_identical": same})
+        log(f"[scale]   {wall:7.1f} s, driver peak RSS {rss:7.0f} MB, same bytes as one process: {same}")
 
     n, full = args.layers, shape.n_layer
     bound_mb = (2 * layer_bytes_bf16(model, n - 1) + 3e9) / 2**20
@@ -148,8 +211,11 @@ def main() -> None:
     theirs_bytes = theirs.stat().st_size if theirs.exists() else None
     print(f"file sizes: llama.cpp {args.preset} + imatrix "
           f"{'-' if theirs_bytes is None else f'{theirs_bytes / 1e9:.3f}'} GB, ours {ours.stat().st_size / 1e9:.3f} GB")
+    if ray_runs:
+        print_ray_table(ray_runs, stages, rows, n, args.threads)
     if args.json_out:
         args.json_out.write_text(json.dumps({
+            "ray": ray_runs,
             "shape": args.shape, "layers": n, "full_layers": full, "calib_seqs": args.calib_seqs,
             "threads": args.threads, "device": args.device, "rows": rows, "ours_stages": stages, "bound_mb": bound_mb,
             "ratio_time": ours_total / theirs_total, "ours_extrapolated_h": ours_total / n * full / 3600,
