@@ -230,13 +230,29 @@ def gguf_inventory(model_dir: str | Path, outtype: str = "f16") -> dict[str, Ggu
     logging.getLogger("hf-to-gguf").setLevel(logging.WARNING)
     import torch
 
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(), _unknown_tensors_named(info):
         model = _model_class(conversion, info.hf_arch, None)(info.path, _ftypes(gguf)[outtype],
                                                             Path(tmp) / "dry.gguf", eager=False)
         model.prepare_tensors()
         return {name: GgufTensor(tuple(int(x) for x in ti.shape), gguf.GGMLQuantizationType(ti.dtype).name,
                                  int(ti.nbytes))
                 for shard in model.gguf_writer.tensors for name, ti in shard.items()}
+
+
+@contextmanager
+def _unknown_tensors_named(info):
+    """The converter's ValueError for a tensor name its architecture has no mapping for (a damaged header, or
+    weights of another architecture under this config), as a one-line error naming it."""
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e)
+        if not msg.startswith("Can not map tensor"):
+            raise
+        name = msg.removeprefix("Can not map tensor").strip().strip("'")
+        raise McsharpError(f"{info.path}: tensor {name!r} is not one a {info.hf_arch} checkpoint has (a damaged "
+                           "shard header, or weights of another architecture); re-download or re-save the checkpoint"
+                           ) from None
 
 
 def _ftypes(gguf) -> dict:
@@ -264,7 +280,7 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, outtype: str = "f
     import torch
 
     try:
-        with atomic_output(out) as tmp, torch.inference_mode():
+        with atomic_output(out) as tmp, torch.inference_mode(), _unknown_tensors_named(info):
             model = cls(info.path, ftype, tmp, eager=False)
             if extra_kv is not None:
                 extra_kv(model.gguf_writer)

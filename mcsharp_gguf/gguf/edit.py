@@ -24,7 +24,22 @@ def open_gguf(path: str | Path):
         raise McsharpError(f"{path} is not a readable GGUF ({e}); pass a .gguf written by llama.cpp or mcsharp") \
             from None
     check_data_section(reader, path)
+    check_metadata_text(reader, path)
     return reader
+
+
+def check_metadata_text(reader, path: Path) -> None:
+    """Every string of the metadata (values and string arrays) must be UTF-8, as GGUF requires: a damaged byte
+    there would otherwise surface later, in whatever reads that key."""
+    gguf = import_gguf()
+    for f in reader.fields.values():
+        if f.types and f.types[-1] == gguf.GGUFValueType.STRING:
+            for i in f.data:
+                try:
+                    bytes(f.parts[i]).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise McsharpError(f"{path}: metadata {f.name} is not valid UTF-8 (a damaged header); convert "
+                                       "the file again") from None
 
 
 def check_data_section(reader, path: Path) -> None:

@@ -39,10 +39,41 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
             header = json.loads(fh.read(hlen))
         except (ValueError, UnicodeDecodeError):
             raise McsharpError(f"{path} has a corrupt header; re-download or re-save it") from None
+    _check_safetensors_entries(path, header)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + hlen + end > size:
         raise McsharpError(f"{path} is truncated ({size} of {8 + hlen + end} bytes); re-download or re-save it")
     return 8 + hlen, header
+
+
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _check_safetensors_entries(path: Path, header) -> None:
+    """Each tensor entry of a safetensors header is well formed: a known dtype, a shape of whole numbers and
+    data offsets that hold exactly that many bytes (a damaged header, one line naming the file and tensor)."""
+    def bad(what: str) -> McsharpError:
+        return McsharpError(f"{path} has a corrupt header ({what}); re-download or re-save it")
+
+    if not isinstance(header, dict):
+        raise bad("not a JSON object")
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(v, dict) or not {"dtype", "shape", "data_offsets"} <= v.keys():
+            raise bad(f"tensor {name} lacks dtype / shape / data_offsets")
+        shape, offs = v["shape"], v["data_offsets"]
+        if v["dtype"] not in _ST_BYTES:
+            raise bad(f"tensor {name} has dtype {v['dtype']!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise bad(f"tensor {name} has shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                  for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise bad(f"tensor {name} has data offsets {offs!r}")
+        if offs[1] - offs[0] != math.prod(shape) * _ST_BYTES[v["dtype"]]:
+            raise bad(f"tensor {name}: {offs[1] - offs[0]} bytes for shape {shape} of {v['dtype']}")
 
 
 def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
@@ -60,9 +91,17 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
         config = json.loads(cfg_file.read_text())
     except ValueError:
         raise McsharpError(f"{cfg_file} is not valid JSON; re-save the checkpoint") from None
+    if not isinstance(config, dict):
+        raise McsharpError(f"{cfg_file} is not a JSON object; re-save the checkpoint with transformers")
     archs = config.get("architectures") or []
     if not archs:
         raise McsharpError(f"{cfg_file} names no \"architectures\"; re-save the checkpoint with transformers")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise McsharpError(f"{cfg_file}: \"architectures\" is {json.dumps(archs)}, expected a list of class names "
+                           "(e.g. [\"Qwen3MoeForCausalLM\"]); fix the config")
+    if not isinstance(config.get("model_type", ""), str):
+        raise McsharpError(f"{cfg_file}: \"model_type\" is {json.dumps(config['model_type'])}, expected a name; "
+                           "fix the config")
     shards = sorted(path.glob("*.safetensors"))
     if not shards and not list(path.glob("pytorch_model*.bin")):
         raise McsharpError(f"{path} holds no weights (*.safetensors); pass a complete checkpoint")
@@ -98,9 +137,45 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
 
         raise McsharpError(f"{path}: architecture {hf_arch} is not supported by the pinned llama.cpp converter; "
                            f"supported MoE architectures: {', '.join(supported_architectures())}") from None
+    check_config_numbers(config, cfg_file)
     if shapes:
         check_weights_fit_config(path, config, shapes)
     return ModelDirInfo(path=path, hf_arch=hf_arch, config=config)
+
+
+# config.json sizes a conversion reads: whole numbers > 0 where present (the first two always)
+_REQUIRED_SIZES = ("hidden_size", "num_hidden_layers")
+_SIZES = _REQUIRED_SIZES + (
+    "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "num_experts", "num_local_experts", "n_routed_experts",
+    "num_experts_per_tok", "moe_top_k", "n_shared_experts", "max_position_embeddings")
+_NULLABLE = ("head_dim", "max_position_embeddings", "shared_expert_intermediate_size", "n_shared_experts",
+             "intermediate_size")
+_POSITIVE_REALS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+
+
+def check_config_numbers(config: dict, cfg_file: Path) -> None:
+    """The sizes and constants of config.json (its text_config for a multimodal one) have the types and ranges
+    a model needs, before anything computes with them: one line naming the key otherwise."""
+    cfg = config.get("text_config", config)
+    if not isinstance(cfg, dict):
+        raise McsharpError(f"{cfg_file}: text_config is not an object; re-save the checkpoint with transformers")
+    for key in _SIZES:
+        if key not in cfg:
+            if key in _REQUIRED_SIZES:
+                raise McsharpError(f"{cfg_file} has no {key}; re-save the checkpoint with transformers")
+            continue
+        v = cfg[key]
+        if key in _NULLABLE and v is None:
+            continue  # (transformers writes null for an unused size)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise McsharpError(f"{cfg_file}: {key} is {json.dumps(v)}, expected a whole number > 0; fix the config "
+                               "or re-save the checkpoint")
+    for key in _POSITIVE_REALS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v <= 0):
+            raise McsharpError(f"{cfg_file}: {key} is {json.dumps(v)}, expected a number > 0; fix the config")
 
 
 _EXPERT_RE = re.compile(r"\.layers\.(\d+)\..*?experts\.(\d+)\.")
@@ -124,9 +199,20 @@ def check_weights_fit_config(path: Path, config: dict, shapes: dict[str, list[in
 
     try:
         cfg = AutoConfig.from_pretrained(path)
+    except (KeyError, ValueError) as e:
+        if "model_type" in str(e) or "Unrecognized" in str(e):
+            return  # an architecture transformers has no class for: nothing to compare with
+        raise McsharpError(f"{path / 'config.json'} is not a config transformers can read ({type(e).__name__}: "
+                           f"{(str(e).strip().splitlines() or [''])[0][:200]}); fix it or re-save the checkpoint") \
+            from None
+    except Exception as e:  # noqa: BLE001 — transformers validates fields with several error types
+        raise McsharpError(f"{path / 'config.json'} is not a config transformers can read ({type(e).__name__}: "
+                           f"{(str(e).strip().splitlines() or [''])[0][:200]}); fix it or re-save the checkpoint") \
+            from None
+    try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
-    except Exception:  # noqa: BLE001 — an architecture transformers has no class for: nothing to compare with
+    except Exception:  # noqa: BLE001 — a config transformers has no model class for: nothing to compare with
         return
     known = {k: list(v.shape) for k, v in model.state_dict().items()}
     cfg_file = path / "config.json"

@@ -1,0 +1,214 @@
+"""Generated bad input (hypothesis): mutated GGUF headers and tensor tables against `inspect` and `otp strip`,
+mutated checkpoints against `convert`. Every case must end as a user can act on: exit 0 or a one-line `error:`
+with exit 2 — never a traceback, an internal error (exit 3), a changed input file or a partial output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+CASES = settings(max_examples=80, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """`mcsharp ARGS` in this process, as the console entry point runs it: (exit status, stderr)."""
+    from mcsharp_gguf.cli import main
+
+    old = sys.argv
+    sys.argv = ["mcsharp", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def assert_user_outcome(code: int, err: str, what: str) -> None:
+    """Exit 0, or exit 2 with exactly one `error:` line; never a traceback or an internal error."""
+    assert "Traceback" not in err and "error: internal" not in err, (what, err)
+    assert code in (0, 2), (what, code, err)
+    if code == 2:
+        assert len([ln for ln in err.splitlines() if ln.startswith("error: ")]) == 1, (what, err)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def header_layout(path: Path) -> dict:
+    """Offsets in a GGUF's header: the counts, and where the tensor table and data section start."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    first = min(r.tensors, key=lambda t: t.data_offset)
+    info_start = min(t.field.offset for t in r.tensors)
+    return {"n_tensors": 8, "n_kv": 16, "info_start": info_start, "data_start": r.data_offset,
+            "first_data": first.data_offset, "size": path.stat().st_size}
+
+
+@pytest.fixture(scope="module")
+def gguf_with_routers(tiny_model, tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE F32 GGUF with OTP routers (what `otp strip` edits), without the tokenizer's 49k-entry
+    arrays (gguf-py takes seconds to parse them; the header fuzz needs the tensor table, not the vocabulary)."""
+    from mcsharp_gguf.gguf.edit import rewrite_gguf
+    from mcsharp_gguf.pipeline import run
+    from mcsharp_gguf.recipe import Recipe
+
+    d = tmp_path_factory.mktemp("fuzz")
+    run(Recipe(preset="F32", otp=True, calib_seqs=2, calib_len=32), tiny_model("qwen3moe"), d / "full.gguf",
+        device="cpu", log=lambda s: None)
+    return rewrite_gguf(d / "full.gguf", d / "tiny-otp.gguf", drop_key=lambda k: k.startswith("tokenizer.ggml."))
+
+
+def _mutations(layout: dict) -> st.SearchStrategy:
+    """(offset, bytes to write) or ("truncate", length): a count changed, a header or table byte changed, the
+    file cut short."""
+    u64 = st.integers(min_value=0, max_value=2 ** 64 - 1)
+    near = st.integers(min_value=-3, max_value=3)
+    return st.one_of(
+        st.tuples(st.sampled_from(["n_tensors", "n_kv"]), near).map(lambda x: ("delta", *x)),
+        st.tuples(st.sampled_from(["n_tensors", "n_kv"]), u64).map(lambda x: ("set", *x)),
+        st.tuples(st.integers(min_value=24, max_value=layout["data_start"] - 1),
+                  st.integers(min_value=0, max_value=255)).map(lambda x: ("byte", *x)),
+        st.tuples(st.integers(min_value=layout["info_start"], max_value=layout["data_start"] - 1),
+                  st.binary(min_size=1, max_size=8)).map(lambda x: ("table", *x)),
+        st.integers(min_value=0, max_value=layout["size"] - 1).map(lambda n: ("truncate", n)),
+    )
+
+
+def _apply(src: Path, dst: Path, layout: dict, m: tuple) -> None:
+    data = bytearray(src.read_bytes())
+    kind = m[0]
+    if kind in ("delta", "set"):
+        off = layout[m[1]]
+        old = struct.unpack_from("<Q", data, off)[0]
+        struct.pack_into("<Q", data, off, (old + m[2]) % 2 ** 64 if kind == "delta" else m[2])
+    elif kind == "byte":
+        data[m[1]] = m[2]
+    elif kind == "table":
+        data[m[1]:m[1] + len(m[2])] = m[2]
+    else:
+        del data[m[1]:]
+    dst.write_bytes(bytes(data))
+
+
+@CASES
+@given(data=st.data())
+def test_fuzz_gguf_header_against_inspect_and_strip(gguf_with_routers, tmp_path, capsys, data):
+    """A mutated header or tensor table (counts off by a little or a lot, any byte of the header, table
+    entries overwritten, the file cut short): `inspect` and `otp strip` either succeed or say what is wrong in
+    one line; the input is never changed and a failed strip leaves no output."""
+    layout = header_layout(gguf_with_routers)
+    m = data.draw(_mutations(layout))
+    case = Path(tempfile.mkdtemp(dir=tmp_path))  # (tmp_path is shared by the examples)
+    bad = case / "bad.gguf"
+    _apply(gguf_with_routers, bad, layout, m)
+    before = digest(bad)
+    code, err = run_main(["inspect", str(bad), "--json"], capsys)
+    assert_user_outcome(code, err, ("inspect", m))
+    out = bad.with_name(bad.stem + "-stripped.gguf")
+    code, err = run_main(["otp", "strip", str(bad), "-o", str(out)], capsys)
+    assert_user_outcome(code, err, ("strip", m))
+    assert digest(bad) == before
+    leftovers = [p for p in case.iterdir() if p not in (bad, out)]
+    assert not leftovers, leftovers
+    if code == 0:  # what it wrote is a whole, consistent GGUF
+        code, err = run_main(["inspect", str(out)], capsys)
+        assert code == 0, (m, err)
+    else:
+        assert not out.exists(), m
+
+
+def _config_mutations() -> st.SearchStrategy:
+    """A config.json field set to a wrong, missing or absurd value."""
+    keys = ["hidden_size", "num_experts", "num_experts_per_tok", "num_hidden_layers", "moe_intermediate_size",
+            "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "architectures", "model_type", "rms_norm_eps", "torch_dtype"]
+    values = st.one_of(st.none(), st.integers(min_value=-4, max_value=100_000), st.just("x"), st.just([]),
+                       st.just(["NoSuchForCausalLM"]), st.floats(allow_nan=True, allow_infinity=True))
+    return st.tuples(st.sampled_from(keys), st.one_of(values, st.just("<delete>")))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(m=_config_mutations())
+def test_fuzz_checkpoint_config_against_convert(tiny_model, tmp_path, capsys, m):
+    """A checkpoint whose config.json has one field wrong, missing or absurd: `convert --preset F32` (checks
+    and the plain conversion) succeeds or names the problem in one line; the checkpoint is untouched and a
+    failure leaves no output."""
+    import shutil
+
+    src = tiny_model("qwen3moe")
+    case = Path(tempfile.mkdtemp(dir=tmp_path))  # (tmp_path is shared by the examples)
+    ckpt = case / "ckpt"
+    shutil.copytree(src, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    key, value = m
+    if value == "<delete>":
+        cfg.pop(key, None)
+    else:
+        cfg[key] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    before = {p.name: digest(p) for p in ckpt.iterdir() if p.is_file()}
+    out = case / "o.gguf"
+    code, err = run_main(["convert", str(ckpt), "-o", str(out), "--preset", "F32"], capsys)
+    assert_user_outcome(code, err, m)
+    assert {p.name: digest(p) for p in ckpt.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in case.iterdir()) == (["ckpt", "o.gguf"] if code == 0 else ["ckpt"]), m
+    shutil.rmtree(case)
+
+
+def _shard_mutations(size: int, header_end: int) -> st.SearchStrategy:
+    """A safetensors shard cut short, or a byte of its length prefix or JSON header changed."""
+    return st.one_of(
+        st.integers(min_value=0, max_value=size - 1).map(lambda n: ("truncate", n)),
+        st.tuples(st.integers(min_value=0, max_value=header_end - 1),
+                  st.integers(min_value=0, max_value=255)).map(lambda x: ("byte", *x)),
+    )
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_checkpoint_shard_against_convert(tiny_model, tmp_path, capsys, data):
+    """A weights shard cut short or with its header damaged: `convert --preset F32` succeeds (a change that
+    leaves a valid header) or names the shard in one line; nothing else in the checkpoint changes and a failure
+    leaves no output."""
+    import shutil
+
+    src = tiny_model("qwen3moe")
+    shard = sorted(src.glob("*.safetensors"))[0]
+    size = shard.stat().st_size
+    header_end = 8 + struct.unpack("<Q", shard.read_bytes()[:8])[0]
+    m = data.draw(_shard_mutations(size, header_end))
+    case = Path(tempfile.mkdtemp(dir=tmp_path))
+    ckpt = case / "ckpt"
+    shutil.copytree(src, ckpt)
+    target = ckpt / shard.name
+    raw = bytearray(target.read_bytes())
+    if m[0] == "truncate":
+        del raw[m[1]:]
+    else:
+        raw[m[1]] = m[2]
+    target.write_bytes(bytes(raw))
+    before = {p.name: digest(p) for p in ckpt.iterdir() if p.is_file()}
+    out = case / "o.gguf"
+    code, err = run_main(["convert", str(ckpt), "-o", str(out), "--preset", "F32"], capsys)
+    assert_user_outcome(code, err, m)
+    if code == 2 and m[0] == "truncate":
+        assert shard.name in err, (m, err)
+    assert {p.name: digest(p) for p in ckpt.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in case.iterdir()) == (["ckpt", "o.gguf"] if code == 0 else ["ckpt"]), m
+    shutil.rmtree(case)
