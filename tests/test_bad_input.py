@@ -212,3 +212,39 @@ def test_fuzz_checkpoint_shard_against_convert(tiny_model, tmp_path, capsys, dat
     assert {p.name: digest(p) for p in ckpt.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in case.iterdir()) == (["ckpt", "o.gguf"] if code == 0 else ["ckpt"]), m
     shutil.rmtree(case)
+
+
+@pytest.mark.slow  # (tiny_model: the SmolLM2 tokenizer, pinned converter; four conversions)
+def test_kill_9_at_random_points_then_resume_gives_the_same_bytes(tiny_model, tmp_path):
+    """`mcsharp convert` (importance, plan, GPTQ, OTP) killed with SIGKILL at random moments, then run again
+    with the same command: the rerun resumes from the work dir and writes the bytes of an uninterrupted run;
+    nothing of the killed run is left beside the output."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    model = tiny_model("qwen3moe", hidden=128, n_expert=32, top_k=4, expert_ff=128)
+
+    def convert(out: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "mcsharp_gguf.cli", "convert", str(model), "-o", str(out),
+                                 "--bpw", "3.5", "--otp", "--calib-seqs", "4", "--calib-len", "64", "--device",
+                                 "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    t0 = time.monotonic()
+    whole = convert(tmp_path / "whole.gguf")
+    assert whole.wait(timeout=900) == 0, whole.stderr.read()[-2000:]
+    wall = time.monotonic() - t0
+    rng = random.Random(0)
+    for k in range(3):
+        case = tmp_path / f"kill{k}"
+        case.mkdir()
+        out = case / "m.gguf"
+        p = convert(out)
+        time.sleep(rng.uniform(0.15, 0.85) * wall)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        again = convert(out)
+        assert again.wait(timeout=900) == 0, again.stderr.read()[-2000:]
+        assert digest(out) == digest(tmp_path / "whole.gguf"), k
+        assert sorted(p.name for p in case.iterdir()) == ["m.gguf"], list(case.iterdir())

@@ -201,6 +201,11 @@ def test_otp_add_refuses_routers_for_another_model(plain_and_routers, tiny_model
         "top-2": OtpRouters(**{**good.__dict__, "top_k": 2}),
         "hidden size 32": OtpRouters(**{**good.__dict__, "n_embd": 32}),
         "layers": OtpRouters(**{**good.__dict__, "layers": {0: good.layers[0]}}),
+        "NaN/Inf in w2": OtpRouters(**{**good.__dict__, "layers": {
+            n: {**lay, "w2": np.where(np.arange(lay["w2"].size).reshape(lay["w2"].shape) == 3, np.nan, lay["w2"])}
+            for n, lay in good.layers.items()}}),
+        "inconsistent shapes": OtpRouters(**{**good.__dict__, "layers": {
+            n: {**lay, "b1": lay["b1"][:-1]} for n, lay in good.layers.items()}}),
     }
     out = tmp_path / "out.gguf"
     for needle, bad in cases.items():

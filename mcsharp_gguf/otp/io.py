@@ -45,14 +45,14 @@ class OtpRouters:
         try:
             z = np.load(path)
             head = json.loads(bytes(z["__header__"]).decode())
-        except (OSError, ValueError, KeyError):
+            layers: dict[int, dict[str, np.ndarray]] = {}
+            for key in z.files:
+                if key != "__header__":
+                    n, name = key.split(".", 1)
+                    layers.setdefault(int(n), {})[name] = z[key]
+            return cls(**head, layers=dict(sorted(layers.items())))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, AttributeError):
             raise McsharpError(f"{path} is not an OTP router file; write one with `mcsharp otp train`") from None
-        layers: dict[int, dict[str, np.ndarray]] = {}
-        for key in z.files:
-            if key != "__header__":
-                n, name = key.split(".", 1)
-                layers.setdefault(int(n), {})[name] = z[key]
-        return cls(**head, layers=dict(sorted(layers.items())))
 
 
 def otp_tensors(routers: OtpRouters) -> list[tuple[str, np.ndarray]]:
@@ -118,6 +118,24 @@ def check_routers_fit(routers: OtpRouters, path: Path, arch: str, n_embd: int, t
     if sorted(routers.layers) != layers:
         raise McsharpError(f"the OTP routers cover layers {sorted(routers.layers)}, {path} has MoE layers {layers}; "
                            "train them on the checkpoint this GGUF was converted from")
+    for n, lay in routers.layers.items():
+        check_router_arrays(n, lay, n_embd)
+
+
+def check_router_arrays(layer: int, lay: dict[str, np.ndarray], n_embd: int) -> None:
+    """One layer's router is whole: w1 (hidden, n_embd), b1 (hidden), w2 (out, hidden), b2 (out), all finite (a
+    NaN there would make the runtime's keep/drop decision silently meaningless)."""
+    if not {"w1", "b1", "w2", "b2"} <= lay.keys():
+        raise McsharpError(f"the OTP router of layer {layer} lacks {sorted({'w1', 'b1', 'w2', 'b2'} - lay.keys())}; "
+                           "train the routers again")
+    w1, b1, w2, b2 = (np.asarray(lay[k]) for k in ("w1", "b1", "w2", "b2"))
+    if (w1.ndim != 2 or w1.shape[1] != n_embd or b1.shape != (w1.shape[0],) or w2.ndim != 2
+            or w2.shape[1] != w1.shape[0] or b2.shape != (w2.shape[0],)):
+        raise McsharpError(f"the OTP router of layer {layer} has inconsistent shapes (w1 {w1.shape}, b1 {b1.shape}, "
+                           f"w2 {w2.shape}, b2 {b2.shape}, hidden size {n_embd}); train the routers again")
+    for k, a in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if not np.isfinite(a).all():
+            raise McsharpError(f"the OTP router of layer {layer} has NaN/Inf in {k}; train the routers again")
 
 
 def add_otp_to_gguf(src: str | Path, routers: OtpRouters, dst: str | Path) -> Path:
