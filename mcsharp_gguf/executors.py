@@ -83,9 +83,8 @@ class RayCluster:
         ray = self._ray
         refs = {k: ray.put(_own_storage(v)) for k, v in shared.items()}
         pending: deque = deque()
-        it = iter(items)
         try:
-            for item in it:
+            for item in items:
                 pending.append(self._task.remote(fn, self.threads, _own_storage(item), **refs))
                 if len(pending) >= self.window:
                     yield self._get(pending.popleft())
@@ -98,8 +97,15 @@ class RayCluster:
     def _get(self, ref):
         try:
             return self._ray.get(ref)
-        except self._ray.exceptions.RayError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except self._ray.exceptions.RayTaskError as e:  # the task's own error (not retried: it would recur)
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            if isinstance(cause, McsharpError):
+                raise McsharpError(first) from None
+            raise McsharpError(f"an expert task failed on the Ray cluster {self.where}: {type(cause).__name__}: "
+                               f"{first}; finished layers are kept in the work dir, so a rerun resumes") from None
+        except self._ray.exceptions.RayError as e:  # its worker or node lost more often than RETRIES
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise McsharpError(f"a Ray task failed after {RETRIES} retries on {self.where}: {first}; finished "
                                "layers are kept in the work dir, so a rerun resumes") from None
 

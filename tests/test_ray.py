@@ -126,3 +126,22 @@ def test_ray_conversion_is_byte_identical(tiny_model, tmp_path, ray_head, kill):
     assert there == here
     if kill:
         assert killer.killed is not None, "no task was caught running"
+
+
+@pytest.mark.slow  # (starts Ray: ~10 s)
+def test_results_come_back_in_order_and_a_task_error_is_one_line():
+    """executors.RayCluster.map on a cluster of this machine: results in item order; an error raised inside a
+    task (not retried: it would recur) is the one-line error the same call gives in one process."""
+    from mcsharp_gguf.devices import resolve_device
+    from mcsharp_gguf.errors import McsharpError
+    from mcsharp_gguf.executors import connect
+
+    executor = connect("auto")
+    try:
+        assert list(executor.map(int, [str(i) for i in range(9)])) == list(range(9))
+        with pytest.raises(McsharpError, match=r"^--device bogus: expected auto, cpu"):
+            list(executor.map(resolve_device, ["cpu", "bogus"]))
+        with pytest.raises(McsharpError, match="an expert task failed on the Ray cluster .*ValueError"):
+            list(executor.map(int, ["x"]))
+    finally:
+        executor.close()
