@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -147,8 +148,6 @@ def _use_token_if_any() -> None:
     RAY_AUTH_MODE is unset: Ray ≥ 2.59 starts clusters with token authentication, and a driver that joins one by
     address sends no token unless told to (a cluster without authentication ignores it). Ray reads this when it
     is imported: a program that imported it already sets RAY_AUTH_MODE=token itself."""
-    import os
-
     if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                                               or (Path.home() / ".ray" / "auth_token").is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"  # (read by Ray's client in ray.init)

@@ -249,8 +249,7 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
         log(f"[calib] {ids.shape[0]} × {ids.shape[1]} calibration tokens ({recipe.calib}"
             + (", sequences scaled to the model's experts per token)" if recipe.calib_seqs is None else ")"))
     if ids is not None:
-        log(f"[device] {describe_device(device)}" + (" (auto)" if auto else "")
-            + (f"; expert work on the {executor.describe()}" if executor is not None and executor.remote else ""))
+        log(f"[device] {describe_device(device)}" + (" (auto)" if auto else ""))
     if res.plan is None and res.budget is not None:
         res.importance, res.plan = plan_model(recipe, model_dir, ids, res.budget, importance, work, log, clock,
                                               device, executor)

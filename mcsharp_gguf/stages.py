@@ -8,6 +8,7 @@ peak is the process's peak so far. The reset also lowers what the kernel reports
 
 from __future__ import annotations
 
+import functools
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -23,20 +24,21 @@ def release_free_memory() -> None:
     """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere). Tensors freed in
     pieces below malloc's mmap threshold otherwise stay resident: at Mixtral-8x7B shape the importance pass left
     1.1 GB behind for GPTQ to start on. Called after each decoder layer and before each stage."""
-    global _TRIM
-    if _TRIM is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_TRIM = None
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (looked up once), or None where the C library has none."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _reset_peak() -> bool:

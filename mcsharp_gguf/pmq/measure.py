@@ -55,8 +55,7 @@ class _Measure:
 class _Case:
     """One expert in the importance pass, as every candidate type's measurement of it uses it."""
 
-    expert: int
-    tokens: ExpertTokens  # the calibration tokens routed to it
+    tokens: ExpertTokens  # the calibration tokens routed to it (and which expert it is)
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate, up, down (a neuron sample of wide experts)
     scale: float  # from the sample's error to the whole expert's
     factors: tuple[torch.Tensor | None, torch.Tensor | None]  # GPTQ's, of its two Hessians
@@ -181,7 +180,7 @@ def _prepare(t: ExpertTokens, s: ErrorSettings, pooled: LayerTokens, act) -> _Ca
         neurons = neurons.to(g.device)
         g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
     hessians = expert_hessians(g, u, t.x, act, s.gptq, s.d_ff, pooled)
-    return _Case(t.expert, t, (g, u, d), scale, expert_factors(hessians, pooled),  # once for every type
+    return _Case(t, (g, u, d), scale, expert_factors(hessians, pooled),  # once for every type
                  (act(t.x @ g.T) * (t.x @ u.T)) @ d.T)
 
 
@@ -192,7 +191,7 @@ def measure_experts(group: list[ExpertTokens], types: tuple[str, ...], pooled: L
     unit of work an executor runs (a Ray task on a cluster)."""
     s = settings
     cases = [_prepare(t, s, pooled, act) for t in group]
-    out = [{"expert": c.expert, "eps": {}, "fisher": {}, "a": {}, "probe": None} for c in cases]
+    out = [{"expert": c.tokens.expert, "eps": {}, "fisher": {}, "a": {}, "probe": None} for c in cases]
     for t in types:
         r = Recipe.for_shapes(t, s.d_model, s.d_ff)
         results = quantize_experts_together([c.weights for c in cases],
