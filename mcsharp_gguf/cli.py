@@ -581,6 +581,45 @@ def chat(gguf_file: Path, prompt: str | None, max_tokens: int) -> None:
         interactive(llm, max_tokens=max_tokens)
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@cli.command()
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback exposes the model to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--alias", default=None, help="Model name clients ask for. Default: the file name.")
+@click.option("--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="Context length in tokens (prompt + reply).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads. Default: all cores.")
+@click.option("--api-key", default=None, envvar="MCSHARP_API_KEY", show_envvar=True,
+              help="Require this bearer token on every request.")
+@prune_options
+def serve(gguf_file: Path, host: str, port: int, alias: str | None, ctx: int, threads: int | None,
+          api_key: str | None, otp: str | None, top_k: int | None, prune_mu: float | None) -> None:
+    """Serve GGUF_FILE with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models;
+    the executed expert-slot fraction on /metrics). Needs `pip install 'mcsharp-gguf[server]'`.
+
+    \f
+    (Ten parameters: click passes one per argument and option.)
+    """
+    from .runtime.prune import prune_overrides
+    from .runtime.serve import ServeOptions, run_server
+
+    kv = prune_overrides(otp, top_k, prune_mu)
+    if host not in _LOOPBACK:
+        _log(f"warning: --host {host} serves the model to every machine that can reach this one"
+             + ("" if api_key else "; consider --api-key"))
+    opts = ServeOptions(model=gguf_file, alias=alias or gguf_file.name, n_ctx=ctx,
+                        n_threads=threads or os.cpu_count() or 1, kv_overrides=kv, api_key=api_key)
+    selected, executed = run_server(opts, host=host, port=port, log=_log)
+    if selected:
+        _log(f"stopped; executed {executed / selected:.1%} of {selected} expert slots")
+    else:
+        _log("stopped")
+
+
 @cli.command()
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
 @click.option("--prompt", default="What is a Python list? Answer in one sentence.", show_default=True)

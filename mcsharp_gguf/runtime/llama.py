@@ -68,6 +68,11 @@ def _install_log_capture(llama_cpp: ModuleType) -> None:
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
 
 
+def clear_llama_log() -> None:
+    """Forget earlier llama.cpp log lines, so that :func:`last_llama_error` tells about the next call only."""
+    _LOG_LINES.clear()
+
+
 def last_llama_error() -> str:
     """The most telling recent llama.cpp error line (the loader's reason), or ''."""
     for line in reversed(_LOG_LINES):
@@ -77,7 +82,7 @@ def last_llama_error() -> str:
 
 
 @contextmanager
-def _plain_cpu_buffers(llama_cpp: ModuleType) -> Iterator[None]:
+def plain_cpu_buffers(llama_cpp: ModuleType) -> Iterator[None]:
     """Load weights into plain CPU buffers (``use_extra_bufts = false``, which llama-cpp-python does not expose).
 
     On CPUs with AMX (built with GGML_NATIVE), llama.cpp otherwise puts some weights into its AMX / repack
@@ -109,18 +114,23 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
     if not path.is_file():
         raise McsharpError(f"{path}: no such GGUF file")
     llama_cpp = llama_cpp_module()
-    _LOG_LINES.clear()
+    clear_llama_log()
     _LOG_STATE["verbose"] = verbose
     try:
-        with _plain_cpu_buffers(llama_cpp):
+        with plain_cpu_buffers(llama_cpp):
             return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, n_gpu_layers=0,
                                    n_threads=n_threads or os.cpu_count(), n_batch=min(n_ctx, 512),
                                    kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
     except ValueError:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
-        reason = last_llama_error() or "no reason logged"
-        fix = ("choose a pruning option the file supports (--otp / --top-k / --prune-mu)" if "mcsharp." in reason
-               else "re-convert it with this version of mcsharp")
-        raise McsharpError(f"{path}: llama.cpp cannot load it: {reason}; {fix}") from None
+        raise cannot_load(path) from None
+
+
+def cannot_load(path: Path) -> McsharpError:
+    """The error for a GGUF llama.cpp just refused, with the loader's logged reason and the fix."""
+    reason = last_llama_error() or "no reason logged"
+    fix = ("choose a pruning option the file supports (--otp / --top-k / --prune-mu)" if "mcsharp." in reason
+           else "re-convert it with this version of mcsharp")
+    return McsharpError(f"{path}: llama.cpp cannot load it: {reason}; {fix}")
 
 
 def logits_for(llm, tokens: list[int] | np.ndarray) -> np.ndarray:
