@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McsharpError
+from ..gguf.table import check_finite_tensors
 from ..native import build as native_build
 
 _LOG_LINES: deque[str] = deque(maxlen=64)
@@ -113,6 +114,7 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
     path = Path(path)
     if not path.is_file():
         raise McsharpError(f"{path}: no such GGUF file")
+    check_otp_routers(path, kv_overrides)
     llama_cpp = llama_cpp_module()
     clear_llama_log()
     _LOG_STATE["verbose"] = verbose
@@ -123,6 +125,14 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
                                    kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
     except ValueError:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
         raise cannot_load(path) from None
+
+
+def check_otp_routers(path: Path, kv_overrides: dict[str, Any] | None) -> None:
+    """Refuse OTP router tensors with NaN/Inf when OTP will run: a NaN logit keeps or drops slots silently."""
+    kv = kv_overrides or {}
+    if kv.get("mcsharp.otp.enable") is not False and kv.get("mcsharp.moe.prune_mode", 1) == 1:
+        check_finite_tensors(path, lambda name: ".ffn_otp_" in name,
+                             fix="add routers again (mcsharp otp add) or remove them (mcsharp otp strip)")
 
 
 def cannot_load(path: Path) -> McsharpError:

@@ -149,6 +149,7 @@ def create_server_app(opts: ServeOptions):
                            "pip install 'mcsharp-gguf[server]'") from None
     if not opts.model.is_file():
         raise McsharpError(f"{opts.model}: no such GGUF file")
+    llama.check_otp_routers(opts.model, opts.kv_overrides)
     server = ServerSettings(api_key=opts.api_key, interrupt_requests=False)
     model = ModelSettings(model=str(opts.model), model_alias=opts.alias, n_ctx=opts.n_ctx,
                           n_batch=min(opts.n_ctx, 512), n_ubatch=min(opts.n_ctx, 512), n_gpu_layers=0,

@@ -1,0 +1,114 @@
+"""A GGUF's tensor table, read fast: the header walked with ``struct`` over a memory map, metadata skipped.
+
+gguf-py's ``GGUFReader`` builds an array per metadata field (a 49k-token vocabulary takes seconds), which is
+fine for `inspect` and editing but not before every model load; this reads only names, types, shapes and
+offsets (GGUF v2/v3 layout, gguf-py's ``constants.py``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import McsharpError
+
+# GGUF metadata value types → fixed size in bytes (STRING = 8 and ARRAY = 9 are variable)
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_FLOAT_TYPES = {0: np.float32, 1: np.float16}  # ggml type id → numpy dtype, for the plain float tensors
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # ggml ne order
+    offset: int  # absolute, in the file
+
+
+class _Cursor:
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str):
+        try:
+            vals = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        except struct.error:
+            raise McsharpError(f"{self.path}: the GGUF header is truncated; convert the file again") from None
+        self.pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string(self) -> bytes:
+        n = self.take("Q")
+        if self.pos + n > len(self.buf):
+            raise McsharpError(f"{self.path}: the GGUF header is truncated; convert the file again")
+        s = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return s
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype == 8:
+            n = self.take("Q")  # (not `self.pos += self.take(...)`: that adds to the position before the take)
+            self.pos += n
+        elif vtype == 9:
+            etype, count = self.take("IQ")
+            if etype in _SCALAR_SIZE:
+                self.pos += count * _SCALAR_SIZE[etype]
+            else:
+                for _ in range(count):
+                    self.skip_value(etype)
+        elif vtype in _SCALAR_SIZE:
+            self.pos += _SCALAR_SIZE[vtype]
+        else:
+            raise McsharpError(f"{self.path}: unknown GGUF metadata type {vtype} (a damaged header); convert the file "
+                               "again")
+
+
+def tensor_table(path: str | Path) -> list[TensorEntry]:
+    """Every tensor's name, ggml type, shape and absolute data offset, in header order."""
+    path = Path(path)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        cur = _Cursor(buf, path)
+        if buf[:4] != b"GGUF":
+            raise McsharpError(f"{path} is not a GGUF file (no GGUF magic); pass a .gguf written by llama.cpp")
+        version, n_tensors, n_kv = cur.take("4xIQQ")
+        if version < 2:
+            raise McsharpError(f"{path} is GGUF version {version}; convert it again with a current llama.cpp")
+        alignment = 32
+        for _ in range(n_kv):
+            key = cur.string()
+            vtype = cur.take("I")
+            if key == b"general.alignment" and vtype == 4:
+                alignment = cur.take("I")
+            else:
+                cur.skip_value(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string().decode("utf-8", errors="replace")
+            n_dims = cur.take("I")
+            shape = tuple(cur.take("Q") for _ in range(n_dims))
+            ggml_type, offset = cur.take("IQ")
+            infos.append((name, ggml_type, shape, offset))
+        data_start = (cur.pos + alignment - 1) // alignment * alignment
+    return [TensorEntry(n, t, s, data_start + o) for n, t, s, o in infos]
+
+
+def check_finite_tensors(path: str | Path, select: Callable[[str], bool], fix: str) -> None:
+    """Refuse a GGUF whose selected float (F32/F16) tensors hold NaN/Inf, naming the first such tensor."""
+    path = Path(path)
+    chosen = [t for t in tensor_table(path) if select(t.name) and t.ggml_type in _FLOAT_TYPES]
+    if not chosen:
+        return
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for t in chosen:
+        dtype = _FLOAT_TYPES[t.ggml_type]
+        n = int(np.prod(t.shape)) if t.shape else 1
+        end = t.offset + n * np.dtype(dtype).itemsize
+        if end > data.size:
+            raise McsharpError(f"{path} is truncated inside tensor {t.name}; copy or convert it again")
+        if not np.isfinite(data[t.offset:end].view(dtype)).all():
+            raise McsharpError(f"{path}: tensor {t.name} holds NaN/Inf values; {fix}")
