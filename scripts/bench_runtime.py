@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Runtime speed at real layer shapes (not a test): the patch's costs and savings, measured side by side.
+
+For each shape (a random-weight checkpoint with the real model's layer shapes, mcsharp_gguf.dev.scale) three
+files are written by our converter, round-to-nearest (speed does not depend on the weights' values):
+
+- single: every expert projection Q4_K, attention Q4_K, head Q6_K, embedding Q4_K (Q4_K_M-like; no mcsharp
+  tensors, so the stock llama.cpp loads it too);
+- mixed: the same dense types, the experts of each layer split at random into Q3_K / Q4_K / Q5_K groups
+  (1/4, 1/2, 1/4: 4.48 bpw against Q4_K's 4.50, the same bytes within 0.4%), stored as expert groups;
+- otp: single + synthetic OTP routers (random weights, bias set for ~3/4 of the slots kept; trained routers
+  would cost a calibration pass and change nothing about speed; their executed fraction is measured).
+
+Each configuration runs in its own worker process (one llama.cpp library per process), interleaved over
+--rounds, best of all rounds: prefill of --prompt tokens and decode of --decode tokens, --threads threads.
+Configurations: stock libs vs patched libs (pruning off) on the single file; static k (k, 3k/4, k/2 slots);
+the threshold rule; OTP routers; mixed grouped vs single-type. From the static-k decode times the MoE share of
+decode time s is fitted (t(f) = t(1) · (1 − s(1 − f)), f = executed fraction); each pruning rule's speed-up is
+compared with its Amdahl bound 1 / (1 − s(1 − f)) at its measured f.
+
+Usage: python scripts/bench_runtime.py [--shape qwen3-30b-a3b:8] [--shape mixtral-8x7b:2] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+WORKER = r"""
+import json, os, sys, time
+lib, path, kv, n_prompt, n_decode, reps, threads = sys.argv[1:8]
+os.environ["LLAMA_CPP_LIB_PATH"] = lib
+import llama_cpp
+from mcsharp_gguf.runtime.llama import plain_cpu_buffers
+kv, n_prompt, n_decode, reps, threads = json.loads(kv), int(n_prompt), int(n_decode), int(reps), int(threads)
+with plain_cpu_buffers(llama_cpp):
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_decode + 8, n_batch=512, n_ubatch=512,
+                          n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False,
+                          kv_overrides=kv or None, logits_all=False)
+lib_ = llama_cpp.llama_cpp._lib
+counter = getattr(lib_, "mcsharp_moe_slot_counter_read", None)
+if counter is not None:
+    import ctypes
+    counter.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
+def frac():
+    if counter is None:
+        return None
+    s, e = ctypes.c_int64(0), ctypes.c_int64(0)
+    counter(ctypes.byref(s), ctypes.byref(e))
+    return [s.value, e.value]
+def reset():
+    if counter is not None:
+        lib_.mcsharp_moe_slot_counter_reset()
+import random
+rnd = random.Random(0)
+toks = [rnd.randrange(100, 40000) for _ in range(n_prompt + n_decode)]
+out = {"prefill": [], "decode": []}
+for r in range(reps + 1):  # the first is a warm-up
+    llm.reset(); llm._ctx.kv_cache_clear()
+    reset()
+    t0 = time.perf_counter(); llm.eval(toks[:n_prompt]); t1 = time.perf_counter()
+    pf = frac(); reset()
+    for t in toks[n_prompt:]:
+        llm.eval([t])
+    t2 = time.perf_counter()
+    if r:
+        out["prefill"].append(t1 - t0); out["decode"].append(t2 - t1)
+        out["slots_prefill"], out["slots_decode"] = pf, frac()
+print(json.dumps(out))
+"""
+
+
+def run_worker(lib: str, path: Path, kv: dict, args) -> dict:
+    cmd = [sys.executable, "-c", WORKER, lib, str(path), json.dumps(kv), str(args.prompt), str(args.decode),
+           str(args.reps), str(args.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"worker failed on {path.name} {kv}: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def expert_plan(ckpt: Path, kind: str, seed: int = 0):
+    """A BitPlan: every expert Q4_K ("single"); each layer's experts at random 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K
+    ("mixed"); or every expert Q4_K but stored as the same three groups of 1/4, 1/2, 1/4 ("grouped": the
+    grouping's own cost, without the types' different kernel speeds)."""
+    from mcsharp_gguf.model.checkpoint import model_identity
+    from mcsharp_gguf.model.stream import LayerStream
+    from mcsharp_gguf.pmq.candidates import Recipe as ExpertRecipe
+    from mcsharp_gguf.pmq.plan import BitPlan
+
+    stream = LayerStream.open(ckpt)
+    cfg = stream.config
+    n_layer, n_expert = cfg.num_hidden_layers, stream.n_expert
+    d_model = cfg.hidden_size
+    d_ff = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    rng = np.random.default_rng(seed)
+    layers, recipes, spent = {}, {}, 0
+    for layer in range(n_layer):
+        quarter = n_expert // 4
+        if kind == "mixed":
+            targets = np.array(["Q3_K"] * quarter + ["Q5_K"] * quarter + ["Q4_K"] * (n_expert - 2 * quarter))
+            targets = [str(t) for t in rng.permutation(targets)]
+        elif kind == "grouped":  # labels, each a Q4_K recipe; contiguous, so each label is one group
+            targets = ["g0"] * quarter + ["g1"] * (n_expert - 2 * quarter) + ["g2"] * quarter
+        else:
+            targets = ["Q4_K"] * n_expert
+        layers[layer] = targets
+        type_of = {t: "Q4_K" if kind == "grouped" else t for t in targets}
+        for t in sorted(set(targets)):
+            r = ExpertRecipe.for_shapes(type_of[t], d_model, d_ff)
+            recipes[f"{layer}:{t}"] = {"gate": r.gate, "up": r.up, "down": r.down}
+        spent += sum(ExpertRecipe.for_shapes(type_of[t], d_model, d_ff).n_bytes(d_model, d_ff) for t in targets)
+    n_w = n_layer * n_expert * 3 * d_model * d_ff
+    bpw = 8 * spent / n_w
+    return BitPlan(mode="stock" if kind == "single" else "mixed", target_bpw=bpw, achieved_bpw=bpw, expert_bytes=spent,
+                   expert_weights=n_w, layers=layers, recipes=recipes, model=model_identity(ckpt))
+
+
+def synthetic_routers(ckpt: Path, keep: float = 0.75, hidden: int = 32, seed: int = 0):
+    """OTP routers with random weights; b2 puts each slot's logit above 0 (kept) with probability ~``keep`` for
+    unit-RMS inputs (the FFN-normed block input)."""
+    from scipy.stats import norm
+
+    from mcsharp_gguf.model.stream import LayerStream
+    from mcsharp_gguf.otp.io import OtpRouters
+
+    stream = LayerStream.open(ckpt)
+    cfg = stream.config
+    d, k = cfg.hidden_size, cfg.num_experts_per_tok
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for layer in range(cfg.num_hidden_layers):
+        w1 = (rng.standard_normal((hidden, d)) / np.sqrt(d)).astype(np.float32)
+        w2 = (rng.standard_normal((k, hidden)) / np.sqrt(hidden)).astype(np.float32)
+        # logit_j ≈ N(0, σ²) with σ² ≈ E[gelu(z)²] for z ~ N(0, 1) (≈ 0.43), summed over hidden / hidden
+        b2 = np.full(k, norm.ppf(keep) * np.sqrt(0.43), np.float32)
+        layers[layer] = {"w1": w1, "b1": np.zeros(hidden, np.float32), "w2": w2, "b2": b2}
+    return OtpRouters(n_embd=d, top_k=k, hidden=hidden, target_frac=keep, calib_frac=keep, calib_err=0.0,
+                      lam=[0.0] * cfg.num_hidden_layers, layers=layers)
+
+
+def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Path]:
+    from mcsharp_gguf.dev.scale import write_real_shape_checkpoint
+    from mcsharp_gguf.pipeline import run
+    from mcsharp_gguf.recipe import Recipe
+
+    ckpt = write_real_shape_checkpoint(shape, work / f"{shape}-{n_layer}L", n_layer, log=log)
+    dense = {"attn": "Q4_K", "embd": "Q4_K", "output": "Q6_K"}
+    files = {}
+    for name, otp in (("single", False), ("mixed", False), ("grouped", False), ("otp", True)):
+        out = work / f"{shape}-{n_layer}L-{name}.gguf"
+        files[name] = out
+        if out.exists():
+            continue
+        plan = expert_plan(ckpt, "single" if otp else name)
+        recipe = Recipe(bpw=plan.target_bpw, mode=plan.mode, scope="global", gptq=False, dense_types=dense,
+                        otp=otp)
+        t0 = time.perf_counter()
+        run(recipe, ckpt, out, plan=plan, routers=synthetic_routers(ckpt) if otp else None, device="cpu",
+            log=lambda *_: None)
+        log(f"[files] {out.name}: {out.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+    return files
+
+
+def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print) -> dict:
+    from mcsharp_gguf.dev.scale import real_shape
+
+    files = write_files(shape, n_layer, args.work, log=log)
+    k = int(real_shape(shape).config["num_experts_per_tok"])
+    ks = sorted({k, max(1, 3 * k // 4), max(1, k // 2)}, reverse=True)
+    configs: dict[str, tuple[str, str, dict]] = {
+        "stock libs, single": ("stock", "single", {}),
+        "patched, single (off)": ("patched", "single", {}),
+        "patched, mixed grouped (off)": ("patched", "mixed", {}),
+        "patched, Q4_K in 3 groups (off)": ("patched", "grouped", {}),
+        "patched, OTP routers": ("patched", "otp", {}),
+        f"patched, threshold mu={args.mu}": ("patched", "single", {"mcsharp.moe.prune_mode": 3,
+                                                                   "mcsharp.moe.threshold_mu": args.mu}),
+    }
+    for kk in ks[1:]:
+        configs[f"patched, static k={kk}"] = ("patched", "single", {"mcsharp.moe.prune_mode": 2,
+                                                                    "mcsharp.moe.static_k": kk})
+    best: dict[str, dict] = {}
+    order = list(configs)
+    rng = np.random.default_rng(0)
+    for rnd in range(args.rounds):
+        for name in rng.permutation(order):  # a fresh order each round: no configuration always runs first
+            lib, f, kv = configs[name]
+            r = run_worker(libs[lib], files[f], kv, args)
+            b = best.setdefault(str(name), {"prefill_s": float("inf"), "decode_s": float("inf")})
+            b["prefill_s"] = min(b["prefill_s"], *r["prefill"])
+            b["decode_s"] = min(b["decode_s"], *r["decode"])
+            for phase in ("prefill", "decode"):
+                s = r.get(f"slots_{phase}")
+                b[f"executed_{phase}"] = (s[1] / s[0]) if s and s[0] else 1.0
+        log(f"[bench] {shape}: round {rnd + 1}/{args.rounds} done")
+    base = best["patched, single (off)"]
+    for b in best.values():
+        b["prefill_tok_s"] = args.prompt / b["prefill_s"]
+        b["decode_tok_s"] = args.decode / b["decode_s"]
+        b["prefill_speedup"] = base["prefill_s"] / b["prefill_s"]
+        b["decode_speedup"] = base["decode_s"] / b["decode_s"]
+    # the MoE share of each phase's time from the static-k line: t(f)/t(1) = 1 - s (1 - f)
+    out = {"shape": shape, "layers": n_layer, "top_k": k, "files": {n: p.stat().st_size for n, p in files.items()},
+           "configs": best}
+    for phase in ("prefill", "decode"):
+        pts = [(1.0, 1.0)] + [(best[f"patched, static k={kk}"][f"executed_{phase}"],
+                               best[f"patched, static k={kk}"][f"{phase}_s"] / base[f"{phase}_s"]) for kk in ks[1:]]
+        x = np.array([1 - f for f, _ in pts])
+        y = np.array([1 - t for _, t in pts])
+        s = float((x @ y) / (x @ x)) if (x @ x) > 0 else float("nan")
+        out[f"moe_share_{phase}"] = s
+        for b in best.values():
+            f = b[f"executed_{phase}"]
+            if f < 1.0:
+                bound = 1.0 / (1.0 - s * (1.0 - f))
+                b[f"{phase}_amdahl_bound"] = bound
+                b[f"{phase}_of_bound"] = b[f"{phase}_speedup"] / bound
+    out["patched_off_vs_stock_decode"] = best["stock libs, single"]["decode_s"] / base["decode_s"]
+    out["patched_off_vs_stock_prefill"] = best["stock libs, single"]["prefill_s"] / base["prefill_s"]
+    out["mixed_vs_single_decode"] = base["decode_s"] / best["patched, mixed grouped (off)"]["decode_s"]
+    out["mixed_vs_single_prefill"] = base["prefill_s"] / best["patched, mixed grouped (off)"]["prefill_s"]
+    out["grouped_vs_single_decode"] = base["decode_s"] / best["patched, Q4_K in 3 groups (off)"]["decode_s"]
+    out["grouped_vs_single_prefill"] = base["prefill_s"] / best["patched, Q4_K in 3 groups (off)"]["prefill_s"]
+    return out
+
+
+def print_table(res: dict) -> None:
+    print(f"\n## {res['shape']}, {res['layers']} layers, top-{res['top_k']} — "
+          + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in res["files"].items()))
+    print("| configuration | executed prefill / decode | prefill tok/s | speed-up (of Amdahl bound) | "
+          "decode tok/s | speed-up (of Amdahl bound) |")
+    print("|---|---|---|---|---|---|")
+    for name, b in res["configs"].items():
+        cells = []
+        for phase in ("prefill", "decode"):
+            ob = b.get(f"{phase}_of_bound")
+            cells.append(f"{b[f'{phase}_tok_s']:.1f} | {b[f'{phase}_speedup']:.3f}"
+                         + ("" if ob is None else f" ({ob:.2f})"))
+        print(f"| {name} | {b['executed_prefill']:.3f} / {b['executed_decode']:.3f} | {cells[0]} | {cells[1]} |")
+    print(f"MoE share of time (static-k fit): decode {res['moe_share_decode']:.3f}, "
+          f"prefill {res['moe_share_prefill']:.3f}; patched-off / stock speed: decode "
+          f"{res['patched_off_vs_stock_decode']:.3f}, prefill {res['patched_off_vs_stock_prefill']:.3f}; "
+          f"mixed grouped / single-type: decode {res['mixed_vs_single_decode']:.3f}, "
+          f"prefill {res['mixed_vs_single_prefill']:.3f}; Q4_K in 3 groups / single: decode "
+          f"{res['grouped_vs_single_decode']:.3f}, prefill {res['grouped_vs_single_prefill']:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", action="append", default=None, metavar="NAME:LAYERS",
+                    help="a dev.scale shape and its depth (default: qwen3-30b-a3b:8 and mixtral-8x7b:2)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=1, help="timed repetitions per worker (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best time is reported")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mu", type=float, default=0.3, help="the threshold rule's μ")
+    ap.add_argument("--work", type=Path, default=Path("out/bench-runtime"))
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    from mcsharp_gguf.native import build as nb
+
+    libs = {"patched": nb.build(log=lambda *a: None).lib_dir, "stock": nb.build_stock(log=lambda *a: None).lib_dir}
+    results = []
+    for spec in args.shape or ["qwen3-30b-a3b:8", "mixtral-8x7b:2"]:
+        name, _, layers = spec.partition(":")
+        res = bench_shape(name, int(layers or 8), args, libs, log=lambda m: print(m, file=sys.stderr, flush=True))
+        print_table(res)
+        results.append(res)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
