@@ -1,18 +1,22 @@
 #!/usr/bin/env python
 """Runtime speed at real layer shapes (not a test): the patch's costs and savings, measured side by side.
 
-For each shape (a random-weight checkpoint with the real model's layer shapes, mcsharp_gguf.dev.scale) three
+For each shape (a random-weight checkpoint with the real model's layer shapes, mcsharp_gguf.dev.scale) six
 files are written by our converter, round-to-nearest (speed does not depend on the weights' values):
 
 - single: every expert projection Q4_K, attention Q4_K, head Q6_K, embedding Q4_K (Q4_K_M-like; no mcsharp
   tensors, so the stock llama.cpp loads it too);
 - mixed: the same dense types, the experts of each layer split at random into Q3_K / Q4_K / Q5_K groups
   (1/4, 1/2, 1/4: 4.48 bpw against Q4_K's 4.50, the same bytes within 0.4%), stored as expert groups;
+- single-Q3_K, single-Q5_K: as single with every expert Q3_K / Q5_K (how fast each type's kernel is alone);
+- grouped: as single, the experts stored as three groups (1/4, 1/2, 1/4) of the same Q4_K (the grouping's cost);
 - otp: single + synthetic OTP routers (random weights, bias set for ~3/4 of the slots kept; trained routers
   would cost a calibration pass and change nothing about speed; their executed fraction is measured).
 
-Each configuration runs in its own worker process (one llama.cpp library per process), interleaved over
---rounds, best of all rounds: prefill of --prompt tokens and decode of --decode tokens, --threads threads.
+One worker process per llama.cpp library (a process binds one) holds every configuration of that library and
+times them interleaved, in a fresh order each round, after a warm-up round; --processes pairs of workers
+(stock, patched) run alternately and the best time of each configuration over all rounds is reported: prefill
+of --prompt tokens and decode of --decode tokens, --threads threads.
 Configurations: stock libs vs patched libs (pruning off) on the single file; static k (k, 3k/4, k/2 slots);
 the threshold rule; OTP routers; mixed grouped vs single-type. From the static-k decode times the MoE share of
 decode time s is fitted (t(f) = t(1) · (1 − s(1 − f)), f = executed fraction); each pruning rule's speed-up is
@@ -33,55 +37,60 @@ from pathlib import Path
 import numpy as np
 
 WORKER = r"""
-import json, os, sys, time
-lib, path, kv, n_prompt, n_decode, reps, threads = sys.argv[1:8]
+import ctypes, json, os, random, sys, time
+lib, configs, n_prompt, n_decode, rounds, threads = sys.argv[1:7]
 os.environ["LLAMA_CPP_LIB_PATH"] = lib
 import llama_cpp
 from mcsharp_gguf.runtime.llama import plain_cpu_buffers
-kv, n_prompt, n_decode, reps, threads = json.loads(kv), int(n_prompt), int(n_decode), int(reps), int(threads)
+configs, n_prompt, n_decode = json.loads(configs), int(n_prompt), int(n_decode)
+rounds, threads = int(rounds), int(threads)
+llms = {}
 with plain_cpu_buffers(llama_cpp):
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_decode + 8, n_batch=512, n_ubatch=512,
-                          n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False,
-                          kv_overrides=kv or None, logits_all=False)
+    for name, (path, kv) in configs.items():  # one Llama per configuration; a file's weights are mmapped once
+        llms[name] = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_decode + 8, n_batch=512, n_ubatch=512,
+                                     n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False,
+                                     kv_overrides=kv or None, logits_all=False)
 lib_ = llama_cpp.llama_cpp._lib
 counter = getattr(lib_, "mcsharp_moe_slot_counter_read", None)
 if counter is not None:
-    import ctypes
     counter.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
-def frac():
+def slots():
     if counter is None:
         return None
     s, e = ctypes.c_int64(0), ctypes.c_int64(0)
     counter(ctypes.byref(s), ctypes.byref(e))
+    lib_.mcsharp_moe_slot_counter_reset()
     return [s.value, e.value]
-def reset():
-    if counter is not None:
-        lib_.mcsharp_moe_slot_counter_reset()
-import random
 rnd = random.Random(0)
 toks = [rnd.randrange(100, 40000) for _ in range(n_prompt + n_decode)]
-out = {"prefill": [], "decode": []}
-for r in range(reps + 1):  # the first is a warm-up
-    llm.reset(); llm._ctx.kv_cache_clear()
-    reset()
-    t0 = time.perf_counter(); llm.eval(toks[:n_prompt]); t1 = time.perf_counter()
-    pf = frac(); reset()
-    for t in toks[n_prompt:]:
-        llm.eval([t])
-    t2 = time.perf_counter()
-    if r:
-        out["prefill"].append(t1 - t0); out["decode"].append(t2 - t1)
-        out["slots_prefill"], out["slots_decode"] = pf, frac()
+out = {name: {"prefill": [], "decode": []} for name in configs}
+order = list(configs)
+for r in range(rounds + 1):  # round 0 warms every model up
+    rnd.shuffle(order)  # a fresh order each round: no configuration always runs first
+    for name in order:
+        llm, o = llms[name], out[name]
+        llm.reset(); llm._ctx.kv_cache_clear()
+        slots()
+        t0 = time.perf_counter(); llm.eval(toks[:n_prompt]); t1 = time.perf_counter()
+        pf = slots()
+        for t in toks[n_prompt:]:
+            llm.eval([t])
+        t2 = time.perf_counter()
+        if r:
+            o["prefill"].append(t1 - t0); o["decode"].append(t2 - t1)
+            o["slots_prefill"], o["slots_decode"] = pf, slots()
 print(json.dumps(out))
 """
 
 
-def run_worker(lib: str, path: Path, kv: dict, args) -> dict:
-    cmd = [sys.executable, "-c", WORKER, lib, str(path), json.dumps(kv), str(args.prompt), str(args.decode),
-           str(args.reps), str(args.threads)]
+def run_worker(lib: str, configs: dict[str, tuple[Path, dict]], args) -> dict:
+    """Time ``configs`` (name → (file, kv_overrides)) in one process on ``lib``, interleaved over rounds."""
+    spec = json.dumps({n: (str(p), kv) for n, (p, kv) in configs.items()})
+    cmd = [sys.executable, "-c", WORKER, lib, spec, str(args.prompt), str(args.decode), str(args.rounds),
+           str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise SystemExit(f"worker failed on {path.name} {kv}: {res.stderr[-2000:]}")
+        raise SystemExit(f"worker failed on {list(configs)}: {res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -108,8 +117,8 @@ def expert_plan(ckpt: Path, kind: str, seed: int = 0):
             targets = [str(t) for t in rng.permutation(targets)]
         elif kind == "grouped":  # labels, each a Q4_K recipe; contiguous, so each label is one group
             targets = ["g0"] * quarter + ["g1"] * (n_expert - 2 * quarter) + ["g2"] * quarter
-        else:
-            targets = ["Q4_K"] * n_expert
+        else:  # "single" (Q4_K) or "single-T"
+            targets = [kind.partition("-")[2] or "Q4_K"] * n_expert
         layers[layer] = targets
         type_of = {t: "Q4_K" if kind == "grouped" else t for t in targets}
         for t in sorted(set(targets)):
@@ -118,8 +127,8 @@ def expert_plan(ckpt: Path, kind: str, seed: int = 0):
         spent += sum(ExpertRecipe.for_shapes(type_of[t], d_model, d_ff).n_bytes(d_model, d_ff) for t in targets)
     n_w = n_layer * n_expert * 3 * d_model * d_ff
     bpw = 8 * spent / n_w
-    return BitPlan(mode="stock" if kind == "single" else "mixed", target_bpw=bpw, achieved_bpw=bpw, expert_bytes=spent,
-                   expert_weights=n_w, layers=layers, recipes=recipes, model=model_identity(ckpt))
+    return BitPlan(mode="stock" if kind.startswith("single") else "mixed", target_bpw=bpw, achieved_bpw=bpw,
+                   expert_bytes=spent, expert_weights=n_w, layers=layers, recipes=recipes, model=model_identity(ckpt))
 
 
 def synthetic_routers(ckpt: Path, keep: float = 0.75, hidden: int = 32, seed: int = 0):
@@ -153,7 +162,8 @@ def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Pa
     ckpt = write_real_shape_checkpoint(shape, work / f"{shape}-{n_layer}L", n_layer, log=log)
     dense = {"attn": "Q4_K", "embd": "Q4_K", "output": "Q6_K"}
     files = {}
-    for name, otp in (("single", False), ("mixed", False), ("grouped", False), ("otp", True)):
+    for name, otp in (("single", False), ("mixed", False), ("grouped", False), ("otp", True),
+                      ("single-Q3_K", False), ("single-Q5_K", False)):
         out = work / f"{shape}-{n_layer}L-{name}.gguf"
         files[name] = out
         if out.exists():
@@ -179,6 +189,8 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
         "patched, single (off)": ("patched", "single", {}),
         "patched, mixed grouped (off)": ("patched", "mixed", {}),
         "patched, Q4_K in 3 groups (off)": ("patched", "grouped", {}),
+        "patched, all Q3_K (off)": ("patched", "single-Q3_K", {}),
+        "patched, all Q5_K (off)": ("patched", "single-Q5_K", {}),
         "patched, OTP routers": ("patched", "otp", {}),
         f"patched, threshold mu={args.mu}": ("patched", "single", {"mcsharp.moe.prune_mode": 3,
                                                                    "mcsharp.moe.threshold_mu": args.mu}),
@@ -187,19 +199,18 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
         configs[f"patched, static k={kk}"] = ("patched", "single", {"mcsharp.moe.prune_mode": 2,
                                                                     "mcsharp.moe.static_k": kk})
     best: dict[str, dict] = {}
-    order = list(configs)
-    rng = np.random.default_rng(0)
-    for rnd in range(args.rounds):
-        for name in rng.permutation(order):  # a fresh order each round: no configuration always runs first
-            lib, f, kv = configs[name]
-            r = run_worker(libs[lib], files[f], kv, args)
-            b = best.setdefault(str(name), {"prefill_s": float("inf"), "decode_s": float("inf")})
-            b["prefill_s"] = min(b["prefill_s"], *r["prefill"])
-            b["decode_s"] = min(b["decode_s"], *r["decode"])
-            for phase in ("prefill", "decode"):
-                s = r.get(f"slots_{phase}")
-                b[f"executed_{phase}"] = (s[1] / s[0]) if s and s[0] else 1.0
-        log(f"[bench] {shape}: round {rnd + 1}/{args.rounds} done")
+    for proc in range(args.processes):  # the stock and the patched worker alternate; each is a fresh process
+        for lib in (("stock", "patched") if proc % 2 == 0 else ("patched", "stock")):
+            mine = {n: (files[f], kv) for n, (lb, f, kv) in configs.items() if lb == lib}
+            for name, r in run_worker(libs[lib], mine, args).items():
+                b = best.setdefault(name, {"prefill_s": float("inf"), "decode_s": float("inf")})
+                b["prefill_s"] = min(b["prefill_s"], *r["prefill"])
+                b["decode_s"] = min(b["decode_s"], *r["decode"])
+                for phase in ("prefill", "decode"):
+                    s = r.get(f"slots_{phase}")
+                    b[f"executed_{phase}"] = (s[1] / s[0]) if s and s[0] else 1.0
+        log(f"[bench] {shape}: process pair {proc + 1}/{args.processes} done")
+    best = {n: best[n] for n in configs}  # table order
     base = best["patched, single (off)"]
     for b in best.values():
         b["prefill_tok_s"] = args.prompt / b["prefill_s"]
@@ -226,6 +237,11 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
     out["patched_off_vs_stock_prefill"] = best["stock libs, single"]["prefill_s"] / base["prefill_s"]
     out["mixed_vs_single_decode"] = base["decode_s"] / best["patched, mixed grouped (off)"]["decode_s"]
     out["mixed_vs_single_prefill"] = base["prefill_s"] / best["patched, mixed grouped (off)"]["prefill_s"]
+    # what the mixed file would take if only its types' kernel speeds mattered: 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K
+    for phase in ("prefill", "decode"):
+        t3, t5 = (best[f"patched, all {t} (off)"][f"{phase}_s"] for t in ("Q3_K", "Q5_K"))
+        types_only = 0.25 * t3 + 0.5 * base[f"{phase}_s"] + 0.25 * t5
+        out[f"mixed_vs_types_only_{phase}"] = types_only / best["patched, mixed grouped (off)"][f"{phase}_s"]
     out["grouped_vs_single_decode"] = base["decode_s"] / best["patched, Q4_K in 3 groups (off)"]["decode_s"]
     out["grouped_vs_single_prefill"] = base["prefill_s"] / best["patched, Q4_K in 3 groups (off)"]["prefill_s"]
     return out
@@ -249,7 +265,9 @@ def print_table(res: dict) -> None:
           f"{res['patched_off_vs_stock_decode']:.3f}, prefill {res['patched_off_vs_stock_prefill']:.3f}; "
           f"mixed grouped / single-type: decode {res['mixed_vs_single_decode']:.3f}, "
           f"prefill {res['mixed_vs_single_prefill']:.3f}; Q4_K in 3 groups / single: decode "
-          f"{res['grouped_vs_single_decode']:.3f}, prefill {res['grouped_vs_single_prefill']:.3f}")
+          f"{res['grouped_vs_single_decode']:.3f}, prefill {res['grouped_vs_single_prefill']:.3f}; mixed grouped / "
+          f"the same mix of types at single-type speeds: decode {res['mixed_vs_types_only_decode']:.3f}, prefill "
+          f"{res['mixed_vs_types_only_prefill']:.3f}")
 
 
 def main() -> None:
@@ -258,8 +276,10 @@ def main() -> None:
                     help="a dev.scale shape and its depth (default: qwen3-30b-a3b:8 and mixtral-8x7b:2)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=1, help="timed repetitions per worker (after one warm-up)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best time is reported")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds over the configurations inside each worker (after a warm-up round)")
+    ap.add_argument("--processes", type=int, default=2,
+                    help="worker pairs (stock, patched) run one after the other; the best time over all is reported")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mu", type=float, default=0.3, help="the threshold rule's μ")
     ap.add_argument("--work", type=Path, default=Path("out/bench-runtime"))

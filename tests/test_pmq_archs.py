@@ -221,5 +221,5 @@ def test_stock_pmq_runs_in_unpatched_llama_cpp(arch, pmq_gguf, stock_lib, eval_i
     err = np.abs(stock - patched).max() / np.abs(patched).max()
     print(f"{arch}: stock plan {json.dumps({k: v[0] for k, v in plan.layers.items()})}, "
           f"max |Δlogit| stock vs patched {err:.2e} of max |logit|")
-    assert err <= 1e-3
-    assert (stock.argmax(-1) == patched.argmax(-1)).mean() >= 0.99
+    # a file without mcsharp tensors runs the stock graph node for node: the same bits, not just close ones
+    assert np.array_equal(stock, patched), f"{arch}: patched logits differ from stock by up to {err:.2e}"
