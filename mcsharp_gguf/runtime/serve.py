@@ -139,6 +139,9 @@ def metrics_text() -> str:
 
 def create_server_app(opts: ServeOptions):
     """The ASGI app serving ``opts.model`` (loaded now, on the patched runtime's plain CPU buffers)."""
+    if not opts.model.is_file():
+        raise McsharpError(f"{opts.model}: no such GGUF file")
+    llama.check_otp_routers(opts.model, opts.kv_overrides)
     llama_cpp = llama.llama_cpp_module()
     try:
         from fastapi.responses import PlainTextResponse
@@ -147,9 +150,6 @@ def create_server_app(opts: ServeOptions):
     except ImportError as e:
         raise McsharpError(f"`mcsharp serve` needs the server extra ({e.name} is missing): "
                            "pip install 'mcsharp-gguf[server]'") from None
-    if not opts.model.is_file():
-        raise McsharpError(f"{opts.model}: no such GGUF file")
-    llama.check_otp_routers(opts.model, opts.kv_overrides)
     server = ServerSettings(api_key=opts.api_key, interrupt_requests=False)
     model = ModelSettings(model=str(opts.model), model_alias=opts.alias, n_ctx=opts.n_ctx,
                           n_batch=min(opts.n_ctx, 512), n_ubatch=min(opts.n_ctx, 512), n_gpu_layers=0,
