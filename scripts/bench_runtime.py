@@ -13,11 +13,12 @@ files are written by our converter, round-to-nearest (speed does not depend on t
 - otp: single + synthetic OTP routers (random weights, bias set for ~3/4 of the slots kept; trained routers
   would cost a calibration pass and change nothing about speed; their executed fraction is measured).
 
-One worker process per llama.cpp library (a process binds one) holds every configuration of that library and
-times them interleaved, in a fresh order each round, after a warm-up round; --processes pairs of workers
-(stock, patched) run alternately and the best time of each configuration over all rounds is reported: prefill
-of --prompt tokens and decode of --decode tokens, --threads threads.
-Configurations: stock libs vs patched libs (pruning off) on the single file; static k (k, 3k/4, k/2 slots);
+A worker process (one llama.cpp library per process) holds every configuration of the patched library and
+times them interleaved, in a fresh order each round, after a warm-up round; --processes such workers run one
+after the other and the best time of each configuration over all rounds is reported: prefill of --prompt
+tokens and decode of --decode tokens, --threads threads.
+The stock comparison (stock vs patched libraries, pruning off, the single file) runs --stock-pairs pairs of
+short one-file workers, alternating. Patched configurations: static k (k, 3k/4, k/2 slots);
 the threshold rule; OTP routers; mixed grouped vs single-type. From the static-k decode times the MoE share of
 decode time s is fitted (t(f) = t(1) · (1 − s(1 − f)), f = executed fraction); each pruning rule's speed-up is
 compared with its Amdahl bound 1 / (1 − s(1 − f)) at its measured f.
@@ -178,14 +179,35 @@ def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Pa
     return files
 
 
+def stock_vs_patched(files: dict[str, Path], args, libs: dict[str, str], log=print) -> dict:
+    """The single-type file (no mcsharp tensors) on the stock and on the patched libraries, pruning off: short
+    one-configuration workers, alternating stock / patched --stock-pairs times, best time of each library.
+    (Long workers measured minutes apart differed by up to ±10% on this shared machine in either direction.)"""
+    per: dict[str, list[dict]] = {"stock": [], "patched": []}
+    for i in range(args.stock_pairs):
+        for lib in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
+            r = run_worker(libs[lib], {"single": (files["single"], {})}, args)["single"]
+            per[lib].append({"prefill_s": min(r["prefill"]), "decode_s": min(r["decode"])})
+        log(f"[bench] stock vs patched: pair {i + 1}/{args.stock_pairs} done")
+    out = {}
+    for phase in ("prefill", "decode"):
+        best = {lib: min(x[f"{phase}_s"] for x in runs) for lib, runs in per.items()}
+        out[f"patched_vs_stock_{phase}"] = best["stock"] / best["patched"]  # speed ratio: > 1 = patched faster
+        out[f"{phase}_tok_s"] = {lib: (args.prompt if phase == "prefill" else args.decode) / t
+                                 for lib, t in best.items()}
+    out["per_process"] = per
+    return out
+
+
 def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print) -> dict:
     from mcsharp_gguf.dev.scale import real_shape
 
     files = write_files(shape, n_layer, args.work, log=log)
+    if args.only_stock_pairs:
+        return {"shape": shape, "layers": n_layer, "stock_vs_patched": stock_vs_patched(files, args, libs, log)}
     k = int(real_shape(shape).config["num_experts_per_tok"])
     ks = sorted({k, max(1, 3 * k // 4), max(1, k // 2)}, reverse=True)
     configs: dict[str, tuple[str, str, dict]] = {
-        "stock libs, single": ("stock", "single", {}),
         "patched, single (off)": ("patched", "single", {}),
         "patched, mixed grouped (off)": ("patched", "mixed", {}),
         "patched, Q4_K in 3 groups (off)": ("patched", "grouped", {}),
@@ -199,17 +221,16 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
         configs[f"patched, static k={kk}"] = ("patched", "single", {"mcsharp.moe.prune_mode": 2,
                                                                     "mcsharp.moe.static_k": kk})
     best: dict[str, dict] = {}
-    for proc in range(args.processes):  # the stock and the patched worker alternate; each is a fresh process
-        for lib in (("stock", "patched") if proc % 2 == 0 else ("patched", "stock")):
-            mine = {n: (files[f], kv) for n, (lb, f, kv) in configs.items() if lb == lib}
-            for name, r in run_worker(libs[lib], mine, args).items():
-                b = best.setdefault(name, {"prefill_s": float("inf"), "decode_s": float("inf")})
-                b["prefill_s"] = min(b["prefill_s"], *r["prefill"])
-                b["decode_s"] = min(b["decode_s"], *r["decode"])
-                for phase in ("prefill", "decode"):
-                    s = r.get(f"slots_{phase}")
-                    b[f"executed_{phase}"] = (s[1] / s[0]) if s and s[0] else 1.0
-        log(f"[bench] {shape}: process pair {proc + 1}/{args.processes} done")
+    for proc in range(args.processes):  # each a fresh process holding every configuration
+        mine = {n: (files[f], kv) for n, (_, f, kv) in configs.items()}
+        for name, r in run_worker(libs["patched"], mine, args).items():
+            b = best.setdefault(name, {"prefill_s": float("inf"), "decode_s": float("inf")})
+            b["prefill_s"] = min(b["prefill_s"], *r["prefill"])
+            b["decode_s"] = min(b["decode_s"], *r["decode"])
+            for phase in ("prefill", "decode"):
+                s = r.get(f"slots_{phase}")
+                b[f"executed_{phase}"] = (s[1] / s[0]) if s and s[0] else 1.0
+        log(f"[bench] {shape}: process {proc + 1}/{args.processes} done")
     best = {n: best[n] for n in configs}  # table order
     base = best["patched, single (off)"]
     for b in best.values():
@@ -233,8 +254,7 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
                 bound = 1.0 / (1.0 - s * (1.0 - f))
                 b[f"{phase}_amdahl_bound"] = bound
                 b[f"{phase}_of_bound"] = b[f"{phase}_speedup"] / bound
-    out["patched_off_vs_stock_decode"] = best["stock libs, single"]["decode_s"] / base["decode_s"]
-    out["patched_off_vs_stock_prefill"] = best["stock libs, single"]["prefill_s"] / base["prefill_s"]
+    out["stock_vs_patched"] = stock_vs_patched(files, args, libs, log)
     out["mixed_vs_single_decode"] = base["decode_s"] / best["patched, mixed grouped (off)"]["decode_s"]
     out["mixed_vs_single_prefill"] = base["prefill_s"] / best["patched, mixed grouped (off)"]["prefill_s"]
     # what the mixed file would take if only its types' kernel speeds mattered: 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K
@@ -248,6 +268,13 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
 
 
 def print_table(res: dict) -> None:
+    sp = res["stock_vs_patched"]
+    stock_line = (f"{res['shape']}: patched / stock speed, pruning off, same file: prefill "
+                  f"{sp['patched_vs_stock_prefill']:.3f}, decode {sp['patched_vs_stock_decode']:.3f} "
+                  f"(best of {len(sp['per_process']['stock'])} alternating process pairs)")
+    if "configs" not in res:
+        print(stock_line)
+        return
     print(f"\n## {res['shape']}, {res['layers']} layers, top-{res['top_k']} — "
           + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in res["files"].items()))
     print("| configuration | executed prefill / decode | prefill tok/s | speed-up (of Amdahl bound) | "
@@ -261,13 +288,13 @@ def print_table(res: dict) -> None:
                          + ("" if ob is None else f" ({ob:.2f})"))
         print(f"| {name} | {b['executed_prefill']:.3f} / {b['executed_decode']:.3f} | {cells[0]} | {cells[1]} |")
     print(f"MoE share of time (static-k fit): decode {res['moe_share_decode']:.3f}, "
-          f"prefill {res['moe_share_prefill']:.3f}; patched-off / stock speed: decode "
-          f"{res['patched_off_vs_stock_decode']:.3f}, prefill {res['patched_off_vs_stock_prefill']:.3f}; "
+          f"prefill {res['moe_share_prefill']:.3f}; "
           f"mixed grouped / single-type: decode {res['mixed_vs_single_decode']:.3f}, "
           f"prefill {res['mixed_vs_single_prefill']:.3f}; Q4_K in 3 groups / single: decode "
           f"{res['grouped_vs_single_decode']:.3f}, prefill {res['grouped_vs_single_prefill']:.3f}; mixed grouped / "
           f"the same mix of types at single-type speeds: decode {res['mixed_vs_types_only_decode']:.3f}, prefill "
           f"{res['mixed_vs_types_only_prefill']:.3f}")
+    print(stock_line)
 
 
 def main() -> None:
@@ -279,7 +306,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds over the configurations inside each worker (after a warm-up round)")
     ap.add_argument("--processes", type=int, default=2,
-                    help="worker pairs (stock, patched) run one after the other; the best time over all is reported")
+                    help="patched workers run one after the other; the best time over all is reported")
+    ap.add_argument("--stock-pairs", type=int, default=4,
+                    help="alternating stock / patched one-file workers for the stock comparison")
+    ap.add_argument("--only-stock-pairs", action="store_true", help="run only the stock comparison")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mu", type=float, default=0.3, help="the threshold rule's μ")
     ap.add_argument("--work", type=Path, default=Path("out/bench-runtime"))
