@@ -207,22 +207,21 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
         return {"shape": shape, "layers": n_layer, "stock_vs_patched": stock_vs_patched(files, args, libs, log)}
     k = int(real_shape(shape).config["num_experts_per_tok"])
     ks = sorted({k, max(1, 3 * k // 4), max(1, k // 2)}, reverse=True)
-    configs: dict[str, tuple[str, str, dict]] = {
-        "patched, single (off)": ("patched", "single", {}),
-        "patched, mixed grouped (off)": ("patched", "mixed", {}),
-        "patched, Q4_K in 3 groups (off)": ("patched", "grouped", {}),
-        "patched, all Q3_K (off)": ("patched", "single-Q3_K", {}),
-        "patched, all Q5_K (off)": ("patched", "single-Q5_K", {}),
-        "patched, OTP routers": ("patched", "otp", {}),
-        f"patched, threshold mu={args.mu}": ("patched", "single", {"mcsharp.moe.prune_mode": 3,
-                                                                   "mcsharp.moe.threshold_mu": args.mu}),
+    configs: dict[str, tuple[str, dict]] = {  # name → (file, kv_overrides), all on the patched libraries
+        "patched, single (off)": ("single", {}),
+        "patched, mixed grouped (off)": ("mixed", {}),
+        "patched, Q4_K in 3 groups (off)": ("grouped", {}),
+        "patched, all Q3_K (off)": ("single-Q3_K", {}),
+        "patched, all Q5_K (off)": ("single-Q5_K", {}),
+        "patched, OTP routers": ("otp", {}),
+        f"patched, threshold mu={args.mu}": ("single", {"mcsharp.moe.prune_mode": 3,
+                                                        "mcsharp.moe.threshold_mu": args.mu}),
     }
     for kk in ks[1:]:
-        configs[f"patched, static k={kk}"] = ("patched", "single", {"mcsharp.moe.prune_mode": 2,
-                                                                    "mcsharp.moe.static_k": kk})
+        configs[f"patched, static k={kk}"] = ("single", {"mcsharp.moe.prune_mode": 2, "mcsharp.moe.static_k": kk})
     best: dict[str, dict] = {}
     for proc in range(args.processes):  # each a fresh process holding every configuration
-        mine = {n: (files[f], kv) for n, (_, f, kv) in configs.items()}
+        mine = {n: (files[f], kv) for n, (f, kv) in configs.items()}
         for name, r in run_worker(libs["patched"], mine, args).items():
             b = best.setdefault(name, {"prefill_s": float("inf"), "decode_s": float("inf")})
             b["prefill_s"] = min(b["prefill_s"], *r["prefill"])
