@@ -95,20 +95,26 @@ def run_worker(lib: str, configs: dict[str, tuple[Path, dict]], args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _moe_config(ckpt: Path) -> tuple[dict, int, int]:
+    """config.json (its text part), routed experts per layer, experts per token: read, no model built."""
+    from mcsharp_gguf.model.checkpoint import moe_counts
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    n_expert, k = moe_counts(cfg)
+    return cfg.get("text_config", cfg), int(n_expert), int(k)
+
+
 def expert_plan(ckpt: Path, kind: str, seed: int = 0):
     """A BitPlan: every expert Q4_K ("single"); each layer's experts at random 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K
     ("mixed"); or every expert Q4_K but stored as the same three groups of 1/4, 1/2, 1/4 ("grouped": the
     grouping's own cost, without the types' different kernel speeds)."""
     from mcsharp_gguf.model.checkpoint import model_identity
-    from mcsharp_gguf.model.stream import LayerStream
     from mcsharp_gguf.pmq.candidates import Recipe as ExpertRecipe
     from mcsharp_gguf.pmq.plan import BitPlan
 
-    stream = LayerStream.open(ckpt)
-    cfg = stream.config
-    n_layer, n_expert = cfg.num_hidden_layers, stream.n_expert
-    d_model = cfg.hidden_size
-    d_ff = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    cfg, n_expert, _ = _moe_config(ckpt)
+    n_layer, d_model = cfg["num_hidden_layers"], cfg["hidden_size"]
+    d_ff = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     rng = np.random.default_rng(seed)
     layers, recipes, spent = {}, {}, 0
     for layer in range(n_layer):
@@ -137,22 +143,20 @@ def synthetic_routers(ckpt: Path, keep: float = 0.75, hidden: int = 32, seed: in
     unit-RMS inputs (the FFN-normed block input)."""
     from scipy.stats import norm
 
-    from mcsharp_gguf.model.stream import LayerStream
     from mcsharp_gguf.otp.io import OtpRouters
 
-    stream = LayerStream.open(ckpt)
-    cfg = stream.config
-    d, k = cfg.hidden_size, cfg.num_experts_per_tok
+    cfg, _, k = _moe_config(ckpt)
+    d, n_layer = cfg["hidden_size"], cfg["num_hidden_layers"]
     rng = np.random.default_rng(seed)
     layers = {}
-    for layer in range(cfg.num_hidden_layers):
+    for layer in range(n_layer):
         w1 = (rng.standard_normal((hidden, d)) / np.sqrt(d)).astype(np.float32)
         w2 = (rng.standard_normal((k, hidden)) / np.sqrt(hidden)).astype(np.float32)
         # logit_j ≈ N(0, σ²) with σ² ≈ E[gelu(z)²] for z ~ N(0, 1) (≈ 0.43), summed over hidden / hidden
         b2 = np.full(k, norm.ppf(keep) * np.sqrt(0.43), np.float32)
         layers[layer] = {"w1": w1, "b1": np.zeros(hidden, np.float32), "w2": w2, "b2": b2}
     return OtpRouters(n_embd=d, top_k=k, hidden=hidden, target_frac=keep, calib_frac=keep, calib_err=0.0,
-                      lam=[0.0] * cfg.num_hidden_layers, layers=layers)
+                      lam=[0.0] * n_layer, layers=layers)
 
 
 def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Path]:
