@@ -612,7 +612,7 @@ def serve(gguf_file: Path, host: str, port: int, alias: str | None, ctx: int, th
         _log(f"warning: --host {host} serves the model to every machine that can reach this one"
              + ("" if api_key else "; consider --api-key"))
     opts = ServeOptions(model=gguf_file, alias=alias or gguf_file.name, n_ctx=ctx,
-                        n_threads=threads or os.cpu_count() or 1, kv_overrides=kv, api_key=api_key)
+                        n_threads=threads, kv_overrides=kv, api_key=api_key)
     selected, executed = run_server(opts, host=host, port=port, log=_log)
     if selected:
         _log(f"stopped; executed {executed / selected:.1%} of {selected} expert slots")

@@ -40,7 +40,7 @@ class ServeOptions:
     model: Path
     alias: str
     n_ctx: int = 4096
-    n_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    n_threads: int | None = None  # None: every core
     kv_overrides: dict[str, bool | int | float | str] = field(default_factory=dict)
     api_key: str | None = None
 
@@ -151,9 +151,10 @@ def create_server_app(opts: ServeOptions):
         raise McsharpError(f"`mcsharp serve` needs the server extra ({e.name} is missing): "
                            "pip install 'mcsharp-gguf[server]'") from None
     server = ServerSettings(api_key=opts.api_key, interrupt_requests=False)
+    threads = opts.n_threads or os.cpu_count() or 1
     model = ModelSettings(model=str(opts.model), model_alias=opts.alias, n_ctx=opts.n_ctx,
                           n_batch=min(opts.n_ctx, 512), n_ubatch=min(opts.n_ctx, 512), n_gpu_layers=0,
-                          n_threads=opts.n_threads, n_threads_batch=opts.n_threads,
+                          n_threads=threads, n_threads_batch=threads,
                           kv_overrides=_override_strings(opts.kv_overrides) or None, verbose=False)
     # create_app would replace both settings with the file named by $CONFIG_FILE
     config_file = os.environ.pop("CONFIG_FILE", None)
