@@ -292,11 +292,13 @@ _HELP_ADVANCED = click.option("--help-advanced", is_flag=True, expose_value=Fals
                                                        "stage's time and peak memory) on stdout.")
 @_DEVICE
 @_RAY
+@_advanced("--allow-nonfinite", is_flag=True,  # (a rare escape hatch: the NaN/Inf error names it)
+           help="With --preset F16/BF16/F32: copy NaN/Inf weights as they are, with a warning (refused otherwise).")
 @_option_group(_convert_knobs)
 @_option_group(_otp_knobs(hidden=True))
 @_HELP_ADVANCED
 def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path | None, work_dir: Path | None,
-            device: str, ray_address: str | None, as_json: bool, verbose: bool, **kw) -> None:
+            device: str, ray_address: str | None, allow_nonfinite: bool, as_json: bool, verbose: bool, **kw) -> None:
     """Convert a Hugging Face MoE checkpoint to a compressed GGUF: PMQ mixed-precision GPTQ at a llama-quantize
     preset's size (default Q3_K_M), a file size or a bpw; --otp adds OTP routers."""
     from .gguf.convert import check_output_path
@@ -318,7 +320,7 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
     executor = _executor(ray_address)
     try:
         res = run(recipe, model_dir, out, plan=plan, work_dir=work_dir, device=device, executor=executor, log=_log,
-                  clock=clock, verbose=verbose)
+                  clock=clock, verbose=verbose, allow_nonfinite=allow_nonfinite)
     finally:
         executor.close()
     peak = clock.peak_mb()
@@ -347,9 +349,9 @@ def convert(model_dir: Path, out: Path, force: bool, otp: bool, plan_file: Path 
 @_HELP_ADVANCED
 def plan(model_dir: Path, out: Path, force: bool, device: str, ray_address: str | None, **kw) -> None:
     """Measure expert importance and solve the per-expert bit plan (JSON + table + PNG heatmap)."""
-    from .gguf.convert import check_output_path
+    from .gguf.convert import atomic_output, check_output_path
     from .model.calibration import calibration_ids
-    from .model.checkpoint import validate_model_dir
+    from .model.checkpoint import check_finite_weights, validate_model_dir
     from .pipeline import model_budget, plan_model
     from .pmq.report import format_plan_table, plot_plan
     from .stages import StageClock
@@ -359,6 +361,7 @@ def plan(model_dir: Path, out: Path, force: bool, device: str, ray_address: str 
         raise McsharpError(f"--preset {recipe.budget_preset} is a plain conversion; a plan needs a quantised budget")
     validate_model_dir(model_dir)
     check_output_path(out, (model_dir, _calib_file(recipe.calib)), force)
+    check_finite_weights(model_dir, lossless=False)
     budget = model_budget(recipe, model_dir, _log)
     dev = _device(device)
     executor = _executor(ray_address)
@@ -370,7 +373,8 @@ def plan(model_dir: Path, out: Path, force: bool, device: str, ray_address: str 
                                device=executor.layer_device(dev, device == "auto"), executor=executor)
     finally:
         executor.close()
-    out.write_text(result.to_json())
+    with atomic_output(out) as tmp:
+        tmp.write_text(result.to_json())
     plot_plan(result, out.with_suffix(".png"))
     click.echo(format_plan_table(result))
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
@@ -495,11 +499,12 @@ def otp_train(model_dir: Path, out: Path, force: bool, otp_target_frac: float, o
     (Ten parameters: click passes one per argument and option.)
     """
     from .gguf.convert import atomic_output, check_output_path
-    from .model.checkpoint import validate_model_dir
+    from .model.checkpoint import check_finite_weights, validate_model_dir
 
     _check_otp_options(otp_target_frac, otp_hidden)
     validate_model_dir(model_dir)
     out = check_output_path(out, (model_dir, _calib_file(calib)), force)
+    check_finite_weights(model_dir, lossless=False)
     dev = _device(device)
     routers = _train_routers(model_dir, _calibration_ids(model_dir, calib, calib_seqs, calib_len),
                              otp_target_frac, otp_hidden, otp_refine_steps, dev)
@@ -526,7 +531,7 @@ def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_fr
     """
     from .gguf.convert import check_output_path
     from .gguf.edit import open_gguf
-    from .model.checkpoint import validate_model_dir
+    from .model.checkpoint import check_finite_weights, validate_model_dir
     from .otp.io import OtpRouters, add_otp_to_gguf, check_routers_fit, gguf_moe_shape, model_moe_shape
 
     shape = gguf_moe_shape(open_gguf(gguf_file))
@@ -540,6 +545,7 @@ def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_fr
             raise McsharpError(f"{source} is a {src_arch or 'non-MoE'} model with hidden size {d} and top-{src_k} "
                                f"routing, {gguf_file} is {arch} with {n_embd} and top-{k}; pass the checkpoint "
                                "this GGUF was converted from")
+        check_finite_weights(source, lossless=False)
         dev = _device(device)
         routers = _train_routers(source, _calibration_ids(source, calib, calib_seqs, calib_len), otp_target_frac,
                                  otp_hidden, otp_refine_steps, dev)

@@ -8,10 +8,12 @@ hand in a measured ``importance`` or a finished ``plan`` to skip the stages befo
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from .executors import InProcess, RayCluster
 from .gguf.convert import check_free_disk, check_output_path, convert_checkpoint, gguf_inventory
 from .gguf.pack import chain_hooks, dense_hook, plan_hook, plan_metadata, rtn_quantiser
 from .model.calibration import calibration_ids, calibration_seqs
-from .model.checkpoint import checkpoint_weights, model_identity, validate_model_dir
+from .model.checkpoint import check_finite_weights, checkpoint_weights, model_identity, validate_model_dir
 from .otp.io import OtpRouters, otp_metadata
 from .otp.train import train_otp
 from .pmq.budget import Budget, header_bytes, resolve_budget
@@ -199,10 +201,27 @@ def _metadata(recipe: Recipe, plan: BitPlan | None, dense: DenseTypes | None, ro
     return add
 
 
+@contextmanager
+def _full_disk_resumable(work: Path) -> Iterator[None]:
+    """A full disk at any stage (every file is written under a temporary name, removed on failure): one line
+    naming the file and the work dir whose finished layers the rerun resumes from."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        kept = work.is_dir() and any(work.iterdir())
+        then = (f"run the same command again: it resumes from the finished work kept in {work}" if kept
+                else "run the same command again")
+        raise McsharpError(f"no space left on the device while writing {e.filename or 'a file'}; free some space "
+                           f"and {then}") from None
+
+
 def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan | None = None,
         importance: ModelImportance | None = None, routers: OtpRouters | None = None, work_dir: Path | None = None,
         device: torch.device | str = "auto", executor: InProcess | RayCluster | None = None,
-        log: Callable[[str], None] = print, clock: StageClock | None = None, verbose: bool = False) -> Conversion:
+        log: Callable[[str], None] = print, clock: StageClock | None = None, verbose: bool = False,
+        allow_nonfinite: bool = False) -> Conversion:
     """Convert ``model_dir`` to ``out`` as ``recipe`` says; every stage is timed on ``clock``.
 
     ``plan`` (e.g. from ``mcsharp plan``) or ``importance`` (a measured ModelImportance) skip the stages before
@@ -211,10 +230,11 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     GPTQ, so an interrupted run resumes with the same bytes. Budget and disk are checked before any calibration.
     ``device`` (devices.resolve_device: auto, cpu, cuda[:N]) is where importance, GPTQ and OTP training run; a
     device that cannot be used fails here, before any work. ``executor`` (executors.connect) runs each expert's
-    importance measurement and GPTQ: this process by default, or Ray tasks on a cluster (the same bytes).
+    importance measurement and GPTQ: this process by default, or Ray tasks on a cluster (the same bytes). NaN/Inf
+    weights are refused before any work; ``allow_nonfinite`` lets a lossless conversion copy them (a warning).
 
-    (Twelve parameters: what to convert and where, then keyword-only stage results to reuse, the device and
-    executor, and the log, clock and verbosity a caller brings.)
+    (Thirteen parameters: what to convert and where, then keyword-only stage results to reuse, the device and
+    executor, the log, clock and verbosity a caller brings, and the one input-acceptance switch.)
     """
     t0 = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out)
@@ -232,45 +252,51 @@ def run(recipe: Recipe, model_dir: str | Path, out: str | Path, *, plan: BitPlan
     work = work_dir or out.with_name(out.name + ".work")
     if work.exists() and not work.is_dir():
         raise McsharpError(f"--work-dir {work} is a file; pass a directory (it keeps the finished layers)")
+    lossless = plan is None and recipe.lossless
+    if allow_nonfinite and not lossless:
+        raise McsharpError("--allow-nonfinite applies to a lossless conversion only (--preset F16, BF16 or F32): "
+                           "a compressed one needs finite weights")
+    check_finite_weights(model_dir, lossless=lossless, allow=allow_nonfinite, log=log)
     res = Conversion(out=out, recipe=recipe, importance=importance, plan=plan)
     outtype = recipe.outtype
-    if plan is None and recipe.lossless:
+    if lossless:
         outtype = recipe.lossless_outtype
     elif plan is None:
         res.budget = model_budget(recipe, model_dir, log)
     planning = res.budget is not None and importance is None
     bpw = res.budget.bpw if res.budget is not None else plan.target_bpw if plan is not None else None
     check_disk(model_dir, out, recipe, bpw, planning, work)
-    ids = None
-    if planning or (recipe.otp and routers is None) or (bpw is not None and recipe.gptq):
-        with clock.stage("calibration"):
-            ids = calibration_ids(recipe, model_dir, work)
-        res.n_tokens = ids.numel()
-        log(f"[calib] {ids.shape[0]} × {ids.shape[1]} calibration tokens ({recipe.calib}"
-            + (", sequences scaled to the model's experts per token)" if recipe.calib_seqs is None else ")"))
-    if ids is not None:
-        log(f"[device] {describe_device(device)}" + (" (auto)" if auto else ""))
-    if res.plan is None and res.budget is not None:
-        res.importance, res.plan = plan_model(recipe, model_dir, ids, res.budget, importance, work, log, clock,
-                                              device, executor)
-    dense = _dense_types(recipe, res.plan)
-    hook = None
-    if res.plan is not None:
-        log(format_plan_table(res.plan))
-        if res.importance is not None:
-            res.est_kl = estimated_kl(res.plan, res.importance, res.n_tokens)
-        with clock.stage("gptq" if recipe.gptq else "rtn"):
-            hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log, device=device,
-                            executor=executor)
-    res.routers = routers
-    if recipe.otp and routers is None:
-        log(f"[otp] training routers for executed fraction {recipe.otp_target_frac}")
-        with clock.stage("otp"):
-            res.routers = train_otp(model_dir, ids, target_frac=recipe.otp_target_frac, hidden=recipe.otp_hidden,
-                                    refine_steps=recipe.otp_refine_steps, log=log, device=device)
-    with clock.stage("gguf write"):
-        convert_checkpoint(model_dir, out, outtype=outtype, hook=hook, verbose=verbose,
-                           extra_kv=_metadata(recipe, res.plan, dense, res.routers))
+    with _full_disk_resumable(work):
+        ids = None
+        if planning or (recipe.otp and routers is None) or (bpw is not None and recipe.gptq):
+            with clock.stage("calibration"):
+                ids = calibration_ids(recipe, model_dir, work)
+            res.n_tokens = ids.numel()
+            log(f"[calib] {ids.shape[0]} × {ids.shape[1]} calibration tokens ({recipe.calib}"
+                + (", sequences scaled to the model's experts per token)" if recipe.calib_seqs is None else ")"))
+        if ids is not None:
+            log(f"[device] {describe_device(device)}" + (" (auto)" if auto else ""))
+        if res.plan is None and res.budget is not None:
+            res.importance, res.plan = plan_model(recipe, model_dir, ids, res.budget, importance, work, log, clock,
+                                                  device, executor)
+        dense = _dense_types(recipe, res.plan)
+        hook = None
+        if res.plan is not None:
+            log(format_plan_table(res.plan))
+            if res.importance is not None:
+                res.est_kl = estimated_kl(res.plan, res.importance, res.n_tokens)
+            with clock.stage("gptq" if recipe.gptq else "rtn"):
+                hook = quantise(model_dir, res.plan, dense, ids if recipe.gptq else None, work, log=log, device=device,
+                                executor=executor)
+        res.routers = routers
+        if recipe.otp and routers is None:
+            log(f"[otp] training routers for executed fraction {recipe.otp_target_frac}")
+            with clock.stage("otp"):
+                res.routers = train_otp(model_dir, ids, target_frac=recipe.otp_target_frac, hidden=recipe.otp_hidden,
+                                        refine_steps=recipe.otp_refine_steps, log=log, device=device)
+        with clock.stage("gguf write"):
+            convert_checkpoint(model_dir, out, outtype=outtype, hook=hook, verbose=verbose,
+                               extra_kv=_metadata(recipe, res.plan, dense, res.routers))
     if work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     res.wall_s = time.perf_counter() - t0

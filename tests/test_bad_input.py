@@ -252,3 +252,107 @@ def test_kill_9_at_random_points_then_resume_gives_the_same_bytes(tiny_model, tm
         assert again.wait(timeout=900) == 0, again.stderr.read()[-2000:]
         assert digest(out) == digest(tmp_path / "whole.gguf"), k
         assert sorted(p.name for p in case.iterdir()) == ["m.gguf"], list(case.iterdir())
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """Factory: size in bytes → the path of a freshly mounted tmpfs of that size (a real full disk: the kernel's
+    ENOSPC, not a mock). Mounting needs root: elsewhere the full-disk cases skip, saying so."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("the full-disk cases mount a small tmpfs, which needs root (CI runs as root)")
+    mounted = []
+
+    def mount(size: int) -> Path:
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+        if res.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _grow(mnt: Path, size: int) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)  # keeps what it holds
+
+
+_SMALL_CONVERT = ["--bpw", "4", "--calib-seqs", "2", "--calib-len", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference_gguf(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model converted once without any disk trouble: what every resumed run must reproduce."""
+    from mcsharp_gguf.cli import cli
+
+    out = tmp_path_factory.mktemp("ref") / "ref.gguf"
+    cli.main(["convert", str(tiny_model("qwen2moe")), "-o", str(out), *_SMALL_CONVERT], standalone_mode=False)
+    return out
+
+
+def test_full_disk_is_refused_before_any_work(tiny_model, small_disk, capsys):
+    """An output disk too small for the file: the free-space check says so in one line before calibration."""
+    disk = small_disk(1 << 20)
+    code, err = run_main(["convert", str(tiny_model("qwen2moe")), "-o", str(disk / "m.gguf"), "--preset", "F32"],
+                         capsys)
+    assert_user_outcome(code, err, "small disk")
+    assert code == 2 and "not enough free disk" in err and str(disk) in err, err
+    assert list(disk.iterdir()) == []
+
+
+def test_disk_full_while_writing_the_gguf(tiny_model, small_disk, reference_gguf, tmp_path, capsys, monkeypatch):
+    """The disk fills after the free-space check (another writer): the GGUF write fails with one line naming the
+    output; neither it nor its temp or spill file is left on the full disk, the work dir with every finished
+    layer is kept and named, and the same command with room resumes to the bytes of an untroubled run."""
+    from mcsharp_gguf import pipeline
+
+    monkeypatch.setattr(pipeline, "check_disk", lambda *a, **k: None)  # (passed; the disk filled afterwards)
+    disk = small_disk(1 << 20)  # the GGUF is ~5 MB
+    work = tmp_path / "work"
+    args = ["convert", str(tiny_model("qwen2moe")), "-o", str(disk / "m.gguf"), "--work-dir", str(work),
+            *_SMALL_CONVERT]
+    code, err = run_main(args, capsys)
+    assert_user_outcome(code, err, "output disk full")
+    assert code == 2 and "no space left" in err and str(disk / "m.gguf") in err and str(work) in err, err
+    assert list(disk.iterdir()) == []
+    layers = sorted(p.name for p in work.glob("layer-*.pt"))
+    assert len(layers) == 2, layers
+    _grow(disk, 64 << 20)
+    code, err = run_main(args, capsys)
+    assert code == 0, err
+    assert digest(disk / "m.gguf") == digest(reference_gguf)
+    assert sorted(p.name for p in disk.iterdir()) == ["m.gguf"]
+
+
+def test_disk_full_in_the_work_dir_then_resume(tiny_model, small_disk, reference_gguf, tmp_path, capsys,
+                                                monkeypatch):
+    """The work dir's disk fills while GPTQ saves a layer (torch reports it as a RuntimeError without errno):
+    one line naming the file and the work dir, no `.tmp` left in it, no output; after room is made, the same
+    command resumes from the layers that were finished and writes the bytes of an untroubled run."""
+    from mcsharp_gguf import pipeline
+
+    monkeypatch.setattr(pipeline, "check_disk", lambda *a, **k: None)
+    disk = small_disk(1 << 20)  # the importance state and both layers fit; the LM head's 2.7 MB entry does not
+    work = disk / "work"
+    out = tmp_path / "m.gguf"
+    args = ["convert", str(tiny_model("qwen2moe")), "-o", str(out), "--work-dir", str(work), *_SMALL_CONVERT]
+    code, err = run_main(args, capsys)
+    assert_user_outcome(code, err, "work disk full")
+    assert code == 2 and "no space left" in err and f"kept in {work}" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
+    left = sorted(p.name for p in work.rglob("*") if p.is_file())
+    assert not [n for n in left if n.endswith(".tmp")], left
+    assert "layer-0000.pt" in left, left
+    _grow(disk, 64 << 20)
+    code, err = run_main(args, capsys)
+    assert code == 0, err
+    assert digest(out) == digest(reference_gguf)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import pytest
+import torch
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -250,13 +251,16 @@ def test_json_output_is_always_valid_json_and_counts_are_positive(tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
-def test_nonfinite_weights_are_named_before_any_quantisation(tiny_model, tmp_path, out_dir):
-    """NaN in an expert, Inf in the router: a compressed convert stops with one line naming the shard and the
-    tensor (it used to fail deep in calibration sampling, or write NaN); a lossless one copies them."""
+def test_nonfinite_weights_are_named_before_any_work(tiny_model, tmp_path, out_dir):
+    """NaN in an expert, Inf in the router: convert (compressed or lossless), plan and otp train stop before any
+    calibration with one line naming the shard and the tensor, and nothing written (not even a work dir);
+    `--allow-nonfinite` lets a lossless conversion copy them with a warning, and is refused for a compressed one."""
+    import gguf
+    import numpy as np
     from safetensors.torch import load_file, save_file
 
     for name, value in (("model.layers.1.mlp.experts.3.down_proj.weight", float("nan")),
-                        ("model.layers.0.mlp.gate.weight", float("inf"))):
+                        ("model.layers.0.mlp.gate.weight", float("-inf"))):
         bad = tmp_path / f"bad-{value}"
         shutil.copytree(tiny_model("qwen2moe"), bad)
         shard = next(bad.glob("*.safetensors"))
@@ -264,12 +268,65 @@ def test_nonfinite_weights_are_named_before_any_quantisation(tiny_model, tmp_pat
         assert name in sd, sorted(sd)[:20]
         sd[name][0, 0] = value
         save_file(sd, shard, metadata={"format": "pt"})
-        res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--bpw", "4", "--calib-seqs", "2",
-                      "--calib-len", "64")
-        assert_one_line_error(res, name, "NaN/Inf", shard.name)
-        assert not (out_dir / "m.gguf").exists()  # (the work dir of the layers before it stays, as for any stop)
-    res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--preset", "F16")
-    assert res.returncode == 0, res.stderr
+        for cmd in (["convert", "--bpw", "4"], ["convert", "--preset", "F32"], ["plan", "--bpw", "4"],
+                    ["otp", "train"], ["convert", "--bpw", "4", "--allow-nonfinite"]):
+            res = run_cli(*cmd, str(bad), "-o", str(out_dir / "m.out"))
+            if "--allow-nonfinite" in cmd:
+                assert_one_line_error(res, "--allow-nonfinite", "lossless")
+            else:
+                assert_one_line_error(res, name, "NaN/Inf", shard.name, "1 NaN/Inf")
+                assert ("pass --allow-nonfinite" in res.stderr) == ("F32" in cmd)
+            assert "[calib]" not in res.stderr and "[pmq]" not in res.stderr, (cmd, res.stderr)
+            assert_empty(out_dir)
+        res = run_cli("convert", str(bad), "-o", str(out_dir / "m.gguf"), "--preset", "F32", "--allow-nonfinite")
+        assert res.returncode == 0, res.stderr
+        assert "[warning]" in res.stderr and name in res.stderr
+        r = gguf.GGUFReader(out_dir / "m.gguf")
+        gname = {"model.layers.1.mlp.experts.3.down_proj.weight": "blk.1.ffn_down_exps.weight",
+                 "model.layers.0.mlp.gate.weight": "blk.0.ffn_gate_inp.weight"}[name]
+        t = next(t for t in r.tensors if t.name == gname)
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        assert int((~np.isfinite(np.asarray(t.data))).sum()) == 1  # copied as it is, nothing else non-finite
+        (out_dir / "m.gguf").unlink()
+
+
+def test_the_nonfinite_scan_finds_every_format_in_chunks(tmp_path):
+    """nonfinite_tensors (the scan before any work) counts NaN, +Inf and -Inf in BF16, F16 and F32 tensors, also
+    across the boundaries of its read chunks, and ignores integer tensors and huge finite values."""
+    from safetensors.torch import save_file
+
+    from mcsharp_gguf.model.checkpoint import nonfinite_tensors
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    tensors = {}
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        t = torch.randn(1000, dtype=torch.float32).to(dt)
+        t[[0, 499, 999]] = torch.tensor([float("nan"), float("inf"), float("-inf")]).to(dt)
+        tensors[f"bad.{dt}"] = t
+        tensors[f"big.{dt}"] = torch.full((300,), torch.finfo(dt).max, dtype=dt)
+    tensors["ints"] = torch.full((64,), -1, dtype=torch.int32)
+    save_file(tensors, d / "model.safetensors")
+    for chunk in (1 << 26, 64):
+        found = {name: n for _, name, n in nonfinite_tensors(d, chunk_bytes=chunk)}
+        assert found == {f"bad.{dt}": 3 for dt in (torch.bfloat16, torch.float16, torch.float32)}, (chunk, found)
+
+
+def test_a_tokenizer_the_converter_cannot_write_is_refused_before_any_work(tiny_model, tmp_path, out_dir):
+    """No tokenizer files, a damaged tokenizer.json, a pre-tokenizer llama.cpp does not know: one line naming the
+    checkpoint and the files to copy, before calibration (it used to fail at the GGUF write, after GPTQ)."""
+    cases = [("missing", lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")]),
+             ("damaged", lambda d: (d / "tokenizer.json").write_text("{not json")),
+             ("unknown pre-tokenizer", lambda d: (d / "tokenizer_config.json").unlink())]
+    for what, damage in cases:
+        bad = tmp_path / what.replace(" ", "-")
+        shutil.copytree(tiny_model("qwen2moe"), bad)
+        damage(bad)
+        for cmd in (["convert", "--bpw", "4"], ["plan", "--bpw", "4"], ["otp", "train"]):
+            res = run_cli(*cmd, str(bad), "-o", str(out_dir / "m.out"))
+            assert_one_line_error(res, str(bad), "tokenizer", "copy the tokenizer files")
+            assert "[calib]" not in res.stderr and "**" not in res.stderr, (what, cmd, res.stderr)
+            assert_empty(out_dir)
 
 
 def test_a_config_that_does_not_fit_the_weights_is_refused_before_any_work(tiny_model, tmp_path, out_dir):
@@ -325,7 +382,7 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_run_a_live_ones_is_no
     holds (locked) stays; a failed block leaves neither output nor temp file."""
     import os
 
-    from mcsharp_gguf.gguf.convert import atomic_output, remove_stale_parts
+    from mcsharp_gguf.files import atomic_output, remove_stale_parts
 
     out = tmp_path / "m.gguf"
     stale = tmp_path / ".m.gguf.abc123.part"

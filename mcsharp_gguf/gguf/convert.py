@@ -8,18 +8,20 @@ atomic write.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import McsharpError
+from ..files import atomic_output
 from ..llama_src import import_conversion, import_gguf
 from ..model.checkpoint import checkpoint_weights, validate_model_dir
 from ..recipe import OUTTYPES
@@ -94,45 +96,6 @@ def check_output_path(out: str | Path, inputs: tuple = (), force: bool = True) -
     except OSError as e:
         raise McsharpError(f"cannot write to {parent} ({e.strerror}); choose a writable -o path") from None
     return out
-
-
-def remove_stale_parts(out: Path) -> list[Path]:
-    """Remove the temp files (``.OUT.*.part``) a killed writer of ``out`` left behind. A live writer holds a lock
-    on its temp file (atomic_output), so a concurrent run's file is left alone. Returns what was removed."""
-    import fcntl
-
-    removed = []
-    for part in (out.parent if str(out.parent) else Path(".")).glob(f".{out.name}.*.part"):
-        try:
-            with open(part, "rb") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                part.unlink()
-                removed.append(part)
-        except OSError:  # locked by a live writer, or gone already
-            continue
-    return removed
-
-
-@contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``out``; rename it over ``out`` only if the block succeeds. The temp file is
-    locked while the block runs (remove_stale_parts, run first, leaves it alone)."""
-    import fcntl
-
-    remove_stale_parts(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent if str(out.parent) else ".", prefix=f".{out.name}.", suffix=".part")
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; a result file gets normal permissions
-        os.replace(tmp_path, out)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-        os.close(fd)
 
 
 class SpilledTensor:
@@ -285,6 +248,10 @@ def convert_checkpoint(model_dir: str | Path, out: str | Path, outtype: str = "f
             if extra_kv is not None:
                 extra_kv(model.gguf_writer)
             model.write()
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not e.filename:  # the writer's file objects do not name the file
+            raise OSError(errno.ENOSPC, e.strerror, str(out)) from None
+        raise
     finally:
         if spill is not None:
             spill.close()

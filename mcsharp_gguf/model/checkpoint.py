@@ -4,15 +4,18 @@ transformers are imported only to compare the weights with the config."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import re
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import McsharpError
-from ..llama_src import import_conversion
+from ..llama_src import import_conversion, import_gguf
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,91 @@ def validate_model_dir(model_dir: str | Path) -> ModelDirInfo:
     check_config_numbers(config, cfg_file)
     if shapes:
         check_weights_fit_config(path, config, shapes)
+    _check_tokenizer(path.resolve(), hf_arch, _tokenizer_stamp(path))
     return ModelDirInfo(path=path, hf_arch=hf_arch, config=config)
+
+
+def _tokenizer_stamp(path: Path) -> tuple:
+    """What the tokenizer check depends on: every non-weight file's name, size and mtime (a changed file
+    invalidates the cached verdict)."""
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()
+                        if p.is_file() and p.suffix != ".safetensors"))
+
+
+@functools.lru_cache(maxsize=16)
+def _check_tokenizer(path: Path, hf_arch: str, stamp: tuple) -> None:
+    """The pinned converter can write this checkpoint's vocabulary (its ``set_vocab`` into a throwaway writer,
+    well under a second): a missing, damaged or unrecognised tokenizer fails here, before any calibration or
+    quantisation, instead of at the GGUF write hours later. Cached per directory state (``stamp``)."""
+    conversion = import_conversion()
+    log = logging.getLogger("hf-to-gguf")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its banner for an unknown pre-tokenizer: the one line below says it
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = conversion.get_model_class(hf_arch)(path, import_gguf().LlamaFileType.ALL_F32,
+                                                        Path(tmp) / "vocab.gguf", eager=False)
+            model.set_vocab()
+    except Exception as e:  # noqa: BLE001 — the converter's tokenizer code raises many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "pre-tokenizer was not recognized" in reason:
+            reason = "its BPE pre-tokenizer is not one the pinned llama.cpp knows"
+        raise McsharpError(f"{path}: llama.cpp's converter cannot write this checkpoint's tokenizer ({reason}); "
+                           "copy the tokenizer files (tokenizer.json, tokenizer_config.json, and vocab/merges or "
+                           "tokenizer.model where the model has them) from the model's original repository") \
+            from None
+    finally:
+        log.setLevel(level)
+
+
+def nonfinite_tensors(model_dir: str | Path, chunk_bytes: int = 1 << 26) -> list[tuple[Path, str, int]]:
+    """(shard, tensor, count) of every floating-point tensor holding NaN or ±Inf, read in ``chunk_bytes`` pieces
+    (never a whole tensor in memory): a value with every exponent bit set is NaN or Inf in each format."""
+    import numpy as np
+
+    masks = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
+             "F64": (np.uint64, 0x7FF0000000000000)}
+    found = []
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        start, header = safetensors_header(shard)
+        with open(shard, "rb") as fh:
+            for name, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__"
+                                  else -1):
+                if name == "__metadata__" or v["dtype"] not in masks:
+                    continue
+                dtype, mask = masks[v["dtype"]]
+                item = np.dtype(dtype).itemsize
+                a, b = v["data_offsets"]
+                fh.seek(start + a)
+                bad, left = 0, b - a
+                while left:
+                    buf = fh.read(min(left, chunk_bytes // item * item))
+                    if not buf:
+                        raise McsharpError(f"{shard} is truncated inside tensor {name}; re-download or re-save it")
+                    x = np.frombuffer(buf, dtype=dtype)
+                    bad += int(np.count_nonzero((x & dtype(mask)) == dtype(mask)))
+                    left -= len(buf)
+                if bad:
+                    found.append((shard, name, bad))
+    return found
+
+
+def check_finite_weights(model_dir: str | Path, lossless: bool, allow: bool = False, log=print) -> None:
+    """Refuse NaN/Inf weights before any work, naming the tensor: nothing computed from them would mean anything.
+    ``allow`` (``--allow-nonfinite``) lets a lossless conversion copy them as they are, with a warning."""
+    bad = nonfinite_tensors(model_dir)
+    if not bad:
+        return
+    shard, name, count = bad[0]
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    if allow and lossless:
+        log(f"[warning] {shard}: tensor {name} holds {count} NaN/Inf values{more}; copied as they are "
+            "(--allow-nonfinite): the model's outputs may be NaN")
+        return
+    fix = ("fix or re-save the checkpoint, or pass --allow-nonfinite to copy them as they are" if lossless else
+           "fix or re-save the checkpoint (a compressed conversion needs finite weights; --preset F16/BF16 "
+           "--allow-nonfinite copies them as they are)")
+    raise McsharpError(f"{shard}: tensor {name} holds {count} NaN/Inf values{more}; {fix}")
 
 
 # config.json sizes a conversion reads: whole numbers > 0 where present (the first two always)

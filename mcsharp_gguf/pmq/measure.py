@@ -16,6 +16,7 @@ import torch
 
 from ..errors import McsharpError
 from ..executors import InProcess, RayCluster
+from ..files import write_atomically
 from ..ggml.packing import quantize_rtn
 from ..ggml.types import storable_type
 from ..model.names import checkpoint_name, gguf_name_map
@@ -421,9 +422,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
 def _save_record(state: Path | None, i: int, rec: dict) -> None:
     """Keep item ``i``'s record in the pass's state dir, if it has one (through a temporary name)."""
     if state is not None:
-        tmp = state / f"item-{i:05d}.tmp"
-        tmp.write_text(json.dumps(rec))
-        tmp.replace(state / f"item-{i:05d}.json")
+        write_atomically(state / f"item-{i:05d}.json", lambda tmp: tmp.write_text(json.dumps(rec)))
 
 
 def _probe_flips(stream, token_ids: torch.Tensor, layers: list[LayerImportance], tensors: list[TensorImportance],

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomically
 from ..model.stream import LayerStream
 
 
@@ -160,9 +161,7 @@ def resumable_from(state_dir: str | Path, done: set[int], n_layer: int) -> int |
 
 def _save(t: torch.Tensor, path: Path) -> None:
     """torch.save through a temporary name: a killed run never leaves a half-written state file."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(t.cpu(), tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: torch.save(t.cpu(), tmp))
 
 
 def perturbation_kl(stream: LayerStream, token_ids: torch.Tensor,

@@ -13,7 +13,6 @@ with the experts, and the LM head at the end on the final-norm Hessian. Each fin
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from ..errors import McsharpError
 from ..executors import InProcess, RayCluster
+from ..files import write_atomically
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
 from .dense import DenseTypes, _apply_dense, _quantize_linear, quantize_dense
@@ -65,12 +65,13 @@ def save_work_entry(entry: dict, path: Path) -> None:
     """Write a work-dir entry atomically, with its SHA-256 beside it (work_entry_ok). Its numpy arrays (the
     packed bytes) go in as tensors: torch.save streams tensor storages into the file, while numpy arrays are
     pickled, copied twice in memory on the way (+1.7 GB at the peak of a Qwen3-30B-A3B-shape layer)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(_map_arrays(entry, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a), tmp)
-    digest = _digest_file(path)
-    digest.with_suffix(".tmp").write_text(_sha256(tmp))
-    os.replace(digest.with_suffix(".tmp"), digest)  # a new digest before the new file: a stop in between
-    os.replace(tmp, path)  # leaves a mismatch, i.e. the entry is recomputed, never a wrong one trusted
+    def write(tmp: Path) -> None:
+        torch.save(_map_arrays(entry, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a), tmp)
+        # a new digest before the new file: a stop in between leaves a mismatch, i.e. the entry is recomputed,
+        # never a wrong one trusted
+        write_atomically(_digest_file(path), lambda d: d.write_text(_sha256(tmp)))
+
+    write_atomically(path, write)
 
 
 def work_entry_ok(path: Path) -> bool:
