@@ -19,8 +19,8 @@ CASES = settings(max_examples=80, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    """`mcsharp ARGS` in this process, as the console entry point runs it: (exit status, stderr)."""
+def run_main_io(args: list[str], capsys) -> tuple[int, str, str]:
+    """`mcsharp ARGS` in this process, as the console entry point runs it: (exit status, stdout, stderr)."""
     from mcsharp_gguf.cli import main
 
     old = sys.argv
@@ -32,7 +32,14 @@ def run_main(args: list[str], capsys) -> tuple[int, str]:
         code = int(e.code or 0)
     finally:
         sys.argv = old
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    """run_main_io without the stdout: (exit status, stderr)."""
+    code, _, err = run_main_io(args, capsys)
+    return code, err
 
 
 def assert_user_outcome(code: int, err: str, what: str) -> None:
@@ -356,3 +363,113 @@ def test_disk_full_in_the_work_dir_then_resume(tiny_model, small_disk, reference
     code, err = run_main(args, capsys)
     assert code == 0, err
     assert digest(out) == digest(reference_gguf)
+
+
+@pytest.fixture(scope="module")
+def gguf_to_run(tiny_model, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A tiny Qwen3-MoE F32 GGUF with OTP routers and its tokenizer (what eval and chat load), a router file
+    for `otp add`, and where its counts, numeric metadata values and tensor-table entries lie."""
+    import gguf
+
+    from mcsharp_gguf.pipeline import run
+    from mcsharp_gguf.recipe import Recipe
+
+    d = tmp_path_factory.mktemp("fuzz-run")
+    res = run(Recipe(preset="F32", otp=True, calib_seqs=2, calib_len=32), tiny_model("qwen3moe"), d / "m.gguf",
+              device="cpu", log=lambda s: None)
+    res.routers.save(d / "routers.npz")
+    r = gguf.GGUFReader(d / "m.gguf")
+    numeric = {}  # key → (offset of its value, struct format)
+    fmt = {gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i", gguf.GGUFValueType.FLOAT32: "<f",
+           gguf.GGUFValueType.UINT64: "<Q", gguf.GGUFValueType.BOOL: "<B"}
+    for name, f in r.fields.items():
+        if len(f.types) == 1 and f.types[0] in fmt and not name.startswith("GGUF."):
+            numeric[name] = (f.offset + sum(p.nbytes for p in f.parts[:f.data[0]]), fmt[f.types[0]])
+    entries = []  # (name, offset of n_dims, n_dims)
+    for t in r.tensors:
+        name_len = struct.unpack_from("<Q", r.data, t.field.offset)[0]
+        at = t.field.offset + 8 + name_len
+        entries.append((t.name, at, int(struct.unpack_from("<I", r.data, at)[0])))
+    layout = {"n_tensors": 8, "n_kv": 16, "size": (d / "m.gguf").stat().st_size, "numeric": numeric,
+              "entries": entries}
+    return d / "m.gguf", d / "routers.npz", layout
+
+
+def _run_mutations(layout: dict) -> st.SearchStrategy:
+    """A numeric metadata value (hyperparameters, token ids, OTP settings) set to an edge value; a tensor-table
+    field (dimension count, a dimension, the type, the data offset) changed; a count off; the file cut short."""
+    edge_int = st.sampled_from([0, 1, 2, 3, 7, 8, 9, 64, 255, 65535, 2 ** 31 - 1, 2 ** 32 - 1])
+    edge_float = st.sampled_from([0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf")])
+    big = st.sampled_from([0, 1, 2, 63, 65, 128, 2 ** 31, 2 ** 63])
+    return st.one_of(
+        st.tuples(st.sampled_from(sorted(layout["numeric"])), edge_int, edge_float).map(lambda x: ("kv", *x)),
+        st.tuples(st.integers(0, len(layout["entries"]) - 1), st.sampled_from(["n_dims", "dim", "type", "offset"]),
+                  big).map(lambda x: ("entry", *x)),
+        st.tuples(st.sampled_from(["n_tensors", "n_kv"]), st.integers(-2, 2)).map(lambda x: ("delta", *x)),
+        st.integers(0, layout["size"] - 1).map(lambda n: ("truncate", n)),
+    )
+
+
+def _apply_run_mutation(src: Path, dst: Path, layout: dict, m: tuple) -> None:
+    data = bytearray(src.read_bytes())
+    if m[0] == "kv":
+        off, fmt = layout["numeric"][m[1]]
+        value = m[3] if fmt == "<f" else m[2] % 256 if fmt == "<B" else m[2] % 2 ** 31 if fmt == "<i" else m[2]
+        struct.pack_into(fmt, data, off, value)
+    elif m[0] == "entry":
+        _, at, n_dims = layout["entries"][m[1]]
+        where = {"n_dims": (at, "<I", m[3] % 2 ** 32), "dim": (at + 4, "<Q", m[3]),
+                 "type": (at + 4 + 8 * n_dims, "<I", m[3] % 2 ** 32),
+                 "offset": (at + 8 + 8 * n_dims, "<Q", m[3] * 32 % 2 ** 64)}[m[2]]
+        struct.pack_into(where[1], data, where[0], where[2])
+    elif m[0] == "delta":
+        off = layout[m[1]]
+        struct.pack_into("<Q", data, off, (struct.unpack_from("<Q", data, off)[0] + m[2]) % 2 ** 64)
+    else:
+        del data[m[1]:]
+    dst.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("qwen3moe.block_count", 0), ("qwen3moe.block_count", 65535), ("qwen3moe.expert_count", 1),
+    ("qwen3moe.expert_count", 4096), ("qwen3moe.expert_used_count", 0), ("qwen3moe.expert_used_count", 9),
+    ("qwen3moe.attention.layer_norm_rms_epsilon", -1.0), ("qwen3moe.attention.layer_norm_rms_epsilon", float("nan")),
+    ("qwen3moe.context_length", 2 ** 32 - 1)])
+def test_hyperparameters_llama_cpp_aborts_on_are_refused_before_loading(gguf_to_run, tmp_path, capsys, key, value):
+    """Values found by fuzzing that made llama.cpp abort the process (SIGABRT: GGML_ASSERT in load_hparams or a
+    norm op) or crash llama-cpp-python's tokenizer: `eval` now refuses them in one line naming the key (this
+    test runs in-process: without the check it would abort pytest)."""
+    src, _, layout = gguf_to_run
+    bad = tmp_path / "bad.gguf"
+    _apply_run_mutation(src, bad, layout, ("kv", key, value if isinstance(value, int) else 0, value))
+    code, err = run_main(["eval", str(bad), "--max-tokens", "40", "--ctx", "16"], capsys)
+    assert code == 2 and err.startswith("error: ") and "convert it again" in err, err
+    assert key.split(".", 1)[1] in err, err  # (expert_count 1 < 2 used: named through expert_used_count's range)
+
+
+@pytest.mark.slow  # (~3 min: otp add reads the tokenizer's 49k-entry arrays with gguf-py in every example)
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_gguf_against_eval_chat_and_otp_add(gguf_to_run, tmp_path, capsys, data):
+    """A GGUF with a damaged hyperparameter, tensor-table entry, count or length, loaded by llama.cpp (`eval
+    --json`, `chat`) and edited by `otp add`: each command succeeds (eval's JSON stays JSON) or says what is wrong
+    in one line; the input never changes and a failed `otp add` leaves nothing behind."""
+    src, routers, layout = gguf_to_run
+    m = data.draw(_run_mutations(layout))
+    case = Path(tempfile.mkdtemp(dir=tmp_path))
+    bad = case / "bad.gguf"
+    _apply_run_mutation(src, bad, layout, m)
+    before = digest(bad)
+    code, out_text, err = run_main_io(["eval", str(bad), "--max-tokens", "40", "--ctx", "16", "--json"], capsys)
+    assert_user_outcome(code, err, ("eval", m))
+    if code == 0:
+        json.loads(out_text)
+    code, err = run_main(["chat", str(bad), "--prompt", "hi", "--max-tokens", "3"], capsys)
+    assert_user_outcome(code, err, ("chat", m))
+    out = case / "with-routers.gguf"
+    code, err = run_main(["otp", "add", str(bad), str(routers), "-o", str(out)], capsys)
+    assert_user_outcome(code, err, ("otp add", m))
+    assert digest(bad) == before
+    assert sorted(p.name for p in case.iterdir()) == sorted(["bad.gguf"] + (["with-routers.gguf"] if code == 0
+                                                                            else [])), m

@@ -7,6 +7,7 @@ caller goes through :func:`llama_cpp_module` instead of importing ``llama_cpp`` 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import sys
 from collections import deque
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McsharpError
-from ..gguf.table import check_finite_tensors
+from ..gguf.table import check_finite_tensors, read_header
 from ..native import build as native_build
 
 _LOG_LINES: deque[str] = deque(maxlen=64)
@@ -114,7 +115,7 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
     path = Path(path)
     if not path.is_file():
         raise McsharpError(f"{path}: no such GGUF file")
-    check_otp_routers(path, kv_overrides)
+    check_before_load(path, kv_overrides)
     llama_cpp = llama_cpp_module()
     clear_llama_log()
     _LOG_STATE["verbose"] = verbose
@@ -125,6 +126,63 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
                                    kv_overrides=kv_overrides, verbose=verbose, seed=0, **kw)
     except ValueError:  # llama-cpp-python raises ValueError("Failed to load model from file: ...")
         raise cannot_load(path) from None
+
+
+def check_before_load(path: Path, kv_overrides: dict[str, Any] | None) -> None:
+    """What every load (eval, bench, chat, serve, ``load``) checks before llama.cpp sees the file: hyperparameters
+    it would abort on, and OTP routers it would run with NaN."""
+    check_hparams(path)
+    check_otp_routers(path, kv_overrides)
+
+
+# llama.cpp's limits (src/llama-hparams.h of the pinned source)
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+
+
+def check_hparams(path: Path) -> None:
+    """Refuse the hyperparameters llama.cpp cannot load without aborting the whole process (GGML_ASSERTs in
+    ``llama_model::load_hparams`` and in the norm ops; llama-cpp-python's tokenizer buffer is sized by the
+    context length as an int32): one line naming the key, before the file reaches the loader. Everything else
+    wrong in a header the loader reports as an error of its own (``cannot_load``)."""
+    values = read_header(path).values
+    arch = values.get("general.architecture")
+    if not isinstance(arch, str):
+        return  # the loader refuses it cleanly
+
+    def number(key: str):
+        v = values.get(f"{arch}.{key}")
+        if isinstance(v, list):
+            v = max(v, default=0)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def refuse(key: str, why: str) -> None:
+        raise McsharpError(f"{path}: {arch}.{key} is {values.get(f'{arch}.{key}')!r}, {why}; the file is damaged: "
+                           "convert it again")
+
+    n_layer = number("block_count")
+    if n_layer is not None and not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        refuse("block_count", f"llama.cpp needs 1 to {LLAMA_MAX_LAYERS} layers")
+    nextn = number("nextn_predict_layers")
+    if nextn is not None and n_layer is not None and nextn > n_layer:
+        refuse("nextn_predict_layers", "more than the block count")
+    n_ctx = number("context_length")
+    if n_ctx is not None and not 0 <= n_ctx < 2 ** 31:
+        refuse("context_length", "not a context length (llama.cpp reads it as a 32-bit integer)")
+    n_expert, used = number("expert_count") or 0, number("expert_used_count") or 0
+    groups, group_used = number("expert_group_count") or 0, number("expert_group_used_count") or 0
+    if n_expert > LLAMA_MAX_EXPERTS:
+        refuse("expert_count", f"llama.cpp supports up to {LLAMA_MAX_EXPERTS} experts")
+    if used > n_expert or (n_expert and not used):
+        refuse("expert_used_count", f"llama.cpp needs 1 to expert_count ({n_expert}) experts per token")
+    if n_expert and (groups >= n_expert or (groups and (n_expert % groups or not 0 < group_used < groups))):
+        refuse("expert_group_count", "the expert groups do not divide the experts")
+    if not n_expert and groups:
+        refuse("expert_group_count", "expert groups without experts")
+    for key in ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon"):
+        eps = number(key)
+        if eps is not None and not (math.isfinite(eps) and eps >= 0):
+            refuse(key, "a norm epsilon must be a finite number ≥ 0")
 
 
 def check_otp_routers(path: Path, kv_overrides: dict[str, Any] | None) -> None:

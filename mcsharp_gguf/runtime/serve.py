@@ -141,7 +141,7 @@ def create_server_app(opts: ServeOptions):
     """The ASGI app serving ``opts.model`` (loaded now, on the patched runtime's plain CPU buffers)."""
     if not opts.model.is_file():
         raise McsharpError(f"{opts.model}: no such GGUF file")
-    llama.check_otp_routers(opts.model, opts.kv_overrides)
+    llama.check_before_load(opts.model, opts.kv_overrides)
     llama_cpp = llama.llama_cpp_module()
     try:
         from fastapi.responses import PlainTextResponse
