@@ -447,6 +447,18 @@ def test_hyperparameters_llama_cpp_aborts_on_are_refused_before_loading(gguf_to_
     assert key.split(".", 1)[1] in err, err  # (expert_count 1 < 2 used: named through expert_used_count's range)
 
 
+@pytest.mark.parametrize("ggml_type", [1, 2])
+def test_a_norm_stored_as_another_type_is_refused_before_loading(gguf_to_run, tmp_path, capsys, ggml_type):
+    """The output norm's table entry saying F16 / Q4_1 instead of F32 (found by fuzzing: llama.cpp aborted the
+    process in the norm op): one line naming the tensor, before the loader."""
+    src, _, layout = gguf_to_run
+    i = next(i for i, e in enumerate(layout["entries"]) if e[0] == "output_norm.weight")
+    bad = tmp_path / "bad.gguf"
+    _apply_run_mutation(src, bad, layout, ("entry", i, "type", ggml_type))
+    code, err = run_main(["chat", str(bad), "--prompt", "hi", "--max-tokens", "3"], capsys)
+    assert code == 2 and "output_norm.weight" in err and "F32" in err, err
+
+
 @pytest.mark.slow  # (~3 min: otp add reads the tokenizer's 49k-entry arrays with gguf-py in every example)
 @settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

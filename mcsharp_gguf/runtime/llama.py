@@ -131,7 +131,7 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
 def check_before_load(path: Path, kv_overrides: dict[str, Any] | None) -> None:
     """What every load (eval, bench, chat, serve, ``load``) checks before llama.cpp sees the file: hyperparameters
     it would abort on, and OTP routers it would run with NaN."""
-    check_hparams(path)
+    check_header(path)
     check_otp_routers(path, kv_overrides)
 
 
@@ -140,12 +140,18 @@ LLAMA_MAX_LAYERS = 512
 LLAMA_MAX_EXPERTS = 1024
 
 
-def check_hparams(path: Path) -> None:
-    """Refuse the hyperparameters llama.cpp cannot load without aborting the whole process (GGML_ASSERTs in
-    ``llama_model::load_hparams`` and in the norm ops; llama-cpp-python's tokenizer buffer is sized by the
-    context length as an int32): one line naming the key, before the file reaches the loader. Everything else
-    wrong in a header the loader reports as an error of its own (``cannot_load``)."""
-    values = read_header(path).values
+def check_header(path: Path) -> None:
+    """Refuse what llama.cpp cannot load without aborting the whole process (GGML_ASSERTs in
+    ``llama_model::load_hparams`` and in the ops; llama-cpp-python's tokenizer buffer is sized by the context
+    length as an int32): hyperparameters out of range, and a norm weight stored as anything but F32 (every
+    converter and llama-quantize keep norms F32). One line naming the key or tensor, before the file reaches
+    the loader; everything else wrong in a header the loader reports as an error (``cannot_load``)."""
+    header = read_header(path)
+    for t in header.tensors:
+        if t.name.endswith("norm.weight") and t.ggml_type != 0:
+            raise McsharpError(f"{path}: tensor {t.name} is stored as ggml type {t.ggml_type}; llama.cpp needs F32 "
+                               "for norms: the file is damaged, convert it again")
+    values = header.values
     arch = values.get("general.architecture")
     if not isinstance(arch, str):
         return  # the loader refuses it cleanly
@@ -175,7 +181,7 @@ def check_hparams(path: Path) -> None:
         refuse("expert_count", f"llama.cpp supports up to {LLAMA_MAX_EXPERTS} experts")
     if used > n_expert or (n_expert and not used):
         refuse("expert_used_count", f"llama.cpp needs 1 to expert_count ({n_expert}) experts per token")
-    if n_expert and (groups >= n_expert or (groups and (n_expert % groups or not 0 < group_used < groups))):
+    if n_expert and (groups >= n_expert or (groups > 1 and (n_expert % groups or not 0 < group_used < groups))):
         refuse("expert_group_count", "the expert groups do not divide the experts")
     if not n_expert and groups:
         refuse("expert_group_count", "expert groups without experts")
