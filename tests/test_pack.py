@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mcsharp_gguf.ggml.packing import quantize_rtn
-from mcsharp_gguf.gguf.convert import convert_checkpoint
+from mcsharp_gguf.gguf.convert import convert_checkpoint, tensor_values
 from mcsharp_gguf.gguf.inspect import read_report
 from mcsharp_gguf.gguf.pack import layer_layout, plan_hook, plan_metadata
 from mcsharp_gguf.model.names import EXPS_RE
@@ -42,7 +42,7 @@ def _dequant_hook(plan):
             return None
         layer, proj = int(m.group(1)), m.group(2)
         targets = plan.layers[layer]
-        w = tensor.float()
+        w = tensor_values(tensor).float()
         deq = np.stack([quantize_rtn(w[e], plan.recipes[f"{layer}:{targets[e]}"][proj]).dequant.numpy()
                         for e in range(w.shape[0])])
         return [(name, deq, None)]

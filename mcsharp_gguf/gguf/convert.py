@@ -26,9 +26,9 @@ from ..llama_src import import_conversion, import_gguf
 from ..model.checkpoint import checkpoint_weights, validate_model_dir
 from ..recipe import OUTTYPES
 
-# A hook sees every tensor the converter is about to write (GGUF name, torch tensor, block id) and may
-# return what to write instead: a list of (name, numpy data, ggml type or None) — packed bytes, a split
-# into several tensors, or nothing at all; returning None keeps the converter's own handling.
+# A hook sees every tensor the converter is about to write (GGUF name, the converter's lazy torch tensor: read
+# it with tensor_values, block id) and may return what to write instead: a list of (name, numpy data, ggml type
+# or None) — packed bytes, a split into several tensors, or nothing at all; None keeps the converter's handling.
 TensorHook = Callable[[str, Any, "int | None"], "list[tuple[str, Any, Any]] | None"]
 
 
@@ -143,23 +143,25 @@ class TensorSpill:
         self.file.close()
 
 
+def tensor_values(tensor):
+    """The values of a tensor a hook was handed. The converter's tensors are lazy (read from the checkpoint only
+    when asked): a hook reads only what it computes from, e.g. not a layer's merged experts (1.9 GB a projection
+    at Mixtral-8x7B's shape in float32) that the GPTQ work dir already holds packed."""
+    lazy = import_conversion().LazyTorchTensor
+    return lazy.to_eager(tensor) if isinstance(tensor, lazy) else tensor
+
+
 def _model_class(conversion, hf_arch: str, hook: TensorHook | None, spill: TensorSpill | None = None):
     base = conversion.get_model_class(hf_arch)
-    lazy_type = conversion.LazyTorchTensor
 
     class HookedModel(base):  # type: ignore[misc, valid-type]
         model_arch = base.model_arch  # the converter registry requires it on every subclass
 
         def modify_tensors(self, data_torch, name, bid):
             for new_name, tensor in super().modify_tensors(data_torch, name, bid):
-                if hook is None:
-                    yield new_name, tensor
-                    continue
-                # The converter's tensors are lazy; a hook computes on real values.
-                eager = lazy_type.to_eager(tensor) if isinstance(tensor, lazy_type) else tensor
-                replacement = hook(new_name, eager, bid)
+                replacement = None if hook is None else hook(new_name, tensor, bid)  # (lazy: tensor_values)
                 if replacement is None:
-                    yield new_name, eager
+                    yield new_name, tensor
                     continue
                 for name_out, data, qtype in replacement:
                     self.gguf_writer.add_tensor(name_out, data if spill is None else spill.add(data), raw_dtype=qtype)

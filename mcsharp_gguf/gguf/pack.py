@@ -21,14 +21,16 @@ from ..pmq.candidates import EXPERT_TYPES
 from ..pmq.plan import BitPlan
 from ..quant.dense import row_keys
 from ..quant.sequential import load_dense_entries
+from .convert import tensor_values
 
-# quantise(W (rows, cols), type, layer, expert, projection) -> packed uint8 (rows, bytes per row).
+# quantise(W (rows, cols), type, layer, expert, projection) -> packed uint8 (rows, bytes per row). W may be the
+# converter's lazy tensor: a quantiser that computes from it reads it with gguf.convert.tensor_values.
 Quantiser = Callable[[torch.Tensor, str, int, int, str], np.ndarray]
 
 
 def rtn_quantiser(w: torch.Tensor, type_name: str, layer: int, expert: int, proj: str) -> np.ndarray:
     """Round-to-nearest on the ggml grid (no calibration needed)."""
-    return quantize_rtn(w, type_name).packed
+    return quantize_rtn(tensor_values(w).float(), type_name).packed
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def plan_hook(plan: BitPlan, quantise: Quantiser = rtn_quantiser):
         m = ROUTER_RE.match(name)
         if m and plan.mode == "mixed" and int(m.group(1)) in layouts:
             order = layouts[int(m.group(1))].order
-            return [(name, tensor.float().numpy()[order], None)]
+            return [(name, tensor_values(tensor).float().numpy()[order], None)]
         m = EXPS_RE.match(name)
         if not m or int(m.group(1)) not in layouts:
             return None
@@ -73,8 +75,8 @@ def plan_hook(plan: BitPlan, quantise: Quantiser = rtn_quantiser):
         out, pos = [], 0
         for g, (target, n) in enumerate(lay.groups):
             qtype = plan.recipes[f"{layer}:{target}"][proj]
-            # one expert widened at a time (a Mixtral layer's merged experts are 1.9 GB a projection in float32)
-            packed = np.stack([np.asarray(quantise(tensor[e].float(), qtype, layer, e, proj))
+            # one (lazy) expert at a time: read and widened only by a quantiser that computes from it
+            packed = np.stack([np.asarray(quantise(tensor[e], qtype, layer, e, proj))
                                for e in lay.order[pos:pos + n]])
             pos += n
             gname = name if plan.mode == "stock" else name.replace("_exps.weight", f"_exps.g{g}.weight")
@@ -125,7 +127,7 @@ def dense_hook(types, work_dir=None, arch=None, n_layer: int = 0, log=print):
             return None
         entries(bid)
         entries(None)
-        w = tensor.float()
+        w = tensor_values(tensor).float()
         entry = by_name.get(name)
         if entry is not None and tuple(entry["shape"]) == tuple(w.shape):
             keys = row_keys(w)
