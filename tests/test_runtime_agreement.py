@@ -14,7 +14,7 @@ import torch
 from mcsharp_gguf.dev.tiny_models import load_hf, pick_tokens
 from mcsharp_gguf.ggml.packing import quantize_rtn
 from mcsharp_gguf.ggml.types import QUANT_TYPES, ggml_type
-from mcsharp_gguf.gguf.convert import convert_checkpoint
+from mcsharp_gguf.gguf.convert import convert_checkpoint, tensor_values
 from mcsharp_gguf.runtime import llama
 
 # the patched llama.cpp runtime, the pinned converter and the cached tokenizer
@@ -30,7 +30,7 @@ def _quantising_hook(type_name: str, dequant: dict):
         parts = name.split(".")
         if bid is None or parts[-1] != "weight" or (parts[2] not in _ATTN and not parts[2].endswith("_exps")):
             return None
-        w = tensor.float()
+        w = tensor_values(tensor).float()
         mats = w if w.dim() == 3 else w[None]
         results = [quantize_rtn(m, type_name) for m in mats]
         packed = np.stack([r.packed for r in results])
@@ -65,7 +65,7 @@ def test_llama_cpp_decodes_packed_embedding_exactly(type_name, tiny_model, tmp_p
         def fn(name, tensor, bid):
             if name != "token_embd.weight":
                 return None
-            res = quantize_rtn(tensor.float(), type_name)
+            res = quantize_rtn(tensor_values(tensor).float(), type_name)
             if as_f32:
                 return [(name, res.dequant.numpy(), None)]
             return [(name, res.packed, ggml_type(type_name))]
