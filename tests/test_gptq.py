@@ -20,6 +20,7 @@ from mcsharp_gguf.quant.gptq import (
     gptq_quantize_many,
     gptq_textbook,
     inverse_cholesky_upper,
+    inverse_cholesky_upper_,
     output_error,
 )
 
@@ -59,6 +60,22 @@ def test_inverse_cholesky_upper():
     assert torch.equal(U, torch.triu(U))
     Hd = H + 0.01 * torch.diagonal(H).mean() * torch.eye(600)
     torch.testing.assert_close(U.T @ U @ Hd, torch.eye(600), atol=2e-3, rtol=0)
+
+
+def test_inverse_cholesky_upper_in_place():
+    """The in-place factor (the GPTQ pass's, for Hessians nothing else reads) is the out-of-place one up to float
+    rounding, returned in the Hessian's own memory; heavier damping where 1% leaves H indefinite, as there."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(700, 600, generator=g)
+    H = A.T @ A / 700
+    for case in (H, H - 0.05 * torch.diagonal(H).mean() * torch.eye(600)):  # 1% damping is not enough for the 2nd
+        work = case.clone()
+        U = inverse_cholesky_upper_(work, damp=0.01)
+        assert U.data_ptr() == work.data_ptr() and torch.equal(U, torch.triu(U))
+        torch.testing.assert_close(U, inverse_cholesky_upper(case, damp=0.01), rtol=0, atol=1e-4 * float(U.abs().max()))
+    assert torch.equal(gptq_factor(H, 600), inverse_cholesky_upper(H))  # not consumed: as before
+    with pytest.raises(McsharpError, match="not positive definite"):
+        inverse_cholesky_upper_(-torch.eye(50))
 
 
 @pytest.mark.parametrize("t,oracle", oracle_params(QUANT_TYPES))

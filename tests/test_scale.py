@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,42 @@ def test_real_shape_checkpoint_matches_its_model(olmoe_layer, tmp_path):
     again = write_real_shape_checkpoint("olmoe-1b-7b", tmp_path / "olmoe2", 1)
     for f in sorted(model.glob("*.safetensors")):
         assert (again / f.name).read_bytes() == f.read_bytes()
+
+
+def test_gptq_pass_keeps_experts_bf16_with_the_same_bits(tiny_model, tmp_path, monkeypatch):
+    """On the CPU the GPTQ pass keeps a bf16 checkpoint's experts bf16 (half a Mixtral layer's 5.6 GB) and widens
+    one expert at a time: the layers' outputs, before and after their experts are quantised, and so every
+    packed byte, are those of the float32 layer."""
+    from mcsharp_gguf.model.calibration import calibration_token_ids
+    from mcsharp_gguf.model.stream import LayerStream
+    from mcsharp_gguf.pmq.candidates import Recipe
+    from mcsharp_gguf.pmq.plan import BitPlan
+    from mcsharp_gguf.quant import sequential
+    from mcsharp_gguf.text import calibration_text
+
+    model = tiny_model("qwen3moe", hidden=256, expert_ff=256, dtype="bf16")
+    ids = calibration_token_ids(model, calibration_text(20_000), 4, 128)  # 512 tokens: GPTQ on pooled Hessians
+    wide, kept = LayerStream.open(model), LayerStream.open(model, experts_as_stored=True)
+    h_wide = h_kept = wide.embed(ids)
+    for (i, lw, run_w), (_, lk, run_k) in zip(wide.layers(h_wide), kept.layers(h_kept), strict=True):
+        ek = kept.moe_block(lk).experts
+        assert ek.gate_up_proj.dtype == torch.bfloat16 and wide.moe_block(lw).experts.down_proj.dtype == torch.float32
+        h_wide, h_kept = run_w(h_wide), run_k(h_kept)
+        assert torch.equal(h_wide, h_kept), i
+
+    r = Recipe.for_shapes("Q4_K", 256, 256)
+    plan = BitPlan(mode="stock", target_bpw=4.5, achieved_bpw=4.5, expert_bytes=0, expert_weights=0,
+                   layers={i: ["Q4_K"] * 8 for i in range(2)},
+                   recipes={f"{i}:Q4_K": {"gate": r.gate, "up": r.up, "down": r.down} for i in range(2)})
+    sequential.quantize_experts(model, plan, ids, tmp_path / "kept", progress=False)
+    opened = LayerStream.open.__func__
+    monkeypatch.setattr(LayerStream, "open", classmethod(
+        lambda cls, d, device="cpu", experts_as_stored=False: opened(cls, d, device, False)))
+    sequential.quantize_experts(model, plan, ids, tmp_path / "wide", progress=False)
+    for i in range(2):  # layer 1's bytes depend on layer 0's quantised forward
+        a, b = (sequential.load_work_entry(tmp_path / w / f"layer-{i:04d}.pt") for w in ("kept", "wide"))
+        assert a["packed"].keys() == b["packed"].keys()
+        assert all(np.array_equal(a["packed"][k], b["packed"][k]) for k in a["packed"]), i
 
 
 def test_conversion_peak_rss_within_one_layer_bound(olmoe_layer, tmp_path):

@@ -85,8 +85,9 @@ def _builders(hidden: int, vocab: int, n_expert: int, top_k: int, expert_ff: int
 
 
 def make_tiny_moe(arch: str, out_dir: str | Path, hidden: int = 64, n_expert: int = 8, top_k: int = 2,
-                  expert_ff: int = 64, seed: int = 0) -> Path:
-    """Write a random-weight ``arch`` checkpoint (2 layers) with the SmolLM2 tokenizer to ``out_dir``."""
+                  expert_ff: int = 64, seed: int = 0, dtype: str = "f32") -> Path:
+    """Write a random-weight ``arch`` checkpoint (2 layers) with the SmolLM2 tokenizer to ``out_dir``, its tensors
+    in ``dtype`` ("f32", or "bf16" as real checkpoints are)."""
     import transformers
 
     out_dir = Path(out_dir)
@@ -107,6 +108,7 @@ def make_tiny_moe(arch: str, out_dir: str | Path, hidden: int = 64, n_expert: in
                 # Well-separated router logits: parity tests must not hinge on near-tied top-k choices.
                 p.mul_(ROUTER_SCALE)
     model.eval()
+    model.to({"f32": torch.float32, "bf16": torch.bfloat16}[dtype])
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tiny-"))
     model.save_pretrained(tmp, safe_serialization=True)
     for f in tok_dir.iterdir():

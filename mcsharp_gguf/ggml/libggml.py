@@ -46,12 +46,19 @@ def _libggml() -> ctypes.CDLL:
     return _LIB
 
 
-def ggml_dequantize(packed: np.ndarray, type_name: str, shape: tuple[int, int]) -> np.ndarray:
-    """Decode packed bytes with libggml's own ``to_float`` (the CPU reference dequantiser)."""
+def ggml_dequantize(packed: np.ndarray, type_name: str, shape: tuple[int, int], out: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """Decode packed bytes with libggml's own ``to_float`` (the CPU reference dequantiser), into ``out`` (a
+    contiguous float32 array of ``shape``) when given."""
     tr = _libggml().ggml_get_type_traits(int(ggml_type(type_name))).contents
     assert tr.blck_size == block_size(type_name) and tr.type_size == type_size(type_name)
     src = np.ascontiguousarray(packed, dtype=np.uint8)
-    out = np.empty(shape, np.float32)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    elif out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"ggml_dequantize: out must be a contiguous float32 array of shape {tuple(shape)}")
+    if src.size * tr.blck_size != out.size * tr.type_size:
+        raise ValueError(f"ggml_dequantize: {src.size} bytes of {type_name} do not decode to shape {tuple(shape)}")
     _TO_FLOAT(tr.to_float)(src.ctypes.data, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size)
     return out
 

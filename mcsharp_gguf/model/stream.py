@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ class SafetensorsIndex:
     Tensors are read with plain file reads, not memory maps: a mapped shard's pages would count in this
     process's resident memory for as long as it stays open, i.e. the whole checkpoint by the last layer.
     Every shard's header is checked at open (truncated or corrupt shard → one-line error naming it). Tensors
-    come back on ``device``, widened to float32 and checked there (a GPU does that much faster than the CPU).
+    come back on ``device``, widened to float32 and checked there (a GPU does that much faster than the CPU);
+    ``names[k](widen=False)`` keeps the checkpoint's dtype.
     """
 
     def __init__(self, model_dir: Path, device: torch.device | str = "cpu"):
@@ -54,17 +56,18 @@ class SafetensorsIndex:
 
 
 def _read_tensor(path: Path, name: str, offset: int, n_bytes: int, dtype: torch.dtype, shape: tuple[int, ...],
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Tensor ``name`` of a safetensors shard as float32 on ``device``, read (not mapped) from ``path``; NaN/Inf →
-    error naming it (nothing computed from it would mean anything)."""
+                 device: torch.device | str = "cpu", widen: bool = True) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors shard as float32 (without ``widen``: as stored) on ``device``, read (not
+    mapped) from ``path``; NaN/Inf → error naming it (nothing computed from it would mean anything)."""
     buf = bytearray(n_bytes)
     with open(path, "rb") as f:
         f.seek(offset)
         if f.readinto(buf) != n_bytes:
             raise McsharpError(f"{path} is truncated; re-download or re-save it")
     if not n_bytes:
-        return torch.zeros(shape, device=device)
-    t = torch.frombuffer(buf, dtype=dtype).reshape(shape).to(device).float()
+        return torch.zeros(shape, device=device, dtype=torch.float32 if widen else dtype)
+    t = torch.frombuffer(buf, dtype=dtype).reshape(shape).to(device)
+    t = t.float() if widen else t
     bad = int(t.numel() - torch.isfinite(t).sum())
     if bad:
         raise McsharpError(f"{path}: tensor {name} holds {bad} NaN/Inf values; fix or re-save the checkpoint "
@@ -77,9 +80,75 @@ def _read_tensor(path: Path, name: str, offset: int, n_bytes: int, dtype: torch.
 LayerStep = Callable[[int, torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
+class ExpertMatrices:
+    """Where the one-expert-at-a-time forward (``EXPERTS_ONE_AT_A_TIME``) takes expert ``e``'s float32 matrices
+    from: the layer's stacked experts as they are when float32; kept in the checkpoint's dtype (bf16), widened
+    into one reused buffer per projection; and for experts a pass has replaced (GPTQ's finished experts,
+    ``replaced[e](name, buffer)`` fills the buffer), their replacement. A Mixtral-8x7B layer's experts are
+    5.6 GB in float32, 2.8 GB as stored. The buffers are reused from one expert to the next within a forward
+    (without gradients: a backward pass would need each expert's matrices kept) and let go after it (release)."""
+
+    def __init__(self, experts: torch.nn.Module):
+        self.experts = experts
+        self.replaced: dict[int, Callable[[str, torch.Tensor], None]] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, e: int, name: str) -> torch.Tensor:
+        """Expert ``e``'s ``name`` ("gate_up_proj" or "down_proj") matrix in float32."""
+        stored = getattr(self.experts, name)[e]
+        if e not in self.replaced and stored.dtype == torch.float32:
+            return stored
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = torch.empty(stored.shape, dtype=torch.float32, device=stored.device)
+        if e in self.replaced:
+            self.replaced[e](name, buf)
+        else:
+            buf.copy_(stored)  # (into a buffer: 4× faster than .float(), whose fresh pages each fault in)
+        return buf
+
+    def release(self) -> None:
+        """Let the buffers go (0.7 GB at Mixtral-8x7B's shape: not to be held while GPTQ works)."""
+        self._buffers.clear()
+
+
+def experts_one_at_a_time(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' ``grouped_mm`` experts forward (the implementation every pass runs otherwise), computed one
+    expert at a time on the matrices ``experts.matrices`` (ExpertMatrices) gives: the same products in the same
+    order — the CPU grouped_mm multiplies each expert's sorted tokens by that expert's matrix alone — so the same
+    bits (tests/test_scale.py), without a layer's experts all in float32 at once."""
+    matrices = experts.matrices
+    k = top_k_index.shape[-1]
+    ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // k]
+    ends = list(accumulate(torch.bincount(ids, minlength=experts.num_experts).tolist()))
+    bounds = [(e, a, b) for e, (a, b) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if b > a]
+
+    def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
+        out = inp.new_empty(inp.shape[0], getattr(experts, name).shape[1])
+        for e, a, b in bounds:
+            out[a:b] = inp[a:b] @ matrices(e, name).T
+        return out
+
+    h = experts._apply_gate(linear(x, "gate_up_proj"))
+    y = linear(h, "down_proj") * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    matrices.release()
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return y[inv].view(hidden_states.shape[0], k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+EXPERTS_ONE_AT_A_TIME = "mcsharp_one_expert_at_a_time"
+
+
 @dataclass
 class LayerStream:
-    """A transformers model skeleton whose decoder layers are materialised one at a time."""
+    """A transformers model skeleton whose decoder layers are materialised one at a time.
+
+    With ``experts_as_stored`` a layer's routed experts stay in the checkpoint's dtype and its forward widens one
+    expert at a time (ExpertMatrices, experts_one_at_a_time): the GPTQ pass on the CPU, whose forwards need no
+    gradients and whose peak is the layer itself."""
 
     model_dir: Path
     config: object
@@ -87,10 +156,13 @@ class LayerStream:
     arch: object  # converters.base.MoeArchitecture
     tensors: SafetensorsIndex
     device: torch.device = torch.device("cpu")  # where layers, hidden states and every pass's tensors live
+    experts_as_stored: bool = False
 
     @classmethod
-    def open(cls, model_dir: str | Path, device: torch.device | str = "cpu") -> LayerStream:
+    def open(cls, model_dir: str | Path, device: torch.device | str = "cpu", experts_as_stored: bool = False
+             ) -> LayerStream:
         from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         model_dir = Path(model_dir)
         cfg_json = json.loads((model_dir / "config.json").read_text())
@@ -102,7 +174,11 @@ class LayerStream:
         config._attn_implementation = "sdpa"  # causal masking without building a mask
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        return cls(model_dir, config, model, arch, SafetensorsIndex(model_dir, device), torch.device(device))
+        if experts_as_stored:  # (transformers' extension point for experts forwards)
+            ALL_EXPERTS_FUNCTIONS.register(EXPERTS_ONE_AT_A_TIME, experts_one_at_a_time)
+            model.set_experts_implementation(EXPERTS_ONE_AT_A_TIME)
+        return cls(model_dir, config, model, arch, SafetensorsIndex(model_dir, device), torch.device(device),
+                   experts_as_stored)
 
     @property
     def n_layer(self) -> int:
@@ -130,18 +206,28 @@ class LayerStream:
         release_free_memory()  # what the work since the last layer freed, before the largest allocation
         layer = self.model.model.layers[i]
         layer.to_empty(device=self.device)
-        sd = {k: v.to(self.device) for k, v in self.arch.layer_state_dict(self.tensors.names, i,
-                                                                           self.n_expert).items()}
+        names = self.tensors.names
+        if self.experts_as_stored:
+            names = {k: partial(f, widen=False) for k, f in names.items()}
+        experts = f"{self.arch.moe_block}.{self.arch.experts}."
+        sd = {k: v.to(self.device) if k.startswith(experts) else v.to(self.device, torch.float32)
+              for k, v in self.arch.layer_state_dict(names, i, self.n_expert).items()}
         # assign: the module takes the loaded tensors as they are (a copy into to_empty's storage would hold the
         # layer twice)
         missing, unexpected = layer.load_state_dict(sd, strict=False, assign=True)
         if missing or unexpected:
             raise McsharpError(f"{self.model_dir}: layer {i} does not match {self.arch.name}'s layout "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-save the checkpoint")
+        if self.experts_as_stored and (block := self.moe_block(layer)) is not None:
+            experts = getattr(block, self.arch.experts)
+            experts.matrices = ExpertMatrices(experts)
         return layer.eval()
 
     def unload_layer(self, i: int) -> None:
-        self.model.model.layers[i].to("meta")
+        layer = self.model.model.layers[i]
+        if (block := self.moe_block(layer)) is not None:
+            getattr(block, self.arch.experts).__dict__.pop("matrices", None)  # (its buffers, its replacements)
+        layer.to("meta")
         release_free_memory()
 
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:

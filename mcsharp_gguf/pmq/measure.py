@@ -181,7 +181,8 @@ def _prepare(t: ExpertTokens, s: ErrorSettings, pooled: LayerTokens, act) -> _Ca
         neurons = neurons.to(g.device)
         g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
     hessians = expert_hessians(g, u, t.x, act, s.gptq, s.d_ff, pooled)
-    return _Case(t, (g, u, d), scale, expert_factors(hessians, pooled),  # once for every type
+    # once for every type; in place, as the GPTQ pass factors them (quant.experts.quantize_expert_group)
+    return _Case(t, (g, u, d), scale, expert_factors(hessians, pooled, consume=True),
                  (act(t.x @ g.T) * (t.x @ u.T)) @ d.T)
 
 

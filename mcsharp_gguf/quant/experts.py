@@ -5,6 +5,7 @@ layer."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -58,9 +59,22 @@ class LayerTokens:
 
     def h_act(self, g: torch.Tensor, u: torch.Tensor, act) -> torch.Tensor:
         """Hessian of one expert's activations (its down projection's input) over every token."""
-        acc = HessianAccumulator(g.shape[0], device=self.x.device)
-        acc.add(act(self.x @ g.T) * (self.x @ u.T))
-        return acc.H
+        return activation_hessian(self.x, g, u, act)
+
+
+ACT_CHUNK_BYTES = 1 << 28  # activations are accumulated into their Hessian this many bytes at a time
+
+
+def activation_hessian(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act) -> torch.Tensor:
+    """Hessian of an expert's activations act(x gᵀ) ⊙ (x uᵀ) (its down projection's input) over the rows of
+    ``x``, in chunks of rows: at Mixtral-8x7B's width (14,336) and 16k tokens, the whole activations would be
+    three 0.9 GB arrays at once."""
+    acc = HessianAccumulator(g.shape[0], device=x.device)
+    rows = max(1, ACT_CHUNK_BYTES // (4 * g.shape[0]))
+    for a in range(0, x.shape[0], rows):
+        xc = x[a:a + rows]
+        acc.add(act(xc @ g.T) * (xc @ u.T))
+    return acc.H
 
 
 def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gptq: bool = True,
@@ -86,23 +100,22 @@ def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gpt
     elif pooled is not None and pooled.n >= width_in:
         h_in = pooled.h_in()
     if n >= width_ff:
-        acc = HessianAccumulator(g.shape[0], device=xe.device)
-        acc.add(act(xe @ g.T) * (xe @ u.T))
-        h_act = acc.H
+        h_act = activation_hessian(xe, g, u, act)
     elif pooled is not None and pooled.n >= width_ff:
         h_act = pooled.h_act(g, u, act)
     return h_in, h_act
 
 
-def expert_factors(hessians: tuple[torch.Tensor | None, torch.Tensor | None], pooled: LayerTokens | None = None
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def expert_factors(hessians: tuple[torch.Tensor | None, torch.Tensor | None], pooled: LayerTokens | None = None,
+                   consume: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """GPTQ's factors of an expert's two Hessians (gptq_factor; the pooled input one computed once per layer):
-    what quantize_expert walks with, worth computing once when the expert is quantised at several types."""
+    what quantize_expert walks with, worth computing once when the expert is quantised at several types. With
+    ``consume`` the expert's own Hessians (not the layer's shared one) become their factors in place."""
     h_in, h_act = hessians
     u_in = (pooled.factor_in(h_in) if pooled is not None else None) if h_in is not None else None
     if h_in is not None and u_in is None:
-        u_in = gptq_factor(h_in, h_in.shape[0])
-    return u_in, (gptq_factor(h_act, h_act.shape[0]) if h_act is not None else None)
+        u_in = gptq_factor(h_in, h_in.shape[0], consume=consume)
+    return u_in, (gptq_factor(h_act, h_act.shape[0], consume=consume) if h_act is not None else None)
 
 
 # Experts GPTQ walks together (gptq_quantize_many), by device type: on a GPU a walk's time is its kernel launches,
@@ -172,7 +185,8 @@ def quantize_expert_group(group: list[tuple[int, tuple[torch.Tensor, torch.Tenso
     (walk_size of them) on the Hessians expert_hessians gives them: (expert, projection, packed bytes) of each.
     The unit of work an executor runs (a Ray task on a cluster)."""
     weights = [w for _, w, _ in group]
-    factors = [expert_factors(expert_hessians(g, u, xe, act, gptq, pooled=pooled), pooled)
+    # (their Hessians are needed no more: factored in place, a Mixtral down projection's 0.8 GB is not copied)
+    factors = [expert_factors(expert_hessians(g, u, xe, act, gptq, pooled=pooled), pooled, consume=True)
                for _, (g, u, _), xe in group]
     return [(group[i][0], p, np.asarray(res.packed))
             for i, p, res in each_expert_quantised(weights, [types[e] for e, _, _ in group], factors)]
@@ -181,10 +195,9 @@ def quantize_expert_group(group: list[tuple[int, tuple[torch.Tensor, torch.Tenso
 def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
                            types: list[dict[str, str]], act, gptq: bool = True,
                            executor: InProcess | RayCluster | None = None) -> dict:
-    """GPTQ of one layer's experts (quantize_expert_group: on their own Hessians, or those of every token ``x``
-    of the layer where one saw too few), each written into ``gate_up`` / ``down`` as soon as it is done, decoded
-    from its packed bytes by libggml (bit-exact with what GPTQ computed; what a resumed run loads too). An
-    expert's GPTQ reads only its own weights, so the experts after it are unaffected.
+    """GPTQ of one layer's experts ``gate_up`` / ``down`` (float32 or bf16, left as they are:
+    load_packed_experts puts the results into the layer) by quantize_expert_group: on their own Hessians, or
+    those of every token ``x`` of the layer where one saw too few.
 
     ``types[e]`` maps gate/up/down → ggml type; ``executor`` (executors.connect; default: this process) runs
     the groups. Returns {"packed": {(e, proj): uint8}, "tokens": per-expert token counts, "types": types}.
@@ -198,7 +211,8 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     together = walk_size(x.device)
 
     def views(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return gate_up[e, :ff], gate_up[e, ff:], down[e]
+        gu = gate_up[e].float()  # (a layer kept in bf16: this expert alone widened)
+        return gu[:ff], gu[ff:], down[e].float()
 
     groups = ([(e, views(e), x[routed[e]]) for e in range(e0, min(e0 + together, len(types)))]
               for e0 in range(0, len(types), together))  # (on a GPU, walk_size experts walked together)
@@ -206,18 +220,30 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     for result in executor.map(quantize_expert_group, groups, types=types, pooled=pooled, act=act, gptq=gptq):
         for e, p, data in result:
             packed[(e, p)] = data
-            w = views(e)[PROJS.index(p)]
-            with torch.no_grad():
-                w.copy_(torch.from_numpy(ggml_dequantize(data, types[e][p], tuple(w.shape))))
     return {"packed": packed, "tokens": [int(r.sum()) for r in routed], "types": types}
 
 
 def load_packed_experts(experts: torch.nn.Module, done: dict) -> None:
-    """Write a finished layer's experts (``done``, a work-dir layer) into ``experts``, decoded from their packed
-    bytes by libggml (bit-exact with what GPTQ computed)."""
+    """Put a finished layer's experts (``done``: quantize_layer_experts' result, or the work-dir entry it was saved
+    as) into ``experts``, decoded from their packed bytes by libggml (bit-exact with what GPTQ computed):
+    written over float32 weights in place; for experts kept in the checkpoint's dtype (LayerStream's
+    ``experts_as_stored``), decoded into the forward's buffer each time it takes them (ExpertMatrices), since
+    bf16 cannot hold them."""
     ff = experts.down_proj.shape[2]
+    if experts.down_proj.dtype != torch.float32:
+        for e, t in enumerate(done["types"]):
+            experts.matrices.replaced[e] = partial(_decode_expert, done["packed"], e, t, ff)
+        return
     with torch.no_grad():
         for e, t in enumerate(done["types"]):
             for p, w in (("gate", experts.gate_up_proj[e, :ff]), ("up", experts.gate_up_proj[e, ff:]),
                          ("down", experts.down_proj[e])):
                 w.copy_(torch.from_numpy(ggml_dequantize(done["packed"][(e, p)], t[p], tuple(w.shape))))
+
+
+def _decode_expert(packed: dict, e: int, types: dict[str, str], ff: int, name: str, out: torch.Tensor) -> None:
+    """Expert ``e``'s ``name`` matrix ("gate_up_proj": gate over up; "down_proj") decoded from its packed bytes
+    into ``out`` (an ExpertMatrices buffer on the CPU)."""
+    parts = (("gate", out[:ff]), ("up", out[ff:])) if name == "gate_up_proj" else (("down", out),)
+    for p, rows in parts:
+        ggml_dequantize(packed[(e, p)], types[p], tuple(rows.shape), out=rows.numpy())

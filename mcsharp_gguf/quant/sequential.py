@@ -132,7 +132,7 @@ class GptqPass:
         else:
             done = load_work_entry(path)
         _apply_dense(layer, done.get("dense", {}))  # (work dirs from before dense quantisation have none)
-        if planned and not fresh:  # the next layer calibrates on the quantised experts
+        if planned:  # the next layer calibrates on the quantised experts
             load_packed_experts(getattr(block, self.stream.arch.experts), done)
         return run(hidden)
 
@@ -152,11 +152,13 @@ class GptqPass:
         hooks_for = {n: m for n, (_, m) in ffn.items()}
         if block is not None:
             experts = getattr(block, stream.arch.experts)
-            (cap, _), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch, stream.n_expert,
-                                                               run), hidden)
+            (cap, out), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch, stream.n_expert,
+                                                                 run), hidden)
+            x, top_k_index = cap.x, cap.top_k_index
+            del cap, out  # (the block's and the layer's outputs: 0.5 GB at Mixtral's width and 16k tokens)
             types = [self.plan.recipes[f"{i}:{t}"] for t in self.plan.layers[i]]
-            done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(), cap.x,
-                                               cap.top_k_index, types, experts.act_fn, gptq=self.gptq,
+            done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(), x,
+                                               top_k_index, types, experts.act_fn, gptq=self.gptq,
                                                executor=self.executor))
         elif ffn:
             _, hess = _with_hessians(hooks_for, run, hidden)
@@ -175,7 +177,8 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
     this process by default, or Ray tasks; the same bytes either way)."""
     dense = dense or DenseTypes()
     check_work_dir(work_dir, plan, dense)
-    stream = LayerStream.open(model_dir, device)
+    # on the CPU the layer's experts stay bf16 and are widened one at a time: the peak here is the layer itself
+    stream = LayerStream.open(model_dir, device, experts_as_stored=torch.device(device).type == "cpu")
     step = GptqPass(stream, plan, dense, work_dir, gptq, executor)
     hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
     out_type = dense.type_for("output.weight", "output")
