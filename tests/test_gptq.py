@@ -16,6 +16,7 @@ from mcsharp_gguf.ggml.types import QUANT_TYPES, bits_per_weight, block_size
 from mcsharp_gguf.quant.gptq import (
     HessianAccumulator,
     gptq_factor,
+    gptq_factor_in_place,
     gptq_quantize,
     gptq_quantize_many,
     gptq_textbook,
@@ -62,20 +63,29 @@ def test_inverse_cholesky_upper():
     torch.testing.assert_close(U.T @ U @ Hd, torch.eye(600), atol=2e-3, rtol=0)
 
 
-def test_inverse_cholesky_upper_in_place():
-    """The in-place factor (the GPTQ pass's, for Hessians nothing else reads) is the out-of-place one up to float
-    rounding, returned in the Hessian's own memory; heavier damping where 1% leaves H indefinite, as there."""
+def test_factor_in_place_is_the_same_bits():
+    """The in-place factor (the GPTQ pass's, for Hessians nothing else reads) is the out-of-place one bit for bit,
+    in the same layout, in the Hessian's own memory; where 1% damping leaves H indefinite it says so (None), and
+    expert_factors computes the Hessian again and damps it harder, as out of place."""
+    from mcsharp_gguf.quant.experts import expert_factors
+
     g = torch.Generator().manual_seed(2)
-    A = torch.randn(700, 600, generator=g)
-    H = A.T @ A / 700
-    for case in (H, H - 0.05 * torch.diagonal(H).mean() * torch.eye(600)):  # 1% damping is not enough for the 2nd
-        work = case.clone()
-        U = inverse_cholesky_upper_(work, damp=0.01)
-        assert U.data_ptr() == work.data_ptr() and torch.equal(U, torch.triu(U))
-        torch.testing.assert_close(U, inverse_cholesky_upper(case, damp=0.01), rtol=0, atol=1e-4 * float(U.abs().max()))
-    assert torch.equal(gptq_factor(H, 600), inverse_cholesky_upper(H))  # not consumed: as before
-    with pytest.raises(McsharpError, match="not positive definite"):
-        inverse_cholesky_upper_(-torch.eye(50))
+    for n in (300, 1100):  # one triangular solve; recursive blocks
+        A = torch.randn(n + 100, n, generator=g)
+        H = A.T @ A / (n + 100)
+        work = H.clone()
+        U, ref = gptq_factor_in_place(work, n), gptq_factor(H, n)
+        assert U.data_ptr() == work.data_ptr() and torch.equal(U, ref) and U.stride() == ref.stride()
+        bad = H - 0.05 * torch.diagonal(H).mean() * torch.eye(n)  # needs 10% damping
+        assert inverse_cholesky_upper_(bad.clone()) is None
+        calls = []
+
+        def again(bad=bad, calls=calls):
+            calls.append(1)
+            return None, bad.clone()
+
+        u_in, u_act = expert_factors((None, bad.clone()), again=again)
+        assert u_in is None and calls == [1] and torch.equal(u_act, gptq_factor(bad, n))
 
 
 @pytest.mark.parametrize("t,oracle", oracle_params(QUANT_TYPES))

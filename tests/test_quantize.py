@@ -93,7 +93,7 @@ def test_starved_experts_borrow_the_layers_hessian_and_rtn_only_without_it():
     every token of the layer; when the layer's tokens are fewer than the width too, RTN."""
     from mcsharp_gguf.ggml.packing import quantize_rtn
     from mcsharp_gguf.quant.experts import LayerTokens, quantize_layer_experts
-    from mcsharp_gguf.quant.gptq import gptq_factor, gptq_quantize
+    from mcsharp_gguf.quant.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(2, 512, 256, generator=g) * 0.05, torch.randn(2, 256, 256, generator=g) * 0.05
@@ -105,9 +105,8 @@ def test_starved_experts_borrow_the_layers_hessian_and_rtn_only_without_it():
     assert res["tokens"] == [300, 0]
     pooled = LayerTokens(x)
     assert np.array_equal(res["packed"][(1, "gate")], gptq_quantize(gate_up[1, :256], pooled.h_in(), "Q4_K").packed)
-    h_act = pooled.h_act(gate_up[1, :256], gate_up[1, 256:], act)  # (its own: factored in place)
     assert np.array_equal(res["packed"][(1, "down")],
-                          gptq_quantize(down[1], None, "Q4_K", U=gptq_factor(h_act, 256, consume=True)).packed)
+                          gptq_quantize(down[1], pooled.h_act(gate_up[1, :256], gate_up[1, 256:], act), "Q4_K").packed)
     assert not np.array_equal(res["packed"][(1, "down")], quantize_rtn(down[1], "Q4_K").packed)
     # the layer's 100 tokens are fewer than the 256-wide inputs: a singular Hessian either way, RTN instead
     few = quantize_layer_experts(gate_up.clone(), down.clone(), x[:100], idx[:100], types, act)

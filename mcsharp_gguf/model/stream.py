@@ -220,6 +220,9 @@ class LayerStream:
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-save the checkpoint")
         if self.experts_as_stored and (block := self.moe_block(layer)) is not None:
             experts = getattr(block, self.arch.experts)
+            if getattr(experts, "has_bias", False) or getattr(experts, "is_transposed", False) \
+                    or not getattr(experts, "has_gate", True):  # (what experts_one_at_a_time computes)
+                raise McsharpError(f"internal: {type(experts).__name__} is not a gated, bias-free experts layout")
             experts.matrices = ExpertMatrices(experts)
         return layer.eval()
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -180,9 +181,8 @@ def _prepare(t: ExpertTokens, s: ErrorSettings, pooled: LayerTokens, act) -> _Ca
         neurons, factor = sample_neurons(neuron_energy(g, u, d, t.x, t.w, act), s.neuron_sample)
         neurons = neurons.to(g.device)
         g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
-    hessians = expert_hessians(g, u, t.x, act, s.gptq, s.d_ff, pooled)
-    # once for every type; in place, as the GPTQ pass factors them (quant.experts.quantize_expert_group)
-    return _Case(t, (g, u, d), scale, expert_factors(hessians, pooled, consume=True),
+    hessians = partial(expert_hessians, g, u, t.x, act, s.gptq, s.d_ff, pooled)
+    return _Case(t, (g, u, d), scale, expert_factors(hessians(), pooled, again=hessians),  # once for every type
                  (act(t.x @ g.T) * (t.x @ u.T)) @ d.T)
 
 

@@ -4,7 +4,7 @@ layer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 from ..executors import InProcess, RayCluster
 from ..ggml.libggml import ggml_dequantize
 from ..ggml.packing import QuantResult, quantize_rtn
-from .gptq import HessianAccumulator, gptq_factor, gptq_quantize, gptq_quantize_many
+from .gptq import HessianAccumulator, gptq_factor, gptq_factor_in_place, gptq_quantize, gptq_quantize_many
 
 PROJS = ("gate", "up", "down")
 
@@ -107,15 +107,27 @@ def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gpt
 
 
 def expert_factors(hessians: tuple[torch.Tensor | None, torch.Tensor | None], pooled: LayerTokens | None = None,
-                   consume: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                   again: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """GPTQ's factors of an expert's two Hessians (gptq_factor; the pooled input one computed once per layer):
-    what quantize_expert walks with, worth computing once when the expert is quantised at several types. With
-    ``consume`` the expert's own Hessians (not the layer's shared one) become their factors in place."""
+    what quantize_expert walks with, worth computing once when the expert is quantised at several types.
+
+    With ``again`` (computes ``hessians`` anew), the expert's own Hessians, read by nothing else, are factored in
+    their own memory (gptq_factor_in_place: the same bits, without a Mixtral down projection's 0.8 GB Hessian
+    copied several times); the rare one its damping leaves indefinite is computed again and damped harder."""
+    def factor(h: torch.Tensor, which: int) -> torch.Tensor:
+        if again is not None:
+            u = gptq_factor_in_place(h, h.shape[0])
+            if u is not None:
+                return u
+            h = again()[which]
+        return gptq_factor(h, h.shape[0])
+
     h_in, h_act = hessians
     u_in = (pooled.factor_in(h_in) if pooled is not None else None) if h_in is not None else None
     if h_in is not None and u_in is None:
-        u_in = gptq_factor(h_in, h_in.shape[0], consume=consume)
-    return u_in, (gptq_factor(h_act, h_act.shape[0], consume=consume) if h_act is not None else None)
+        u_in = factor(h_in, 0)
+    return u_in, (factor(h_act, 1) if h_act is not None else None)
 
 
 # Experts GPTQ walks together (gptq_quantize_many), by device type: on a GPU a walk's time is its kernel launches,
@@ -185,9 +197,8 @@ def quantize_expert_group(group: list[tuple[int, tuple[torch.Tensor, torch.Tenso
     (walk_size of them) on the Hessians expert_hessians gives them: (expert, projection, packed bytes) of each.
     The unit of work an executor runs (a Ray task on a cluster)."""
     weights = [w for _, w, _ in group]
-    # (their Hessians are needed no more: factored in place, a Mixtral down projection's 0.8 GB is not copied)
-    factors = [expert_factors(expert_hessians(g, u, xe, act, gptq, pooled=pooled), pooled, consume=True)
-               for _, (g, u, _), xe in group]
+    hessians = [partial(expert_hessians, g, u, xe, act, gptq, pooled=pooled) for _, (g, u, _), xe in group]
+    factors = [expert_factors(h(), pooled, again=h) for h in hessians]  # (factored in place)
     return [(group[i][0], p, np.asarray(res.packed))
             for i, p, res in each_expert_quantised(weights, [types[e] for e, _, _ in group], factors)]
 

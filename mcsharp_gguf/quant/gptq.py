@@ -93,38 +93,35 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     raise McsharpError("GPTQ: Hessian is not positive definite even with heavy damping; check the calibration inputs")
 
 
-def inverse_cholesky_upper_(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """inverse_cholesky_upper computed in ``H``'s own memory (a contiguous float32 CPU tensor, overwritten by the
-    factor, which is returned): no n² copy beside it, where the out-of-place version holds about three (a
-    14,336-wide Hessian, Mixtral-8x7B's down projection, is 0.8 GB). LAPACK's potrf and trtri (scipy) on the
-    reversed matrix, the same factorisation as inverse_cholesky_upper's; equal to it up to float rounding."""
-    from scipy.linalg import lapack
-
-    n = H.shape[0]
+def inverse_cholesky_upper_(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor | None:
+    """inverse_cholesky_upper computed in ``H``'s memory (a contiguous float32 tensor, overwritten by the factor,
+    which is returned as a view of it), bit for bit, with no n² matrix beside H where the out-of-place version
+    holds about four (a 14,336-wide Hessian, Mixtral-8x7B's down projection, is 0.8 GB). None where damping by
+    ``damp`` leaves H indefinite: H is then spent, and inverse_cholesky_upper of it computed again damps harder."""
     lam = damp * torch.diagonal(H).mean().clamp_min(1e-12)
-    _reverse_(H)  # P H P, still symmetric: its C-order memory is also its Fortran-order transpose
-    diag = torch.diagonal(H).clone()
-    a = H.numpy().T  # Fortran-contiguous view: LAPACK works in place on it
-    potrf, trtri = (lapack.spotrf, lapack.strtri) if H.dtype == torch.float32 else (lapack.dpotrf, lapack.dtrtri)
-    for _ in range(6):
-        torch.diagonal(H).copy_(diag + lam)
-        # upper R with Rᵀ R = P H P in Fortran order: in H's (C-order) lower triangle, L = Rᵀ
-        _, info = potrf(a, lower=0, overwrite_a=1, clean=0)
-        if info == 0:
-            break
-        upper = torch.triu(H, 1)  # potrf left H's other triangle as it was: rebuild H from it, damp harder
-        H.copy_(upper + upper.T)
-        del upper
-        lam = lam * 10
-    else:
-        raise McsharpError("GPTQ: Hessian is not positive definite even with heavy damping; check the calibration "
-                           "inputs")
-    _, info = trtri(a, lower=0, overwrite_c=1)  # R⁻¹ in Fortran order: L⁻¹ in H's lower triangle
-    if info != 0:
-        raise McsharpError(f"GPTQ: the {n}-wide Hessian's Cholesky factor is singular; check the calibration inputs")
-    H.tril_()
-    _reverse_(H)  # U = P L⁻¹ P
-    return H
+    _reverse_(H)  # P H P: the reversal inverse_cholesky_upper factors
+    torch.diagonal(H).add_(lam)
+    # the factor in H's memory with the layout it has out of place (column-major): the triangular solves and the
+    # walk's products then see what they see there (a row-major copy rounds differently)
+    out = H.T
+    _, info = torch.linalg.cholesky_ex(out, out=(out, torch.empty((), dtype=torch.int32)))
+    if int(info):
+        return None
+    _trinv_lower_(out)
+    _reverse_(H)  # U = P L⁻¹ P (a reversal of the memory reverses both axes of either layout)
+    return out
+
+
+def _trinv_lower_(L: torch.Tensor) -> None:
+    """_trinv_lower in place (the same operations on the same values): L's lower triangle becomes its inverse."""
+    n = L.shape[0]
+    if n <= 512:
+        L.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False))
+        return
+    h = n // 2
+    _trinv_lower_(L[:h, :h])
+    _trinv_lower_(L[h:, h:])
+    L[h:, :h] = -(L[h:, h:] @ (L[h:, :h] @ L[:h, :h]))
 
 
 def _reverse_(t: torch.Tensor, chunk: int = 1 << 22) -> None:
@@ -163,14 +160,20 @@ def _quant_col(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor | None, inv_s: 
     return level, (q + o if o is not None else q)
 
 
-def gptq_factor(H: torch.Tensor, cols: int, damp: float = 0.01, consume: bool = False) -> torch.Tensor:
+def gptq_factor(H: torch.Tensor, cols: int, damp: float = 0.01) -> torch.Tensor:
     """The factor U GPTQ walks with for Hessian ``H`` (dead columns isolated, damped): what gptq_quantize computes
-    first, for callers that quantise several matrices on one Hessian (an expert's gate and up). With ``consume``
-    (a Hessian nothing else reads) on the CPU, computed in H's memory (inverse_cholesky_upper_)."""
+    first, for callers that quantise several matrices on one Hessian (an expert's gate and up)."""
+    return inverse_cholesky_upper(_prepare_h(H, cols), damp)
+
+
+def gptq_factor_in_place(H: torch.Tensor, cols: int, damp: float = 0.01) -> torch.Tensor | None:
+    """gptq_factor of a Hessian nothing else reads, computed in its own memory on the CPU (inverse_cholesky_upper_;
+    elsewhere as gptq_factor): the same bits. None where ``damp`` is not enough: H is then spent, and the caller
+    computes it again for gptq_factor (which damps harder)."""
     H = _prepare_h(H, cols)
-    if consume and H.device.type == "cpu" and H.is_contiguous():
-        return inverse_cholesky_upper_(H, damp)
-    return inverse_cholesky_upper(H, damp)
+    if H.device.type != "cpu" or not H.is_contiguous() or H.dtype != torch.float32:
+        return inverse_cholesky_upper(H, damp)
+    return inverse_cholesky_upper_(H, damp)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp: float = 0.01, block: int = 128,
