@@ -56,19 +56,6 @@ class HessianAccumulator:
         return torch.diagonal(self.H) / 2
 
 
-def _trinv_lower(L: torch.Tensor) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix by recursive 2×2 blocking (matmul-bound, faster than a full solve)."""
-    n = L.shape[0]
-    if n <= 512:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
-    h = n // 2
-    A, D = _trinv_lower(L[:h, :h]), _trinv_lower(L[h:, h:])
-    out = torch.zeros_like(L)
-    out[:h, :h], out[h:, h:] = A, D
-    out[h:, :h] = -(D @ (L[h:, :h] @ A))
-    return out
-
-
 def inverse_cholesky_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Upper U with Uᵀ U = (H + λI)⁻¹, λ = damp · mean diag(H).
 
@@ -86,9 +73,8 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if int(info) == 0:
-            inv = _trinv_lower(L)
-            del L
-            return inv.flip(0, 1)
+            _trinv_lower_(L)
+            return L.flip(0, 1)
         lam = lam * 10
     raise McsharpError("GPTQ: Hessian is not positive definite even with heavy damping; check the calibration inputs")
 
@@ -113,7 +99,8 @@ def inverse_cholesky_upper_(H: torch.Tensor, damp: float = 0.01) -> torch.Tensor
 
 
 def _trinv_lower_(L: torch.Tensor) -> None:
-    """_trinv_lower in place (the same operations on the same values): L's lower triangle becomes its inverse."""
+    """L's lower triangle becomes its inverse, in place, by recursive 2×2 blocking (matmul-bound, faster than a
+    full solve)."""
     n = L.shape[0]
     if n <= 512:
         L.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False))
