@@ -182,7 +182,7 @@ def _prepare(t: ExpertTokens, s: ErrorSettings, pooled: LayerTokens, act) -> _Ca
         neurons = neurons.to(g.device)
         g, u, d, scale = g[neurons], u[neurons], d[:, neurons], factor ** 0.5
     hessians = partial(expert_hessians, g, u, t.x, act, s.gptq, s.d_ff, pooled)
-    return _Case(t, (g, u, d), scale, expert_factors(hessians(), pooled, again=hessians),  # once for every type
+    return _Case(t, (g, u, d), scale, expert_factors(hessians, pooled),  # once for every type
                  (act(t.x @ g.T) * (t.x @ u.T)) @ d.T)
 
 

@@ -106,24 +106,20 @@ def expert_hessians(g: torch.Tensor, u: torch.Tensor, xe: torch.Tensor, act, gpt
     return h_in, h_act
 
 
-def expert_factors(hessians: tuple[torch.Tensor | None, torch.Tensor | None], pooled: LayerTokens | None = None,
-                   again: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """GPTQ's factors of an expert's two Hessians (gptq_factor; the pooled input one computed once per layer):
-    what quantize_expert walks with, worth computing once when the expert is quantised at several types.
+def expert_factors(hessians: Callable[[], tuple[torch.Tensor | None, torch.Tensor | None]],
+                   pooled: LayerTokens | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """GPTQ's factors of the expert's two Hessians ``hessians()`` computes (expert_hessians; the pooled input one
+    factored once per layer): what quantize_expert walks with, worth computing once when the expert is
+    quantised at several types.
 
-    With ``again`` (computes ``hessians`` anew), the expert's own Hessians, read by nothing else, are factored in
-    their own memory (gptq_factor_in_place: the same bits, without a Mixtral down projection's 0.8 GB Hessian
-    copied several times); the rare one its damping leaves indefinite is computed again and damped harder."""
+    The expert's own Hessians, read by nothing else, are factored in their own memory (gptq_factor_in_place: the
+    same bits, without a Mixtral down projection's 0.8 GB Hessian copied several times); the rare one its damping
+    leaves indefinite is computed again (``hessians()``) and damped harder out of place."""
     def factor(h: torch.Tensor, which: int) -> torch.Tensor:
-        if again is not None:
-            u = gptq_factor_in_place(h, h.shape[0])
-            if u is not None:
-                return u
-            h = again()[which]
-        return gptq_factor(h, h.shape[0])
+        u = gptq_factor_in_place(h, h.shape[0])
+        return u if u is not None else gptq_factor(hessians()[which], h.shape[0])
 
-    h_in, h_act = hessians
+    h_in, h_act = hessians()
     u_in = (pooled.factor_in(h_in) if pooled is not None else None) if h_in is not None else None
     if h_in is not None and u_in is None:
         u_in = factor(h_in, 0)
@@ -197,8 +193,8 @@ def quantize_expert_group(group: list[tuple[int, tuple[torch.Tensor, torch.Tenso
     (walk_size of them) on the Hessians expert_hessians gives them: (expert, projection, packed bytes) of each.
     The unit of work an executor runs (a Ray task on a cluster)."""
     weights = [w for _, w, _ in group]
-    hessians = [partial(expert_hessians, g, u, xe, act, gptq, pooled=pooled) for _, (g, u, _), xe in group]
-    factors = [expert_factors(h(), pooled, again=h) for h in hessians]  # (factored in place)
+    factors = [expert_factors(partial(expert_hessians, g, u, xe, act, gptq, pooled=pooled), pooled)
+               for _, (g, u, _), xe in group]
     return [(group[i][0], p, np.asarray(res.packed))
             for i, p, res in each_expert_quantised(weights, [types[e] for e, _, _ in group], factors)]
 
