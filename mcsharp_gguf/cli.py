@@ -531,10 +531,15 @@ def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_fr
     """
     from .gguf.convert import check_output_path
     from .gguf.edit import open_gguf
+    from .gguf.table import read_header
     from .model.checkpoint import check_finite_weights, validate_model_dir
     from .otp.io import OtpRouters, add_otp_to_gguf, check_routers_fit, gguf_moe_shape, model_moe_shape
+    from .runtime.llama import check_header
 
-    shape = gguf_moe_shape(open_gguf(gguf_file))
+    open_gguf(gguf_file)  # the whole file readable, before training routers for it
+    header = read_header(gguf_file)
+    check_header(gguf_file, header)  # hyperparameters llama.cpp could not load the result with
+    shape = gguf_moe_shape(header)
     arch, n_embd, k, _ = shape
     check_output_path(out, (gguf_file, source, _calib_file(calib)), force)
     if source.is_dir():

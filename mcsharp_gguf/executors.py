@@ -9,7 +9,6 @@ the bytes a one-process conversion writes (torch's CPU sums depend on the thread
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import McsharpError
+from .nested import map_arrays
 
 RETRIES = 3  # a task whose worker dies (killed, out of memory, node lost) runs again, at most this many times
 
@@ -49,17 +49,13 @@ class InProcess:
 def _own_storage(obj: Any) -> Any:
     """``obj`` with every tensor that is a view into a larger one copied out: a pickled view carries its whole
     storage (an expert's slice of a layer's stacked experts would ship all of them)."""
-    if isinstance(obj, torch.Tensor):
-        whole = obj.untyped_storage().nbytes()
-        return obj.clone() if whole > obj.numel() * obj.element_size() else obj
-    if isinstance(obj, dict):
-        return {k: _own_storage(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_own_storage(v) for v in obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _own_storage(getattr(obj, f.name))
-                                           for f in dataclasses.fields(obj) if f.init})
-    return obj
+
+    def own(a):
+        if isinstance(a, torch.Tensor) and a.untyped_storage().nbytes() > a.numel() * a.element_size():
+            return a.clone()
+        return a
+
+    return map_arrays(obj, own)
 
 
 def _run_task(fn: Callable, threads: int, item, **shared):

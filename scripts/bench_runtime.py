@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 
 WORKER = r"""
-import ctypes, json, os, random, sys, time
+import json, os, random, sys, time
 lib, configs, n_prompt, n_decode, rounds, threads = sys.argv[1:7]
 os.environ["LLAMA_CPP_LIB_PATH"] = lib
 import llama_cpp
-from mcsharp_gguf.runtime.llama import plain_cpu_buffers
+from mcsharp_gguf.runtime.llama import plain_cpu_buffers, read_slot_counter, reset_slot_counter
 configs, n_prompt, n_decode = json.loads(configs), int(n_prompt), int(n_decode)
 rounds, threads = int(rounds), int(threads)
 llms = {}
@@ -52,16 +52,13 @@ with plain_cpu_buffers(llama_cpp):
                                      n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False,
                                      kv_overrides=kv or None, logits_all=False)
 lib_ = llama_cpp.llama_cpp._lib
-counter = getattr(lib_, "mcsharp_moe_slot_counter_read", None)
-if counter is not None:
-    counter.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
-def slots():
-    if counter is None:
+patched = hasattr(lib_, "mcsharp_moe_slot_counter_read")
+def slots():  # (selected, executed) since the last call; None on the stock library
+    if not patched:
         return None
-    s, e = ctypes.c_int64(0), ctypes.c_int64(0)
-    counter(ctypes.byref(s), ctypes.byref(e))
-    lib_.mcsharp_moe_slot_counter_reset()
-    return [s.value, e.value]
+    got = read_slot_counter(lib_)
+    reset_slot_counter(lib_)
+    return list(got)
 rnd = random.Random(0)
 toks = [rnd.randrange(100, 40000) for _ in range(n_prompt + n_decode)]
 out = {name: {"prefill": [], "decode": []} for name in configs}

@@ -35,8 +35,6 @@ import argparse
 import hashlib
 import json
 import re
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,26 +69,6 @@ def stage_lines(err: str) -> list[dict]:
     """The ``[stage]`` lines of a conversion's log: each stage's wall seconds and peak RSS."""
     return [{"stage": m.group(1), "wall_s": float(m.group(2)), "peak_rss_mb": float(m.group(3))}
             for m in map(STAGE_RE.match, err.splitlines()) if m]
-
-
-class local_ray_cluster:  # noqa: N801 — used as a context manager, named like one
-    """A Ray head on this machine with ``n_cpus`` CPUs (``ray start --head``), its address; stopped on exit."""
-
-    def __init__(self, n_cpus: int, env: dict):
-        self.n_cpus, self.env = n_cpus, dict(env, RAY_USAGE_STATS_ENABLED="0")
-        self.ray = str(Path(sys.executable).with_name("ray"))
-
-    def __enter__(self) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        subprocess.run([self.ray, "start", "--head", f"--port={port}", f"--num-cpus={self.n_cpus}",
-                        "--include-dashboard=false", "--disable-usage-stats"], check=True, env=self.env,
-                       capture_output=True, timeout=300)
-        return f"127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True, timeout=300)
 
 
 def print_ray_table(ray_runs: list[dict], stages: list[dict], rows: list[dict], n: int, threads: int) -> None:
@@ -128,6 +106,7 @@ def main() -> None:
 
     from mcsharp_gguf.native import build as nb
 
+    from mcsharp_gguf.dev.ray_head import local_ray_head
     from mcsharp_gguf.dev.scale import layer_bytes_bf16, real_shape, write_real_shape_checkpoint
     from mcsharp_gguf.text import calibration_text
 
@@ -179,7 +158,7 @@ def main() -> None:
     for n_cpus in [int(w) for w in args.ray_workers.split(",") if w]:
         out = work / f"ours-ray{n_cpus}.gguf"
         out.unlink(missing_ok=True)
-        with local_ray_cluster(n_cpus, env) as address:
+        with local_ray_head(n_cpus, env) as address:
             log(f"[scale] ours on a local Ray cluster of {n_cpus} CPU(s) at {address}")
             wall, rss, err = run_logged([*convert_ours, "--ray", address, "-o", str(out)], env)
         same = hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(ours.read_bytes()).digest()

@@ -29,14 +29,11 @@ FLOATS = [0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf")]
 TABLE = [0, 1, 2, 63, 65, 128, 2 ** 31, 2 ** 63]
 
 
-def kv_variants(reader, gguf):
+def kv_variants(reader):
     """(description, offset, struct format, value) for every numeric metadata value × edge value."""
-    fmt = {gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i", gguf.GGUFValueType.FLOAT32: "<f",
-           gguf.GGUFValueType.UINT64: "<Q", gguf.GGUFValueType.BOOL: "<B"}
-    for name, f in reader.fields.items():
-        if len(f.types) != 1 or f.types[0] not in fmt or name.startswith("GGUF."):
-            continue
-        off, code = f.offset + sum(p.nbytes for p in f.parts[:f.data[0]]), fmt[f.types[0]]
+    from mcsharp_gguf.dev.gguf_layout import numeric_value_offsets
+
+    for name, (off, code) in numeric_value_offsets(reader).items():
         values = (FLOATS if code == "<f" else [0, 1, 2, 255] if code == "<B"
                   else [v % 2 ** 31 for v in INTS] if code == "<i" else INTS)
         for v in values:
@@ -45,17 +42,14 @@ def kv_variants(reader, gguf):
 
 def table_variants(reader):
     """(description, offset, struct format, value) for every tensor-table field × edge value."""
-    for t in reader.tensors:
-        at = t.field.offset + 8 + struct.unpack_from("<Q", reader.data, t.field.offset)[0]
-        n_dims = int(struct.unpack_from("<I", reader.data, at)[0])
-        fields = {"n_dims": (at, "<I"), "ne0": (at + 4, "<Q"), "type": (at + 4 + 8 * n_dims, "<I"),
-                  "offset": (at + 8 + 8 * n_dims, "<Q")}
-        if n_dims > 1:
-            fields["ne1"] = (at + 12, "<Q")
-        for field, (off, code) in fields.items():
+    from mcsharp_gguf.dev.gguf_layout import table_entries
+
+    for e in table_entries(reader):
+        for field in ("n_dims", "ne0", "type", "offset") + (("ne1",) if e.n_dims > 1 else ()):
+            off, code = e.field_offset(field)
             for v in TABLE:
                 value = v % 2 ** 32 if code == "<I" else v * 32 % 2 ** 64 if field == "offset" else v
-                yield f"{t.name}.{field}={value}", off, code, value
+                yield f"{e.name}.{field}={value}", off, code, value
 
 
 def run_child(path: Path, command: str) -> int:
@@ -90,7 +84,7 @@ def main() -> None:
     gguf = import_gguf()
     llama_cpp_module(log=lambda s: None)  # loaded once, before the forks
     reader = gguf.GGUFReader(args.gguf)
-    variants = ([] if args.only == "table" else list(kv_variants(reader, gguf))) + \
+    variants = ([] if args.only == "table" else list(kv_variants(reader))) + \
                ([] if args.only == "kv" else list(table_variants(reader)))
     original = args.gguf.read_bytes()
     outcomes: Counter = Counter()

@@ -371,6 +371,7 @@ def gguf_to_run(tiny_model, tmp_path_factory) -> tuple[Path, Path, dict]:
     for `otp add`, and where its counts, numeric metadata values and tensor-table entries lie."""
     import gguf
 
+    from mcsharp_gguf.dev.gguf_layout import numeric_value_offsets, table_entries
     from mcsharp_gguf.pipeline import run
     from mcsharp_gguf.recipe import Recipe
 
@@ -379,17 +380,8 @@ def gguf_to_run(tiny_model, tmp_path_factory) -> tuple[Path, Path, dict]:
               device="cpu", log=lambda s: None)
     res.routers.save(d / "routers.npz")
     r = gguf.GGUFReader(d / "m.gguf")
-    numeric = {}  # key → (offset of its value, struct format)
-    fmt = {gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i", gguf.GGUFValueType.FLOAT32: "<f",
-           gguf.GGUFValueType.UINT64: "<Q", gguf.GGUFValueType.BOOL: "<B"}
-    for name, f in r.fields.items():
-        if len(f.types) == 1 and f.types[0] in fmt and not name.startswith("GGUF."):
-            numeric[name] = (f.offset + sum(p.nbytes for p in f.parts[:f.data[0]]), fmt[f.types[0]])
-    entries = []  # (name, offset of n_dims, n_dims)
-    for t in r.tensors:
-        name_len = struct.unpack_from("<Q", r.data, t.field.offset)[0]
-        at = t.field.offset + 8 + name_len
-        entries.append((t.name, at, int(struct.unpack_from("<I", r.data, at)[0])))
+    numeric = numeric_value_offsets(r)  # key → (offset of its value, struct format)
+    entries = table_entries(r)
     layout = {"n_tensors": 8, "n_kv": 16, "size": (d / "m.gguf").stat().st_size, "numeric": numeric,
               "entries": entries}
     return d / "m.gguf", d / "routers.npz", layout
@@ -417,11 +409,9 @@ def _apply_run_mutation(src: Path, dst: Path, layout: dict, m: tuple) -> None:
         value = m[3] if fmt == "<f" else m[2] % 256 if fmt == "<B" else m[2] % 2 ** 31 if fmt == "<i" else m[2]
         struct.pack_into(fmt, data, off, value)
     elif m[0] == "entry":
-        _, at, n_dims = layout["entries"][m[1]]
-        where = {"n_dims": (at, "<I", m[3] % 2 ** 32), "dim": (at + 4, "<Q", m[3]),
-                 "type": (at + 4 + 8 * n_dims, "<I", m[3] % 2 ** 32),
-                 "offset": (at + 8 + 8 * n_dims, "<Q", m[3] * 32 % 2 ** 64)}[m[2]]
-        struct.pack_into(where[1], data, where[0], where[2])
+        off, fmt = layout["entries"][m[1]].field_offset("ne0" if m[2] == "dim" else m[2])
+        value = m[3] * 32 % 2 ** 64 if m[2] == "offset" else m[3] % 2 ** 32 if fmt == "<I" else m[3]
+        struct.pack_into(fmt, data, off, value)
     elif m[0] == "delta":
         off = layout[m[1]]
         struct.pack_into("<Q", data, off, (struct.unpack_from("<Q", data, off)[0] + m[2]) % 2 ** 64)
@@ -445,6 +435,10 @@ def test_hyperparameters_llama_cpp_aborts_on_are_refused_before_loading(gguf_to_
     code, err = run_main(["eval", str(bad), "--max-tokens", "40", "--ctx", "16"], capsys)
     assert code == 2 and err.startswith("error: ") and "convert it again" in err, err
     assert key.split(".", 1)[1] in err, err  # (expert_count 1 < 2 used: named through expert_used_count's range)
+    # `otp add` refuses it too: routers added to it would give a file that still cannot load
+    src_routers, out = gguf_to_run[1], tmp_path / "with-routers.gguf"
+    code, err = run_main(["otp", "add", str(bad), str(src_routers), "-o", str(out)], capsys)
+    assert code == 2 and key.split(".", 1)[1] in err and not out.exists(), err
 
 
 @pytest.mark.parametrize("ggml_type", [1, 2])
@@ -452,7 +446,7 @@ def test_a_norm_stored_as_another_type_is_refused_before_loading(gguf_to_run, tm
     """The output norm's table entry saying F16 / Q4_1 instead of F32 (found by fuzzing: llama.cpp aborted the
     process in the norm op): one line naming the tensor, before the loader."""
     src, _, layout = gguf_to_run
-    i = next(i for i, e in enumerate(layout["entries"]) if e[0] == "output_norm.weight")
+    i = next(i for i, e in enumerate(layout["entries"]) if e.name == "output_norm.weight")
     bad = tmp_path / "bad.gguf"
     _apply_run_mutation(src, bad, layout, ("entry", i, "type", ggml_type))
     code, err = run_main(["chat", str(bad), "--prompt", "hi", "--max-tokens", "3"], capsys)

@@ -54,16 +54,10 @@ def test_ray_with_a_named_gpu_is_refused():
 @pytest.fixture(scope="module")
 def ray_head():
     """A real Ray cluster on 127.0.0.1 with 2 CPUs (`ray start --head`), its address; stopped afterwards."""
-    port = _free_port()
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=env, timeout=180,
-                   capture_output=True)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, timeout=120, capture_output=True)
+    from mcsharp_gguf.dev.ray_head import local_ray_head
+
+    with local_ray_head(2) as address:
+        yield address
 
 
 def _task_pids() -> list[int]:

@@ -130,10 +130,13 @@ def read_header(path: str | Path) -> GgufHeader:
     return GgufHeader(values, [TensorEntry(n, t, s, data_start + o) for n, t, s, o in infos])
 
 
-def check_finite_tensors(path: str | Path, select: Callable[[str], bool], fix: str) -> None:
-    """Refuse a GGUF whose selected float (F32/F16) tensors hold NaN/Inf, naming the first such tensor."""
+def check_finite_tensors(path: str | Path, select: Callable[[str], bool], fix: str,
+                         tensors: list[TensorEntry] | None = None) -> None:
+    """Refuse a GGUF whose selected float (F32/F16) tensors hold NaN/Inf, naming the first such tensor.
+    ``tensors``: the file's tensor table when the caller has read it already."""
     path = Path(path)
-    chosen = [t for t in tensor_table(path) if select(t.name) and t.ggml_type in _FLOAT_TYPES]
+    table = tensor_table(path) if tensors is None else tensors
+    chosen = [t for t in table if select(t.name) and t.ggml_type in _FLOAT_TYPES]
     if not chosen:
         return
     data = np.memmap(path, dtype=np.uint8, mode="r")

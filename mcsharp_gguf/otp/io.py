@@ -11,7 +11,8 @@ import numpy as np
 
 from ..converters import get_architecture
 from ..errors import McsharpError
-from ..gguf.edit import field_value, open_gguf, rewrite_gguf
+from ..gguf.edit import open_gguf, rewrite_gguf
+from ..gguf.table import GgufHeader, read_header
 from ..llama_src import import_gguf
 
 OTP_VERSION = 1
@@ -92,12 +93,12 @@ def _is_otp_key(key: str) -> bool:
     return key.startswith("mcsharp.otp.")
 
 
-def gguf_moe_shape(reader) -> tuple[str, int, int, list[int]]:
-    """(arch, n_embd, n_expert_used, MoE layer ids) of an open GGUF."""
-    arch = field_value(reader, "general.architecture")
-    n_embd = field_value(reader, f"{arch}.embedding_length")
-    k = field_value(reader, f"{arch}.expert_used_count")
-    layers = sorted(int(t.name.split(".")[1]) for t in reader.tensors if t.name.endswith(".ffn_gate_inp.weight"))
+def gguf_moe_shape(header: GgufHeader) -> tuple[str, int, int, list[int]]:
+    """(arch, n_embd, n_expert_used, MoE layer ids) of a GGUF, from its header (``gguf.table.read_header``)."""
+    arch = header.values.get("general.architecture")
+    n_embd = header.values.get(f"{arch}.embedding_length")
+    k = header.values.get(f"{arch}.expert_used_count")
+    layers = sorted(int(t.name.split(".")[1]) for t in header.tensors if t.name.endswith(".ffn_gate_inp.weight"))
     return arch, int(n_embd or 0), int(k or 0), layers
 
 
@@ -140,7 +141,7 @@ def check_router_arrays(layer: int, lay: dict[str, np.ndarray], n_embd: int) -> 
 
 def add_otp_to_gguf(src: str | Path, routers: OtpRouters, dst: str | Path) -> Path:
     """Copy ``src`` with these routers (replacing any it had) into ``dst``, after checking they fit."""
-    check_routers_fit(routers, Path(src), *gguf_moe_shape(open_gguf(src)))
+    check_routers_fit(routers, Path(src), *gguf_moe_shape(read_header(src)))
     return rewrite_gguf(src, dst, drop_key=_is_otp_key, add_kv=otp_kv(routers), drop_tensor=_is_otp_tensor,
                         add_tensors=otp_tensors(routers))
 

@@ -26,6 +26,7 @@ from ..executors import InProcess, RayCluster
 from ..files import write_atomically
 from ..model.names import checkpoint_name, gguf_name_map
 from ..model.stream import LayerStream, capture_moe, dense_linears
+from ..nested import map_arrays
 from .dense import DenseTypes, _apply_dense, _quantize_linear, quantize_dense
 from .experts import load_packed_experts, quantize_layer_experts
 from .gptq import HessianAccumulator
@@ -36,17 +37,6 @@ if TYPE_CHECKING:  # used in annotations only; no run-time import against the pi
 
 def _layer_file(work_dir: Path, layer: int) -> Path:
     return work_dir / f"layer-{layer:04d}.pt"
-
-
-def _map_arrays(obj, fn):
-    """``obj`` with every array leaf (inside dicts, lists, tuples) replaced by ``fn(leaf)``."""
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_arrays(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_arrays(v, fn) for v in obj)
-    return obj
 
 
 def _digest_file(path: Path) -> Path:
@@ -66,7 +56,7 @@ def save_work_entry(entry: dict, path: Path) -> None:
     packed bytes) go in as tensors: torch.save streams tensor storages into the file, while numpy arrays are
     pickled, copied twice in memory on the way (+1.7 GB at the peak of a Qwen3-30B-A3B-shape layer)."""
     def write(tmp: Path) -> None:
-        torch.save(_map_arrays(entry, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a), tmp)
+        torch.save(map_arrays(entry, lambda a: torch.from_numpy(a) if isinstance(a, np.ndarray) else a), tmp)
         # a new digest before the new file: a stop in between leaves a mismatch, i.e. the entry is recomputed,
         # never a wrong one trusted
         write_atomically(_digest_file(path), lambda d: d.write_text(_sha256(tmp)))
@@ -88,7 +78,7 @@ def load_work_entry(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 — torch raises several kinds for a damaged file
         raise McsharpError(f"{path} is damaged ({type(e).__name__}); delete it, the conversion recomputes it") \
             from None
-    return _map_arrays(entry, lambda a: a.numpy() if isinstance(a, torch.Tensor) and a.dtype == torch.uint8 else a)
+    return map_arrays(entry, lambda a: a.numpy() if isinstance(a, torch.Tensor) and a.dtype == torch.uint8 else a)
 
 
 class GptqPass:

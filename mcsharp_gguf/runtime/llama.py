@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import McsharpError
-from ..gguf.table import check_finite_tensors, read_header
+from ..gguf.table import GgufHeader, TensorEntry, check_finite_tensors, read_header
 from ..native import build as native_build
 
 _LOG_LINES: deque[str] = deque(maxlen=64)
@@ -131,8 +131,9 @@ def load_model(path: str | Path, n_ctx: int = 512, logits_all: bool = True, n_th
 def check_before_load(path: Path, kv_overrides: dict[str, Any] | None) -> None:
     """What every load (eval, bench, chat, serve, ``load``) checks before llama.cpp sees the file: hyperparameters
     it would abort on, and OTP routers it would run with NaN."""
-    check_header(path)
-    check_otp_routers(path, kv_overrides)
+    header = read_header(path)  # once: both checks read the same table
+    check_header(path, header)
+    check_otp_routers(path, kv_overrides, header.tensors)
 
 
 # llama.cpp's limits (src/llama-hparams.h of the pinned source)
@@ -140,13 +141,14 @@ LLAMA_MAX_LAYERS = 512
 LLAMA_MAX_EXPERTS = 1024
 
 
-def check_header(path: Path) -> None:
+def check_header(path: Path, header: GgufHeader | None = None) -> None:
     """Refuse what llama.cpp cannot load without aborting the whole process (GGML_ASSERTs in
     ``llama_model::load_hparams`` and in the ops; llama-cpp-python's tokenizer buffer is sized by the context
     length as an int32): hyperparameters out of range, and a norm weight stored as anything but F32 (every
     converter and llama-quantize keep norms F32). One line naming the key or tensor, before the file reaches
-    the loader; everything else wrong in a header the loader reports as an error (``cannot_load``)."""
-    header = read_header(path)
+    the loader; everything else wrong in a header the loader reports as an error (``cannot_load``). ``header``:
+    the file's header when the caller has read it already."""
+    header = read_header(path) if header is None else header
     for t in header.tensors:
         if t.name.endswith("norm.weight") and t.ggml_type != 0:
             raise McsharpError(f"{path}: tensor {t.name} is stored as ggml type {t.ggml_type}; llama.cpp needs F32 "
@@ -191,12 +193,15 @@ def check_header(path: Path) -> None:
             refuse(key, "a norm epsilon must be a finite number ≥ 0")
 
 
-def check_otp_routers(path: Path, kv_overrides: dict[str, Any] | None) -> None:
-    """Refuse OTP router tensors with NaN/Inf when OTP will run: a NaN logit keeps or drops slots silently."""
+def check_otp_routers(path: Path, kv_overrides: dict[str, Any] | None,
+                      tensors: list[TensorEntry] | None = None) -> None:
+    """Refuse OTP router tensors with NaN/Inf when OTP will run: a NaN logit keeps or drops slots silently.
+    ``tensors``: the file's tensor table when the caller has read it already."""
     kv = kv_overrides or {}
     if kv.get("mcsharp.otp.enable") is not False and kv.get("mcsharp.moe.prune_mode", 1) == 1:
         check_finite_tensors(path, lambda name: ".ffn_otp_" in name,
-                             fix="add routers again (mcsharp otp add) or remove them (mcsharp otp strip)")
+                             fix="add routers again (mcsharp otp add) or remove them (mcsharp otp strip)",
+                             tensors=tensors)
 
 
 def cannot_load(path: Path) -> McsharpError:
@@ -218,28 +223,31 @@ def logits_for(llm, tokens: list[int] | np.ndarray) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def _counter_fns():
-    """The patch's exported slot counter functions, or None on a build without them."""
-    llama_cpp = llama_cpp_module()
-    lib = llama_cpp.llama_cpp._lib
+def _counter_fns(lib=None):
+    """The patch's exported slot counter functions of ``lib`` (a loaded llama.cpp library; default: the patched
+    one this process runs), or None on a build without them."""
+    lib = lib if lib is not None else llama_cpp_module().llama_cpp._lib
     try:
         return lib.mcsharp_moe_slot_counter_reset, lib.mcsharp_moe_slot_counter_read
     except AttributeError:
         return None
 
 
-def reset_slot_counter() -> None:
-    """Zero the runtime's selected/executed expert-slot counter (no-op without the patch)."""
-    fns = _counter_fns()
+def reset_slot_counter(lib=None) -> None:
+    """Zero the runtime's selected/executed expert-slot counter (no-op without the patch). ``lib``: as in
+    ``read_slot_counter``."""
+    fns = _counter_fns(lib)
     if fns:
         fns[0]()
 
 
-def read_slot_counter() -> tuple[int, int]:
-    """(selected, executed) expert slots since the last reset; (0, 0) without the patch."""
+def read_slot_counter(lib=None) -> tuple[int, int]:
+    """(selected, executed) expert slots since the last reset; (0, 0) without the patch. ``lib``: a loaded
+    llama.cpp library (``llama_cpp.llama_cpp._lib``) when the caller bound llama_cpp itself (a benchmark timing
+    stock and patched libraries); default: this process's patched runtime."""
     import ctypes
 
-    fns = _counter_fns()
+    fns = _counter_fns(lib)
     if not fns:
         return 0, 0
     sel, exe = ctypes.c_int64(0), ctypes.c_int64(0)
