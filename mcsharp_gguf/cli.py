@@ -533,14 +533,13 @@ def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_fr
     from .gguf.edit import open_gguf
     from .gguf.table import read_header
     from .model.checkpoint import check_finite_weights, validate_model_dir
-    from .otp.io import OtpRouters, add_otp_to_gguf, check_routers_fit, gguf_moe_shape, model_moe_shape
+    from .otp.io import OtpRouters, add_otp_to_gguf, gguf_moe_shape, model_moe_shape
     from .runtime.llama import check_header
 
     open_gguf(gguf_file)  # the whole file readable, before training routers for it
     header = read_header(gguf_file)
     check_header(gguf_file, header)  # hyperparameters llama.cpp could not load the result with
-    shape = gguf_moe_shape(header)
-    arch, n_embd, k, _ = shape
+    arch, n_embd, k, _ = gguf_moe_shape(header)
     check_output_path(out, (gguf_file, source, _calib_file(calib)), force)
     if source.is_dir():
         _check_otp_options(otp_target_frac, otp_hidden)
@@ -558,8 +557,7 @@ def otp_add(gguf_file: Path, source: Path, out: Path, force: bool, otp_target_fr
         routers = OtpRouters.load(source)
     else:
         raise McsharpError(f"{source} does not exist; pass the HF checkpoint directory or a router file")
-    check_routers_fit(routers, gguf_file, *shape)
-    add_otp_to_gguf(gguf_file, routers, out)
+    add_otp_to_gguf(gguf_file, routers, out)  # (checks that the routers fit first)
     click.echo(str(out))
 
 

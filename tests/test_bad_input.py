@@ -395,7 +395,7 @@ def _run_mutations(layout: dict) -> st.SearchStrategy:
     big = st.sampled_from([0, 1, 2, 63, 65, 128, 2 ** 31, 2 ** 63])
     return st.one_of(
         st.tuples(st.sampled_from(sorted(layout["numeric"])), edge_int, edge_float).map(lambda x: ("kv", *x)),
-        st.tuples(st.integers(0, len(layout["entries"]) - 1), st.sampled_from(["n_dims", "dim", "type", "offset"]),
+        st.tuples(st.integers(0, len(layout["entries"]) - 1), st.sampled_from(["n_dims", "ne0", "type", "offset"]),
                   big).map(lambda x: ("entry", *x)),
         st.tuples(st.sampled_from(["n_tensors", "n_kv"]), st.integers(-2, 2)).map(lambda x: ("delta", *x)),
         st.integers(0, layout["size"] - 1).map(lambda n: ("truncate", n)),
@@ -409,7 +409,7 @@ def _apply_run_mutation(src: Path, dst: Path, layout: dict, m: tuple) -> None:
         value = m[3] if fmt == "<f" else m[2] % 256 if fmt == "<B" else m[2] % 2 ** 31 if fmt == "<i" else m[2]
         struct.pack_into(fmt, data, off, value)
     elif m[0] == "entry":
-        off, fmt = layout["entries"][m[1]].field_offset("ne0" if m[2] == "dim" else m[2])
+        off, fmt = layout["entries"][m[1]].field_offset(m[2])
         value = m[3] * 32 % 2 ** 64 if m[2] == "offset" else m[3] % 2 ** 32 if fmt == "<I" else m[3]
         struct.pack_into(fmt, data, off, value)
     elif m[0] == "delta":
