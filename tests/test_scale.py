@@ -152,6 +152,37 @@ def test_gptq_pass_keeps_experts_bf16_with_the_same_bits(tiny_model, tmp_path, m
         assert all(np.array_equal(a["packed"][k], b["packed"][k]) for k in a["packed"]), i
 
 
+def test_importance_pass_keeps_experts_bf16_with_the_same_result(tiny_model, monkeypatch):
+    """On the CPU the importance pass keeps a bf16 checkpoint's experts bf16 too (at Mixtral-8x7B's shape the
+    float32 ones took its peak over the bound): forward and reverse pass widen one expert at a time, and every
+    figure it measures (expert eps at every type on a neuron sample, dense Fisher errors, gradients carried
+    through the reverse pass, the flip probe) is that of the float32 layer, bit for bit."""
+    from mcsharp_gguf.model.calibration import calibration_token_ids
+    from mcsharp_gguf.model.stream import LayerStream
+    from mcsharp_gguf.pmq.measure import measure_importance
+    from mcsharp_gguf.text import calibration_text
+
+    model = tiny_model("mixtral", hidden=256, expert_ff=1024, dtype="bf16")
+    ids = calibration_token_ids(model, calibration_text(20_000), 4, 128)
+
+    def measure():
+        return measure_importance(model, ids, targets=("Q2_K", "Q4_K"), dense=True, tap_seqs=2,
+                                  flip_probe="Q2_K", probe_seqs=2, neuron_sample=512, progress=False).to_json()
+
+    kept_opened, opened = [], LayerStream.open.__func__
+
+    def spy(cls, d, device="cpu", experts_as_stored=False):
+        kept_opened.append(experts_as_stored)
+        return opened(cls, d, device, experts_as_stored)
+
+    monkeypatch.setattr(LayerStream, "open", classmethod(spy))
+    kept = measure()
+    assert kept_opened[0] is True  # (the flip probe's stream is float32: it writes dequantised experts in)
+    monkeypatch.setattr(LayerStream, "open", classmethod(
+        lambda cls, d, device="cpu", experts_as_stored=False: opened(cls, d, device, False)))
+    assert kept == measure()
+
+
 def test_conversion_peak_rss_within_one_layer_bound(olmoe_layer, tmp_path):
     """A whole compressed conversion (importance, MILP, GPTQ, write) of a real-shape checkpoint stays within
     2 × one decoder layer in bf16 + 3 GB of resident memory, measured as its own process."""

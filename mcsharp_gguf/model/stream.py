@@ -86,7 +86,8 @@ class ExpertMatrices:
     into one reused buffer per projection; and for experts a pass has replaced (GPTQ's finished experts,
     ``replaced[e](name, buffer)`` fills the buffer), their replacement. A Mixtral-8x7B layer's experts are
     5.6 GB in float32, 2.8 GB as stored. The buffers are reused from one expert to the next within a forward
-    (without gradients: a backward pass would need each expert's matrices kept) and let go after it (release)."""
+    and let go after it (release); a backward pass fills them again rather than keep every expert's matrices
+    (ExpertProduct)."""
 
     def __init__(self, experts: torch.nn.Module):
         self.experts = experts
@@ -112,12 +113,29 @@ class ExpertMatrices:
         self._buffers.clear()
 
 
+class ExpertProduct(torch.autograd.Function):
+    """``x @ matrices(e, name).T`` whose backward asks ``matrices`` for the matrix again instead of keeping it
+    (its buffer is reused by the next expert): what lets the importance pass's reverse pass carry gradients
+    through a layer whose experts stay bf16. The weights take no gradient; the input's is ``grad @ W``, the same
+    bits as grouped_mm's backward (tests/test_scale.py)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, matrices: ExpertMatrices, e: int, name: str) -> torch.Tensor:
+        ctx.matrices, ctx.e, ctx.name = matrices, e, name
+        return x @ matrices(e, name).T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.matrices(ctx.e, ctx.name), None, None, None
+
+
 def experts_one_at_a_time(experts: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                           top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' ``grouped_mm`` experts forward (the implementation every pass runs otherwise), computed one
     expert at a time on the matrices ``experts.matrices`` (ExpertMatrices) gives: the same products in the same
     order — the CPU grouped_mm multiplies each expert's sorted tokens by that expert's matrix alone — so the same
-    bits (tests/test_scale.py), without a layer's experts all in float32 at once."""
+    bits (tests/test_scale.py), without a layer's experts all in float32 at once; with autograd, the input's
+    gradient too (ExpertProduct)."""
     matrices = experts.matrices
     k = top_k_index.shape[-1]
     ids, perm = torch.sort(top_k_index.reshape(-1))
@@ -128,12 +146,13 @@ def experts_one_at_a_time(experts: torch.nn.Module, hidden_states: torch.Tensor,
     def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
         out = inp.new_empty(inp.shape[0], getattr(experts, name).shape[1])
         for e, a, b in bounds:
-            out[a:b] = inp[a:b] @ matrices(e, name).T
+            out[a:b] = ExpertProduct.apply(inp[a:b], matrices, e, name)
         return out
 
     h = experts._apply_gate(linear(x, "gate_up_proj"))
     y = linear(h, "down_proj") * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-    matrices.release()
+    if not torch.is_grad_enabled():  # (a backward pass will fill them again: kept until a forward without one)
+        matrices.release()
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.shape[0], device=perm.device)
     return y[inv].view(hidden_states.shape[0], k, -1).sum(dim=1).to(hidden_states.dtype)
@@ -146,9 +165,9 @@ EXPERTS_ONE_AT_A_TIME = "mcsharp_one_expert_at_a_time"
 class LayerStream:
     """A transformers model skeleton whose decoder layers are materialised one at a time.
 
-    With ``experts_as_stored`` a layer's routed experts stay in the checkpoint's dtype and its forward widens one
-    expert at a time (ExpertMatrices, experts_one_at_a_time): the GPTQ pass on the CPU, whose forwards need no
-    gradients and whose peak is the layer itself."""
+    With ``experts_as_stored`` a layer's routed experts stay in the checkpoint's dtype and its forward (and
+    backward) widens one expert at a time (ExpertMatrices, experts_one_at_a_time): the importance and GPTQ passes
+    on the CPU, whose peak is the layer itself."""
 
     model_dir: Path
     config: object

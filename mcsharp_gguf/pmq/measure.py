@@ -103,8 +103,10 @@ def sample_experts(anchor_cost: list[float], k: int) -> list[int]:
 def neuron_energy(g: torch.Tensor, u: torch.Tensor, d: torch.Tensor, x: torch.Tensor, w: torch.Tensor, act
                   ) -> torch.Tensor:
     """Each intermediate neuron's share of an expert's weighted output on ``x`` (routing weights ``w``):
-    ||d_j||² Σ_t (w_t act(g_j x_t) u_j x_t)²."""
-    return (act(x @ g.T) * (x @ u.T) * w[:, None]).square().sum(0) * d.square().sum(0)
+    ||d_j||² Σ_t (w_t act(g_j x_t) u_j x_t)², NEURON_CHUNK neurons at a time (a Mixtral-8x7B expert's whole
+    tokens × 14,336 activations are 0.5 GB an array, and the expression makes several)."""
+    return torch.cat([(act(x @ g[a:a + NEURON_CHUNK].T) * (x @ u[a:a + NEURON_CHUNK].T) * w[:, None]
+                       ).square().sum(0) for a in range(0, g.shape[0], NEURON_CHUNK)]) * d.square().sum(0)
 
 
 def measured_neurons(d_ff: int, k: int | None) -> int:
@@ -244,8 +246,10 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
                 for t in types:
                     acc[t][e] = 0.0
         live = [e for e in es if routed[e][0].numel()]
+        # (an expert's weights widened to float32 as its group is made: the layer's stay as stored)
         groups = ([ExpertTokens(e, cap.x[routed[e][0]], cap.top_k_weights[routed[e]], grad[routed[e][0]],
-                                m.in_a[routed[e][0]], (gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]))
+                                m.in_a[routed[e][0]], (gate_up[e, :d_ff].float(), gate_up[e, d_ff:].float(),
+                                                       down[e].float()))
                    for e in live[j:j + together]] for j in range(0, len(live), together))  # (made as needed)
         for result in executor.map(measure_experts, groups, types=types, pooled=pooled, act=experts.act_fn,
                                    settings=settings):
@@ -379,7 +383,9 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
         raise McsharpError(f"eps source {eps_source} is not one of rtn, gptq")
     if flip_probe is not None and flip_probe not in targets:
         raise McsharpError(f"--flip-probe {flip_probe} is not one of the candidate types {', '.join(targets)}")
-    stream = LayerStream.open(model_dir, device)
+    # on the CPU a layer's experts stay bf16 (widened one at a time): at Mixtral-8x7B's shape float32 experts
+    # are 5.6 GB of an 8.4 GB bound
+    stream = LayerStream.open(model_dir, device, experts_as_stored=torch.device(device).type == "cpu")
     m = _Measure(stream, token_ids, tuple(targets), tuple(dense_types), eps_source == "gptq",
                  (token_ids.shape[0] / min(tap_seqs, token_ids.shape[0])) ** 0.5, flip_probe,
                  fold_a_mask(token_ids.numel(), token_ids.shape[1]).to(stream.device),
@@ -415,8 +421,8 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     tensors = [TensorImportance(**t) for r in records.values() for t in r["tensors"]]
     if not out:
         raise McsharpError(f"{model_dir} has no MoE layers; PMQ needs a Mixture-of-Experts checkpoint")
-    if flip_probe is not None:
-        _probe_flips(stream, token_ids, out, tensors, flip_probe, probe_seqs, records)
+    if flip_probe is not None:  # (its probes write dequantised experts into the layer: a float32 one)
+        _probe_flips(LayerStream.open(model_dir, device), token_ids, out, tensors, flip_probe, probe_seqs, records)
     return ModelImportance(out, sorted(tensors, key=lambda t: t.name), eps_source)
 
 
