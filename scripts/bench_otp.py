@@ -56,7 +56,7 @@ def main() -> None:
     from mcsharp_gguf.otp.capture import capture_otp_data
     from mcsharp_gguf.otp.io import add_otp_to_gguf
     from mcsharp_gguf.otp.refine import refine_otp_kl
-    from mcsharp_gguf.otp.train import select_for_target, train_candidates
+    from mcsharp_gguf.otp.train import otp_routers, select_for_target, train_candidates
     from mcsharp_gguf.pipeline import run
     from mcsharp_gguf.recipe import Recipe
     from mcsharp_gguf.runtime.bench import bench_gguf
@@ -75,16 +75,20 @@ def main() -> None:
     t0 = time.time()
     ids = calibration_token_ids(model, calibration_text(200_000), args.calib_seqs, 512)
     # calibration + training is the slow part: kept in the work dir (keyed by its settings) for re-runs
-    cache = args.work / f"otp-candidates-s{args.calib_seqs}-h{args.hidden}.pt"
+    cache = args.work / f"otp-candidates-v2-s{args.calib_seqs}-h{args.hidden}.pt"  # (v2: candidates per layer)
     if cache.exists():
         data, cands, train_s = torch.load(cache, weights_only=False)
         log(f"[bench-otp] calibration + training from {cache} (took {train_s:.0f} s)")
     else:
         data = capture_otp_data(model, ids)
-        cands = train_candidates(data, hidden=args.hidden, log=log)
+        cands = [train_candidates(d, hidden=args.hidden) for d in data]
         train_s = time.time() - t0
         torch.save((data, cands, train_s), cache)
         log(f"[bench-otp] calibration + training: {train_s:.0f} s")
+
+    def routers_at(tgt: float):
+        """Every layer's router at ``tgt``, selected from the shared training."""
+        return otp_routers([select_for_target(c, d, tgt) for c, d in zip(cands, data, strict=True)], tgt, log=log)
 
     text = heldout_text()
     ref = reference_logits(f16, text)
@@ -103,7 +107,7 @@ def main() -> None:
     base = point("none", "-", f16, {})
     otp_files = {}
     for tgt in [float(t) for t in args.targets.split(",")]:
-        routers = select_for_target(cands, data, tgt)
+        routers = routers_at(tgt)
         path = args.work / f"fixture-f16-otp{tgt:.3f}.gguf"
         # the user's path (`mcsharp convert --preset F16 --otp`), with routers selected from the shared training
         run(Recipe(preset="F16", otp=True, otp_target_frac=tgt, otp_hidden=args.hidden), model, path,
@@ -113,7 +117,7 @@ def main() -> None:
     refine_s = {}
     for tgt in ([float(t) for t in args.refine_targets.split(",")] if args.refine_steps else []):
         t0 = time.time()
-        routers = refine_otp_kl(model, ids, select_for_target(cands, data, tgt), steps=args.refine_steps, log=log)
+        routers = refine_otp_kl(model, ids, routers_at(tgt), steps=args.refine_steps, log=log)
         refine_s[tgt] = time.time() - t0
         path = args.work / f"fixture-f16-otpkl{tgt:.3f}.gguf"
         run(Recipe(preset="F16", otp=True, otp_target_frac=tgt, otp_hidden=args.hidden,

@@ -86,6 +86,42 @@ def test_fit_hits_the_target_fraction_and_refuses_impossible_targets():
         fit_otp([], target_frac=0.7)
 
 
+def test_training_streams_one_layer_at_a_time_with_the_same_routers(tiny_model, calib_file, monkeypatch):
+    """train_otp fits each layer's router as soon as that layer's data is captured (before the next layer loads;
+    all layers' MoE inputs at once would be 6.4 GB at Qwen3-30B-A3B's depth), and capture keeps a bf16
+    checkpoint's experts bf16 on the CPU: the routers are bit for bit those fitted on float32 layers' data held
+    for every layer at once."""
+    from mcsharp_gguf.model.calibration import calibration_token_ids
+    from mcsharp_gguf.model.stream import LayerStream
+    from mcsharp_gguf.otp import train
+    from mcsharp_gguf.otp.capture import capture_otp_data
+
+    model = tiny_model("mixtral", top_k=TOP_K, dtype="bf16")
+    ids = calibration_token_ids(model, calib_file.read_text(), 2, 128)
+    events, fit, load = [], train.fit_layer, LayerStream.load_layer
+
+    def spy_fit(data, **kw):
+        events.append(("fit", data.layer))
+        return fit(data, **kw)
+
+    def spy_load(self, i):
+        events.append(("load", i, self.experts_as_stored))
+        return load(self, i)
+
+    monkeypatch.setattr(train, "fit_layer", spy_fit)
+    monkeypatch.setattr(LayerStream, "load_layer", spy_load)
+    streamed = train.train_otp(model, ids, target_frac=0.7, hidden=16, progress=False)
+    assert events == [("load", 0, True), ("fit", 0), ("load", 1, True), ("fit", 1)]
+    monkeypatch.undo()
+    opened = LayerStream.open.__func__
+    monkeypatch.setattr(LayerStream, "open", classmethod(
+        lambda cls, d, device="cpu", experts_as_stored=False: opened(cls, d, device, False)))
+    held = fit_otp(capture_otp_data(model, ids, progress=False), target_frac=0.7, hidden=16)
+    assert (streamed.calib_frac, streamed.calib_err, streamed.lam) == (held.calib_frac, held.calib_err, held.lam)
+    assert sorted(streamed.layers) == sorted(held.layers) == [0, 1]
+    assert all(np.array_equal(streamed.layers[n][k], held.layers[n][k]) for n in held.layers for k in held.layers[n])
+
+
 def test_router_file_round_trip(tmp_path):
     data = [synthetic_layer(512, layer=3)]
     res = fit_otp(data, target_frac=0.8, hidden=8, steps=50)

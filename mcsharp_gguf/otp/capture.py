@@ -4,11 +4,15 @@ block-output error of any keep mask is a k×k quadratic form, no d-sized tensors
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from ..model.stream import LayerStream, capture_moe
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,16 +46,17 @@ def slot_outputs(experts: torch.nn.Module, x: torch.Tensor, top_k_index: torch.T
         for e in torch.unique(top_k_index).tolist():
             tok, slot = torch.where(top_k_index == e)
             xe = x[tok]
-            gu = xe @ experts.gate_up_proj[e].T
-            out[tok, slot] = (experts.act_fn(gu[:, :ff]) * gu[:, ff:]) @ experts.down_proj[e].T
+            gu = xe @ experts.gate_up_proj[e].float().T  # (one expert widened at a time when stored bf16)
+            out[tok, slot] = (experts.act_fn(gu[:, :ff]) * gu[:, ff:]) @ experts.down_proj[e].float().T
     return out
 
 
-def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True, device: torch.device | str = "cpu"
-                     ) -> list[OtpLayerData]:
+def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True, device: torch.device | str = "cpu",
+                     consume: Callable[[OtpLayerData], T] | None = None) -> list[T]:
     """Layer-streamed forward of the full-precision checkpoint on ``device``; the training data of every MoE
-    layer (kept there)."""
-    stream = LayerStream.open(model_dir, device)
+    layer (kept there), or with ``consume``, what it makes of each layer's data as soon as that is captured (the
+    data itself is not kept). On the CPU a layer's experts stay as stored (widened one at a time)."""
+    stream = LayerStream.open(model_dir, device, experts_as_stored=torch.device(device).type == "cpu")
     renorm = renormalises(stream.arch, stream.config)
     out = []
 
@@ -64,8 +69,10 @@ def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True, 
         order = torch.argsort(cap.top_k_weights, dim=1, descending=True, stable=True)
         idx, w = cap.top_k_index.gather(1, order), cap.top_k_weights.gather(1, order)
         y = slot_outputs(getattr(block, stream.arch.experts), cap.x, idx)
-        out.append(OtpLayerData(layer=i, x=cap.x.float(), weights=w.float(), gram=y @ y.transpose(1, 2),
-                                ref_sq=(cap.y.float() ** 2).sum(-1), renorm=renorm))
+        data = OtpLayerData(layer=i, x=cap.x.float(), weights=w.float(), gram=y @ y.transpose(1, 2),
+                            ref_sq=(cap.y.float() ** 2).sum(-1), renorm=renorm)
+        del cap, y  # (not held while consume works)
+        out.append(consume(data) if consume is not None else data)
         return hidden
 
     stream.sweep(stream.embed(token_ids), step, "otp: capture", progress)
