@@ -338,42 +338,60 @@ class MoeCapture:
     stats: ExpertStats = field(repr=False, default=None)
 
 
+class MoeRecorder:
+    """Hooks on an MoE block, while entered, that record what it sees in every forward (autograd's included):
+    its inputs and outputs and every token's routing; ``capture`` assembles them (all tokens, in order)."""
+
+    def __init__(self, block: torch.nn.Module, arch):
+        self.block, self.arch = block, arch
+        self.xs, self.ys, self.logits, self.idx, self.wts = [], [], [], [], []
+        self._hooks = []
+
+    def __enter__(self) -> MoeRecorder:
+        def pre_block(mod, args):
+            self.xs.append(args[0].reshape(-1, args[0].shape[-1]).detach())
+
+        def post_block(mod, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            self.ys.append(out.reshape(-1, out.shape[-1]).detach())
+
+        def post_router(mod, args, out):
+            self.logits.append((out[0] if isinstance(out, tuple) else out).detach().float())
+
+        def pre_experts(mod, args):
+            self.idx.append(args[1].detach())
+            self.wts.append(args[2].detach().float())
+
+        router, experts = getattr(self.block, self.arch.router), getattr(self.block, self.arch.experts)
+        self._hooks = [self.block.register_forward_pre_hook(pre_block), self.block.register_forward_hook(post_block),
+                       router.register_forward_hook(post_router), experts.register_forward_pre_hook(pre_experts)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    def capture(self, n_expert: int) -> MoeCapture:
+        """What the block saw over every forward recorded, with its routing statistics (the recorded pieces are
+        let go: not held twice)."""
+        cap = MoeCapture(torch.cat(self.xs), torch.cat(self.ys), torch.cat(self.logits), torch.cat(self.idx),
+                         torch.cat(self.wts))
+        self.xs, self.ys, self.logits, self.idx, self.wts = [], [], [], [], []
+        probs = torch.softmax(cap.router_logits, dim=-1)
+        freq = torch.bincount(cap.top_k_index.flatten(), minlength=n_expert).cpu().numpy().astype(np.float64)
+        mass = torch.zeros(n_expert, dtype=torch.float64, device=probs.device)
+        mass.index_add_(0, cap.top_k_index.flatten(), probs.gather(1, cap.top_k_index).flatten().double())
+        cap.stats = ExpertStats(freq=freq, weight_mass=mass.cpu().numpy(), n_tokens=int(cap.x.shape[0]),
+                                top_k=int(cap.top_k_index.shape[1]))
+        return cap
+
+
 def capture_moe(block: torch.nn.Module, arch, n_expert: int, run: Callable[[torch.Tensor], torch.Tensor],
                 hidden: torch.Tensor) -> tuple[MoeCapture, torch.Tensor]:
     """Run ``run(hidden)`` with hooks on ``block``; return what the block saw (all tokens) and run's output."""
-    xs, ys, logits, idx, wts = [], [], [], [], []
-    router = getattr(block, arch.router)
-    experts = getattr(block, arch.experts)
-
-    def pre_block(mod, args):
-        xs.append(args[0].reshape(-1, args[0].shape[-1]).detach())
-
-    def post_block(mod, args, out):
-        out = out[0] if isinstance(out, tuple) else out
-        ys.append(out.reshape(-1, out.shape[-1]).detach())
-
-    def post_router(mod, args, out):
-        logits.append((out[0] if isinstance(out, tuple) else out).detach().float())
-
-    def pre_experts(mod, args):
-        idx.append(args[1].detach())
-        wts.append(args[2].detach().float())
-
-    hooks = [block.register_forward_pre_hook(pre_block), block.register_forward_hook(post_block),
-             router.register_forward_hook(post_router), experts.register_forward_pre_hook(pre_experts)]
-    try:
+    with MoeRecorder(block, arch) as rec:
         out = run(hidden)
-    finally:
-        for h in hooks:
-            h.remove()
-    cap = MoeCapture(torch.cat(xs), torch.cat(ys), torch.cat(logits), torch.cat(idx), torch.cat(wts))
-    probs = torch.softmax(cap.router_logits, dim=-1)
-    freq = torch.bincount(cap.top_k_index.flatten(), minlength=n_expert).cpu().numpy().astype(np.float64)
-    mass = torch.zeros(n_expert, dtype=torch.float64, device=probs.device)
-    mass.index_add_(0, cap.top_k_index.flatten(), probs.gather(1, cap.top_k_index).flatten().double())
-    cap.stats = ExpertStats(freq=freq, weight_mass=mass.cpu().numpy(), n_tokens=int(cap.x.shape[0]),
-                            top_k=int(cap.top_k_index.shape[1]))
-    return cap, out
+    return rec.capture(n_expert), out
 
 
 def dense_linears(layer: torch.nn.Module, arch) -> dict[str, tuple[str, torch.nn.Linear]]:

@@ -21,7 +21,7 @@ from ..files import write_atomically
 from ..ggml.packing import quantize_rtn
 from ..ggml.types import storable_type
 from ..model.names import checkpoint_name, gguf_name_map
-from ..model.stream import LayerStream, capture_moe, dense_linears
+from ..model.stream import LayerStream, dense_linears
 from ..quant.experts import LayerTokens, expert_factors, expert_hessians, quantize_experts_together, walk_size
 from .candidates import ANCHOR_TYPE, DENSE_TYPES, EXPERT_TYPES, Recipe
 from .eps import _dense_fisher, expert_output_delta, fisher_error, fisher_error_split, fold_a_mask
@@ -284,13 +284,11 @@ def _layer_record(m: _Measure, item, names) -> dict:
             eps_t, eps_t_a = _dense_fisher(w, x, g, m.dense_types, m.in_a[:x.shape[0]], gptq=m.gptq,
                                            scale=m.tap_scale)
             tensors.append(asdict(TensorImportance(gname, cls, *w.shape, eps_t, eps_fisher_a=eps_t_a)))
-    block = stream.moe_block(layer)
-    if block is None:
+    if item.moe is None:
         return {"tensors": tensors, "layer": None}
-    h_in, g_out = item.h_in, item.g_out
-    cap, h_out = capture_moe(block, stream.arch, stream.n_expert, stream.runner(layer, h_in.shape[1]), h_in)
-    grad = g_out.reshape(-1, g_out.shape[-1])
-    experts = getattr(block, stream.arch.experts)
+    cap, h_out = item.moe, item.h_out  # (recorded in the reverse pass's forward)
+    grad = item.g_out.reshape(-1, item.g_out.shape[-1])
+    experts = getattr(stream.moe_block(layer), stream.arch.experts)
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     d_model, d_ff = gate_up.shape[2], down.shape[2]
     errors, sample, probe = _expert_errors(m, cap, grad, experts)
@@ -404,7 +402,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     bar = tqdm(total=stream.n_layer, initial=stream.n_layer - (stream.n_layer if resume is None else resume),
                desc="importance: measure", unit="layer", disable=not progress)
     for item in reverse_layers(stream, token_ids, seed=seed, taps=taps if dense else None, tap_seqs=tap_seqs,
-                               state_dir=state, resume_at=resume, progress=progress):
+                               state_dir=state, resume_at=resume, progress=progress, moe=True):
         i = item.index
         if item.layer is None and i >= 0:
             rec = _head_record(m, item)

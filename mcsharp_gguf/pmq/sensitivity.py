@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..files import write_atomically
-from ..model.stream import LayerStream
+from ..model.stream import LayerStream, MoeCapture, MoeRecorder
 
 
 def output_grad(stream: LayerStream, hidden: torch.Tensor, seed: int = 0, tap_seqs: int = 0
@@ -58,12 +59,15 @@ class LayerGrads:
     h_in: torch.Tensor  # (n_seq, seq, d) its input hidden states, from the full-precision forward
     g_out: torch.Tensor  # (n_seq, seq, d) ∇ log p(ŷ) w.r.t. its output
     taps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear name → (input x, ∇ at its output), tokens × ·
+    moe: MoeCapture | None = None  # with reverse_layers(moe=True), what its MoE block saw (None: no MoE block)
+    h_out: torch.Tensor | None = None  # (n_seq, seq, d) its output, alongside ``moe``
 
 
 def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, pos, rope,
-               taps: dict[str, torch.nn.Module], tap_seqs: int):
+               taps: dict[str, torch.nn.Module], tap_seqs: int, keep_out: bool = False):
     """gᵀ ∂layer(h)/∂h at ``h_in`` one sequence at a time (weights take no gradient); for the first
-    ``tap_seqs`` sequences also each tapped linear's input and the gradient at its output."""
+    ``tap_seqs`` sequences also each tapped linear's input and the gradient at its output; with ``keep_out``, the
+    layer's output too (else None)."""
     for p in layer.parameters():
         p.requires_grad_(False)
     seen: dict[str, tuple[list, list]] = {n: ([], []) for n in taps}
@@ -77,7 +81,7 @@ def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, 
         return hook
 
     hooks = [m.register_forward_hook(tap(n)) for n, m in taps.items()]
-    out = []
+    out, ys = [], []
     try:
         for s in range(h_in.shape[0]):
             active[0] = s < tap_seqs
@@ -87,16 +91,19 @@ def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, 
                 y = y[0] if isinstance(y, tuple) else y
                 y.backward(g_out[s:s + 1])
             out.append(h.grad[0])
+            if keep_out:
+                ys.append(y.detach())
     finally:
         for hk in hooks:
             hk.remove()
-    return torch.stack(out), {n: (torch.cat(x), torch.cat(g)) for n, (x, g) in seen.items() if x}
+    return (torch.stack(out), {n: (torch.cat(x), torch.cat(g)) for n, (x, g) in seen.items() if x},
+            torch.cat(ys) if keep_out else None)
 
 
 def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
                    taps: Callable[[torch.nn.Module], dict[str, torch.nn.Module]] | None = None,
                    tap_seqs: int = 8, state_dir: str | Path | None = None, resume_at: int | None = None,
-                   progress: bool = False) -> Iterator[LayerGrads]:
+                   progress: bool = False, moe: bool = False) -> Iterator[LayerGrads]:
     """Each decoder layer from the last to the first, as :class:`LayerGrads`; ``taps(layer)`` names the linears
     whose inputs and output gradients to record (on the first ``tap_seqs`` sequences). With ``taps``, an item
     with ``index`` n_layer (layer None) comes first, tapping the LM head ("lm_head"); after the first layer, an
@@ -108,6 +115,9 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
     gradient at layer i's input, saved before layer i is yielded: a run stopped after the caller finished layer
     r can continue with ``resume_at=r`` (see :func:`resumable_from`) — no forward pass, layers r-1 … 0 and the
     embedding item, bit-identical to an uninterrupted run. ``progress``: a bar over the forward sweep.
+
+    ``moe``: also record what each layer's MoE block saw in the reverse pass's forward, and the layer's output
+    (LayerGrads.moe, .h_out): the same bits as a forward of its own (capture_moe), which this saves.
     """
     with tempfile.TemporaryDirectory(prefix="mcsharp-inputs-") as tmp:
         spill = Path(state_dir) if state_dir is not None else Path(tmp)
@@ -132,10 +142,13 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
         for i in reversed(range(top)):
             layer = stream.load_layer(i)
             h_in = torch.load(spill / f"h{i:04d}.pt", mmap=True).to(stream.device)  # (on the CPU: still mapped)
-            g_in, tapped = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs)
+            block = stream.moe_block(layer) if moe else None
+            with MoeRecorder(block, stream.arch) if block is not None else nullcontext() as rec:
+                g_in, tapped, h_out = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs,
+                                                 keep_out=block is not None)
             _save(g_in, spill / f"g{i:04d}.pt")
-            yield LayerGrads(i, layer, h_in, g, tapped)
-            del tapped  # (not held while the next layer loads)
+            yield LayerGrads(i, layer, h_in, g, tapped, rec.capture(stream.n_expert) if rec else None, h_out)
+            del tapped, rec, h_out  # (not held while the next layer loads)
             g = g_in
             stream.unload_layer(i)
             del h_in
