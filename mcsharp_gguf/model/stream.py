@@ -252,6 +252,13 @@ class LayerStream:
         layer.to("meta")
         release_free_memory()
 
+    def release_expert_buffers(self, layer: torch.nn.Module) -> None:
+        """Let go of the float32 buffers a layer's experts were widened into (ExpertMatrices.release), after a
+        pass with gradients, which keeps them from one backward to the next."""
+        if (block := self.moe_block(layer)) is not None and \
+                (matrices := getattr(block, self.arch.experts).__dict__.get("matrices")) is not None:
+            matrices.release()
+
     def moe_block(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         block = getattr(layer, self.arch.moe_block, None)
         return block if block is not None and hasattr(block, self.arch.experts) else None
@@ -331,7 +338,7 @@ class MoeCapture:
     """What one MoE block saw: its inputs, its output, and the routing of every token."""
 
     x: torch.Tensor  # (tokens, d) MoE block input
-    y: torch.Tensor  # (tokens, d) MoE block output (routed + shared)
+    y: torch.Tensor | None  # (tokens, d) MoE block output (routed + shared; None: not recorded)
     router_logits: torch.Tensor  # (tokens, n_expert)
     top_k_index: torch.Tensor  # (tokens, k)
     top_k_weights: torch.Tensor  # (tokens, k)
@@ -340,10 +347,11 @@ class MoeCapture:
 
 class MoeRecorder:
     """Hooks on an MoE block, while entered, that record what it sees in every forward (autograd's included):
-    its inputs and outputs and every token's routing; ``capture`` assembles them (all tokens, in order)."""
+    its inputs and (with ``outputs``) outputs and every token's routing; ``capture`` assembles them (all tokens,
+    in order)."""
 
-    def __init__(self, block: torch.nn.Module, arch):
-        self.block, self.arch = block, arch
+    def __init__(self, block: torch.nn.Module, arch, outputs: bool = True):
+        self.block, self.arch, self.outputs = block, arch, outputs
         self.xs, self.ys, self.logits, self.idx, self.wts = [], [], [], [], []
         self._hooks = []
 
@@ -363,8 +371,10 @@ class MoeRecorder:
             self.wts.append(args[2].detach().float())
 
         router, experts = getattr(self.block, self.arch.router), getattr(self.block, self.arch.experts)
-        self._hooks = [self.block.register_forward_pre_hook(pre_block), self.block.register_forward_hook(post_block),
+        self._hooks = [self.block.register_forward_pre_hook(pre_block),
                        router.register_forward_hook(post_router), experts.register_forward_pre_hook(pre_experts)]
+        if self.outputs:
+            self._hooks.append(self.block.register_forward_hook(post_block))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -374,8 +384,8 @@ class MoeRecorder:
     def capture(self, n_expert: int) -> MoeCapture:
         """What the block saw over every forward recorded, with its routing statistics (the recorded pieces are
         let go: not held twice)."""
-        cap = MoeCapture(torch.cat(self.xs), torch.cat(self.ys), torch.cat(self.logits), torch.cat(self.idx),
-                         torch.cat(self.wts))
+        cap = MoeCapture(torch.cat(self.xs), torch.cat(self.ys) if self.outputs else None, torch.cat(self.logits),
+                         torch.cat(self.idx), torch.cat(self.wts))
         self.xs, self.ys, self.logits, self.idx, self.wts = [], [], [], [], []
         probs = torch.softmax(cap.router_logits, dim=-1)
         freq = torch.bincount(cap.top_k_index.flatten(), minlength=n_expert).cpu().numpy().astype(np.float64)

@@ -160,7 +160,7 @@ class ExpertTokens:
     w: torch.Tensor  # their routing weights
     grad: torch.Tensor  # ∇ log p(ŷ) at the block output, for those tokens
     in_a: torch.Tensor  # the fold A mask, for those tokens
-    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # its gate, up, down
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # its gate, up, down, as stored (bf16 or float32)
 
 
 @dataclass(frozen=True)
@@ -175,9 +175,10 @@ class ErrorSettings:
 
 
 def _prepare(t: ExpertTokens, s: ErrorSettings, pooled: LayerTokens, act) -> _Case:
-    """What every type's measurement of one expert shares: its (sampled) weights, their GPTQ factors, its
-    unquantised output."""
-    g, u, d = t.weights
+    """What every type's measurement of one expert shares: its (sampled) weights in float32, their GPTQ factors,
+    its unquantised output. (Widened here, one expert at a time: a Mixtral-8x7B expert is 0.7 GB in float32, and
+    only its neuron sample is kept.)"""
+    g, u, d = (w.float() for w in t.weights)
     scale = 1.0
     if measured_neurons(s.d_ff, s.neuron_sample) < s.d_ff:  # measured on a sample of its neurons, scaled up
         neurons, factor = sample_neurons(neuron_energy(g, u, d, t.x, t.w, act), s.neuron_sample)
@@ -246,10 +247,8 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
                 for t in types:
                     acc[t][e] = 0.0
         live = [e for e in es if routed[e][0].numel()]
-        # (an expert's weights widened to float32 as its group is made: the layer's stay as stored)
         groups = ([ExpertTokens(e, cap.x[routed[e][0]], cap.top_k_weights[routed[e]], grad[routed[e][0]],
-                                m.in_a[routed[e][0]], (gate_up[e, :d_ff].float(), gate_up[e, d_ff:].float(),
-                                                       down[e].float()))
+                                m.in_a[routed[e][0]], (gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]))
                    for e in live[j:j + together]] for j in range(0, len(live), together))  # (made as needed)
         for result in executor.map(measure_experts, groups, types=types, pooled=pooled, act=experts.act_fn,
                                    settings=settings):
@@ -284,9 +283,10 @@ def _layer_record(m: _Measure, item, names) -> dict:
             eps_t, eps_t_a = _dense_fisher(w, x, g, m.dense_types, m.in_a[:x.shape[0]], gptq=m.gptq,
                                            scale=m.tap_scale)
             tensors.append(asdict(TensorImportance(gname, cls, *w.shape, eps_t, eps_fisher_a=eps_t_a)))
+    item.taps.clear()  # (measured: not held while the experts are, 0.5 GB at Mixtral-8x7B's shape)
     if item.moe is None:
         return {"tensors": tensors, "layer": None}
-    cap, h_out = item.moe, item.h_out  # (recorded in the reverse pass's forward)
+    cap = item.moe  # (recorded in the reverse pass's forward)
     grad = item.g_out.reshape(-1, item.g_out.shape[-1])
     experts = getattr(stream.moe_block(layer), stream.arch.experts)
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
@@ -294,7 +294,7 @@ def _layer_record(m: _Measure, item, names) -> dict:
     errors, sample, probe = _expert_errors(m, cap, grad, experts)
     phi, wmass = cap.stats.normalised()
     imp = LayerImportance(i, d_model, d_ff, phi.tolist(), wmass.tolist(), errors["eps"],
-                          out_norm=float(h_out.float().norm()), eps_fisher=errors["fisher"],
+                          out_norm=item.out_norm, eps_fisher=errors["fisher"],
                           eps_fisher_a=errors["a"], tokens=[int(f) for f in cap.stats.freq], sampled=sample,
                           neurons=measured_neurons(d_ff, m.neuron_sample), layer_tokens=int(cap.x.shape[0]))
     return {"tensors": tensors, "layer": asdict(imp), "probe": probe}

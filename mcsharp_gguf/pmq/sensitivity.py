@@ -60,14 +60,14 @@ class LayerGrads:
     g_out: torch.Tensor  # (n_seq, seq, d) ∇ log p(ŷ) w.r.t. its output
     taps: dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear name → (input x, ∇ at its output), tokens × ·
     moe: MoeCapture | None = None  # with reverse_layers(moe=True), what its MoE block saw (None: no MoE block)
-    h_out: torch.Tensor | None = None  # (n_seq, seq, d) its output, alongside ``moe``
+    out_norm: float | None = None  # ||its output||_F over every token, alongside ``moe``
 
 
 def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, pos, rope,
-               taps: dict[str, torch.nn.Module], tap_seqs: int, keep_out: bool = False):
+               taps: dict[str, torch.nn.Module], tap_seqs: int, out_norm: bool = False):
     """gᵀ ∂layer(h)/∂h at ``h_in`` one sequence at a time (weights take no gradient); for the first
-    ``tap_seqs`` sequences also each tapped linear's input and the gradient at its output; with ``keep_out``, the
-    layer's output too (else None)."""
+    ``tap_seqs`` sequences also each tapped linear's input and the gradient at its output; with ``out_norm``, the
+    Frobenius norm of the layer's output too (else None)."""
     for p in layer.parameters():
         p.requires_grad_(False)
     seen: dict[str, tuple[list, list]] = {n: ([], []) for n in taps}
@@ -91,13 +91,13 @@ def _layer_vjp(layer: torch.nn.Module, h_in: torch.Tensor, g_out: torch.Tensor, 
                 y = y[0] if isinstance(y, tuple) else y
                 y.backward(g_out[s:s + 1])
             out.append(h.grad[0])
-            if keep_out:
+            if out_norm:
                 ys.append(y.detach())
     finally:
         for hk in hooks:
             hk.remove()
     return (torch.stack(out), {n: (torch.cat(x), torch.cat(g)) for n, (x, g) in seen.items() if x},
-            torch.cat(ys) if keep_out else None)
+            float(torch.cat(ys).float().norm()) if out_norm else None)
 
 
 def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
@@ -116,8 +116,9 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
     r can continue with ``resume_at=r`` (see :func:`resumable_from`) — no forward pass, layers r-1 … 0 and the
     embedding item, bit-identical to an uninterrupted run. ``progress``: a bar over the forward sweep.
 
-    ``moe``: also record what each layer's MoE block saw in the reverse pass's forward, and the layer's output
-    (LayerGrads.moe, .h_out): the same bits as a forward of its own (capture_moe), which this saves.
+    ``moe``: also record what each layer's MoE block saw in the reverse pass's forward (its outputs aside), and
+    the norm of the layer's output (LayerGrads.moe, .out_norm): the same bits as a forward of its own
+    (capture_moe), which this saves.
     """
     with tempfile.TemporaryDirectory(prefix="mcsharp-inputs-") as tmp:
         spill = Path(state_dir) if state_dir is not None else Path(tmp)
@@ -143,12 +144,13 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
             layer = stream.load_layer(i)
             h_in = torch.load(spill / f"h{i:04d}.pt", mmap=True).to(stream.device)  # (on the CPU: still mapped)
             block = stream.moe_block(layer) if moe else None
-            with MoeRecorder(block, stream.arch) if block is not None else nullcontext() as rec:
-                g_in, tapped, h_out = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {}, tap_seqs,
-                                                 keep_out=block is not None)
+            with MoeRecorder(block, stream.arch, outputs=False) if block is not None else nullcontext() as rec:
+                g_in, tapped, out_norm = _layer_vjp(layer, h_in, g, pos, rope, taps(layer) if taps else {},
+                                                    tap_seqs, out_norm=block is not None)
+            stream.release_expert_buffers(layer)  # (the backward's, 0.7 GB at Mixtral-8x7B's shape)
             _save(g_in, spill / f"g{i:04d}.pt")
-            yield LayerGrads(i, layer, h_in, g, tapped, rec.capture(stream.n_expert) if rec else None, h_out)
-            del tapped, rec, h_out  # (not held while the next layer loads)
+            yield LayerGrads(i, layer, h_in, g, tapped, rec.capture(stream.n_expert) if rec else None, out_norm)
+            del tapped, rec  # (not held while the next layer loads)
             g = g_in
             stream.unload_layer(i)
             del h_in

@@ -193,7 +193,9 @@ def quantize_expert_group(group: list[tuple[int, tuple[torch.Tensor, torch.Tenso
     (walk_size of them) on the Hessians expert_hessians gives them: (expert, projection, packed bytes) of each.
     The unit of work an executor runs (a Ray task on a cluster)."""
     weights = [w for _, w, _ in group]
-    factors = [expert_factors(partial(expert_hessians, g, u, xe, act, gptq, pooled=pooled), pooled)
+    # gate/up widened (from bf16) for the Hessians alone; each projection's walk widens its own copy, so a
+    # Mixtral-8x7B expert's 0.7 GB of float32 weights are not held through its down projection's GPTQ
+    factors = [expert_factors(partial(expert_hessians, g.float(), u.float(), xe, act, gptq, pooled=pooled), pooled)
                for _, (g, u, _), xe in group]
     return [(group[i][0], p, np.asarray(res.packed))
             for i, p, res in each_expert_quantised(weights, [types[e] for e, _, _ in group], factors)]
@@ -218,8 +220,7 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     together = walk_size(x.device)
 
     def views(e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gu = gate_up[e].float()  # (a layer kept in bf16: this expert alone widened)
-        return gu[:ff], gu[ff:], down[e].float()
+        return gate_up[e, :ff], gate_up[e, ff:], down[e]  # (as stored: widened where each is walked)
 
     groups = ([(e, views(e), x[routed[e]]) for e in range(e0, min(e0 + together, len(types)))]
               for e0 in range(0, len(types), together))  # (on a GPU, walk_size experts walked together)
