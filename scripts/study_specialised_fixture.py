@@ -101,8 +101,9 @@ def heldout(model, tok, top_k: int | None) -> tuple[float, list[tuple[float, flo
     nll, logits = 0.0, []
     with torch.no_grad():
         for row in ids:
-            out = model(row[None], labels=row[None], output_router_logits=top_k is not None)
-            nll += out.loss.item() * 511
+            out = model(row[None], output_router_logits=top_k is not None)
+            # (from the logits: with router logits requested, transformers' loss adds the load-balancing term)
+            nll += torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), row[1:], reduction="sum").item()
             if top_k is not None:
                 logits.append([lg.float() for lg in out.router_logits])
     stats = []
