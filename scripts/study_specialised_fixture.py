@@ -37,10 +37,6 @@ TRAIN_OFFSET = 100_000
 HELDOUT_TOKENS = 4096
 
 
-def ffn_act(mlp, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
-
-
 def ridge(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     """argmin_W |a W − b|² + lam · mean diag(aᵀa) · |W|²."""
     g = a.T @ a
@@ -61,13 +57,14 @@ def token_clusters(x: torch.Tensor, k: int, seed: int, iters: int = 20) -> torch
     return lab
 
 
-def fit_layer(recipe: str, x: torch.Tensor, mlp, top_k: int, temp: float, seed: int):
-    """(plan with the experts' neurons, router (8, 576), routed downs (8·128, 576), relative error)."""
-    h = ffn_act(mlp, x)
+def fit_layer(recipe: str, cap: fx.LayerCapture, mlp, top_k: int, temp: float, seed: int):
+    """(plan with the experts' neurons, router (8, 576), routed downs (8·128, 576), relative error) of the layer
+    whose FFN saw ``cap``."""
+    x, h = cap.x, cap.h
     wd = mlp.down_proj.weight.detach().double()
     hd, xd = h.double(), x.double()
     if recipe == "refit":
-        plan = fx.upcycle_layer(fx.LayerCapture(x, h), mlp.down_proj.weight.detach(), seed=seed)
+        plan = fx.upcycle_layer(cap, mlp.down_proj.weight.detach(), seed=seed)
         norms = torch.stack([(hd[:, e] @ wd[:, e].T).norm(dim=1) for e in plan.experts], dim=1)
         target = torch.log(norms + 1e-6)
     else:
@@ -145,7 +142,7 @@ def main() -> None:
     layers = []
     for i, cap in enumerate(xs):
         with torch.no_grad():
-            layers.append(fit_layer(args.recipe, cap.x, dense.model.layers[i].mlp, args.top_k, args.temp, seed=i))
+            layers.append(fit_layer(args.recipe, cap, dense.model.layers[i].mlp, args.top_k, args.temp, seed=i))
         print(f"layer {i:2d}: relative error of the MoE output {layers[-1][3]:.4f}", flush=True)
     sliced = fx.upcycle(dense, [fx.upcycle_layer(cap, dense.model.layers[i].mlp.down_proj.weight.detach(), seed=i)
                                 for i, cap in enumerate(xs)])
