@@ -10,7 +10,11 @@ held-out text (B), and quantises each expert's gate/up/down from A's tokens with
 - ``pooled``: GPTQ on the Hessian of *every* calibration token of the layer (gate/up: the block's inputs; down:
   the expert's activations on them) — what the expert would see if every token were routed to it;
 - ``blend``: the own Hessian and the pooled one weighted n : width (the pooled one a prior worth as many tokens
-  as the projection's input width).
+  as the projection's input width);
+- ``pooled-Nw`` (N = 2, 4, 8): the pooled Hessian from N × the projection's input width of the layer's tokens,
+  evenly spaced (what quant.experts.LayerTokens computes: the whole pool costs a forward of the expert over every
+  token of the layer, for each starved expert);
+- ``own+4w``: the expert's own tokens topped up to 4 × the width with evenly spaced tokens of the layer.
 
 Each is scored by its output error on B's tokens routed to the expert, ||(Ŵ − W) Zᵀ||² summed over the experts,
 relative to RTN (lower is better). ``--starve`` limits every expert's own tokens to the given multiples of
@@ -25,7 +29,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-VARIANTS = ("rtn", "own", "own-d10", "pooled", "blend")
+VARIANTS = ("rtn", "own", "own-d10", "pooled", "blend", "pooled-2w", "pooled-4w", "pooled-8w", "own+4w")
 
 
 def capture(model_dir: Path, layer: int, seqs: int, seq_len: int):
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--starve", default="", help="own tokens per expert as multiples of d_model, e.g. 0.5,1")
     ap.add_argument("--types", default="Q2_K,Q4_K")
     ap.add_argument("--experts", type=int, default=0, help="study this many experts, spread over the ids (0: all)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="which fallbacks (rtn is always scored)")
     args = ap.parse_args()
 
     import torch
@@ -76,11 +81,19 @@ def main() -> None:
     x_all_a = cap.x[in_a]
     levels = [float(v) for v in args.starve.split(",") if v] or [None]
     types = args.types.split(",")
+    variants = tuple(dict.fromkeys(["rtn", *args.variants.split(",")]))
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
 
     def hessian(z: torch.Tensor) -> torch.Tensor:
         acc = HessianAccumulator(z.shape[1])
         acc.add(z)
         return acc.H
+
+    def spaced(z: torch.Tensor, k: int) -> torch.Tensor:
+        """``k`` evenly spaced rows of ``z`` (all of them when it has no more)."""
+        return z if z.shape[0] <= k else z[torch.arange(k) * z.shape[0] // k]
 
     def quantise(w: torch.Tensor, h: dict, t: str, v: str) -> torch.Tensor:
         if v == "rtn":
@@ -88,7 +101,7 @@ def main() -> None:
         return gptq_quantize(w, h[v], t, damp=0.1 if v == "own-d10" else 0.01).dequant
 
     counts = []
-    err = {(lv, t, p, v): 0.0 for lv in levels for t in types for p in ("gate/up", "down") for v in VARIANTS}
+    err = {(lv, t, p, v): 0.0 for lv in levels for t in types for p in ("gate/up", "down") for v in variants}
     for e in ids:
         routed = (cap.top_k_index == e).any(dim=1)
         xa_all, xb = cap.x[routed & in_a], cap.x[routed & ~in_a]
@@ -96,20 +109,28 @@ def main() -> None:
         ab = act(xb @ g.T) * (xb @ u.T)
         pooled_in = hessian(x_all_a)
         pooled_act = hessian(act(x_all_a @ g.T) * (x_all_a @ u.T))
+
+        def act_of(z: torch.Tensor, g=g, u=u) -> torch.Tensor:
+            return act(z @ g.T) * (z @ u.T)
         for lv in levels:
             xa = xa_all if lv is None else xa_all[:int(lv * d_model)]
             n = xa.shape[0]
             counts.append(n)
             aa = act(xa @ g.T) * (xa @ u.T)
             hs = {}
-            for p, z, pooled in (("gate/up", xa, pooled_in), ("down", aa, pooled_act)):
+            for p, z, pooled, f in (("gate/up", xa, pooled_in, lambda z: z), ("down", aa, pooled_act, act_of)):
                 own = hessian(z) if n else torch.zeros_like(pooled)
                 width = z.shape[1]
                 hs[p] = {"own": own, "own-d10": own, "pooled": pooled,
                          "blend": (n * own + width * pooled) / (n + width)}
+                for m in (2, 4, 8):
+                    if f"pooled-{m}w" in variants:
+                        hs[p][f"pooled-{m}w"] = hessian(f(spaced(x_all_a, m * width)))
+                if "own+4w" in variants:
+                    hs[p]["own+4w"] = hessian(f(torch.cat([xa, spaced(x_all_a, max(0, 4 * width - n))])))
             for t in types:
                 r = Recipe.for_shapes(t, d_model, d_ff)
-                for v in VARIANTS:
+                for v in variants:
                     if v.startswith("own") and n == 0:
                         continue  # no Hessian at all: the own variants are RTN
                     for w, tt, z in ((g, r.gate, xb), (u, r.up, xb)):
@@ -122,14 +143,14 @@ def main() -> None:
           f"{d_ff}; A {n_a} calibration tokens; own tokens per expert min {min(counts)}, median "
           f"{sorted(counts)[len(counts) // 2]}, max {max(counts)}\n")
     print("held-out output error relative to RTN (lower is better)\n")
-    print("| own tokens | type | projection | " + " | ".join(VARIANTS) + " |")
-    print("|---|---|---|" + "---|" * len(VARIANTS))
+    print("| own tokens | type | projection | " + " | ".join(variants) + " |")
+    print("|---|---|---|" + "---|" * len(variants))
     for lv in levels:
         for t in types:
             for p in ("gate/up", "down"):
                 base = err[(lv, t, p, "rtn")]
                 cells = " | ".join(f"{err[(lv, t, p, v)] / base:.3f}" if err[(lv, t, p, v)] else "–"
-                                   for v in VARIANTS)
+                                   for v in variants)
                 label = "as routed" if lv is None else f"{lv:g} × d_model"
                 print(f"| {label} | {t} | {p} | {cells} |")
 

@@ -193,9 +193,9 @@ def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
 
 
 def test_stock_importance_measures_a_sample_of_experts_at_every_type(setup):
-    """expert_sample: every expert at the anchor type, the sampled ones at every type, exactly as the full
-    measurement; the rest predicted so that each layer's sum (what a stock plan prices) stays close; a mixed
-    plan refuses it."""
+    """expert_sample: every expert by RTN at the anchor type, the sampled ones at every type exactly as the full
+    measurement; the rest predicted in proportion to their RTN anchor error, so that each layer's sum (what a
+    stock plan prices) stays close; a mixed plan refuses it."""
     from mcsharp_gguf.pmq.candidates import ANCHOR_TYPE
 
     model_dir, ids, _ = setup
@@ -204,12 +204,15 @@ def test_stock_importance_measures_a_sample_of_experts_at_every_type(setup):
     assert measure_importance(model_dir, ids, targets=targets, progress=False, expert_sample=8).to_json() == \
         full.to_json()  # as many experts as the sample: nothing predicted
     part = measure_importance(model_dir, ids, targets=targets, progress=False, expert_sample=3)
-    for lf, lp in zip(full.layers, part.layers, strict=True):
+    rtn = measure_importance(model_dir, ids, targets=(ANCHOR_TYPE,), progress=False, eps_source="rtn")
+    for lf, lp, lr in zip(full.layers, part.layers, rtn.layers, strict=True):
         assert len(lp.sampled) == 3 and not lf.sampled
-        assert lp.eps_fisher[ANCHOR_TYPE] == lf.eps_fisher[ANCHOR_TYPE]
+        others = [e for e in range(lp.n_expert) if e not in lp.sampled and lr.eps_fisher[ANCHOR_TYPE][e] > 0]
         for t in targets:
             for e in lp.sampled:
                 assert lp.eps_fisher[t][e] == lf.eps_fisher[t][e] and lp.eps[t][e] == lf.eps[t][e]
+            ratios = [lp.eps_fisher[t][e] / lr.eps_fisher[ANCHOR_TYPE][e] for e in others]
+            assert ratios == pytest.approx([ratios[0]] * len(ratios), rel=1e-9), (lf.layer, t)
             est, true = (sum(x ** 2 for x in v.eps_fisher[t]) for v in (lp, lf))
             assert est == pytest.approx(true, rel=0.25), (lf.layer, t)
     plans = [solve_bit_plan(imp.layers, 4.0, mode="stock", targets=targets).layers for imp in (part, full)]

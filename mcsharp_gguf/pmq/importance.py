@@ -30,8 +30,8 @@ class LayerImportance:
     # Two independent halves of the same estimate: what cross-validating a plan needs (choose_shrinkage).
     eps_fisher_a: dict[str, list[float]] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)  # calibration tokens routed to each expert
-    # experts measured at every candidate type (empty: all of them); the others were measured at ANCHOR_TYPE
-    # only and their other errors predicted from these (measure.predict_unsampled): a stock plan's sum, not a
+    # experts measured at every candidate type (empty: all of them); the others were measured by RTN at
+    # ANCHOR_TYPE only and their errors predicted from these (measure.predict_unsampled): a stock plan's sum, not a
     # mixed plan's per-expert choice
     sampled: list[int] = field(default_factory=list)
     neurons: int = 0  # intermediate neurons each expert was measured on (measure.sample_neurons; 0: unknown/all)

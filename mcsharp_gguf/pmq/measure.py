@@ -137,16 +137,16 @@ def sample_neurons(energy: torch.Tensor, k: int | None) -> tuple[torch.Tensor | 
     return torch.cat([torch.arange(c * NEURON_CHUNK, (c + 1) * NEURON_CHUNK) for c in chunks]), factor
 
 
-def predict_unsampled(values: dict[str, list[float | None]], anchor: str, sample: list[int]
+def predict_unsampled(values: dict[str, list[float | None]], aux: list[float], sample: list[int]
                       ) -> dict[str, list[float]]:
-    """Fill each unmeasured (None) error from the expert's own error at ``anchor`` and the sampled experts'
-    ratio: v_t(e) = v_anchor(e) · sqrt(Σ_S v_t² / Σ_S v_anchor²), a ratio estimator of the layer's sum of
-    squares (what a stock plan prices)."""
-    den = sum(values[anchor][e] ** 2 for e in sample)
+    """Fill each unmeasured (None) error from the expert's auxiliary error ``aux`` (its RTN error at the anchor
+    type) and the sampled experts' ratio: v_t(e) = aux(e) · sqrt(Σ_S v_t² / Σ_S aux²), a ratio estimator of the
+    layer's sum of squares (what a stock plan prices)."""
+    den = sum(aux[e] ** 2 for e in sample)
     out = {}
     for t, v in values.items():
         r = (sum(v[e] ** 2 for e in sample) / den) ** 0.5 if den > 0 else 0.0
-        out[t] = [x if x is not None else values[anchor][e] * r for e, x in enumerate(v)]
+        out[t] = [x if x is not None else aux[e] * r for e, x in enumerate(v)]
     return out
 
 
@@ -224,23 +224,23 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
     ({"eps"|"fisher"|"a": {type: per expert}}), the experts measured at every type (empty: all) and the RTN
     Fisher errors at the flip probe (what its real KL is compared with).
 
-    With ``m.expert_sample`` below the layer's expert count, every expert is measured at the anchor type (and
-    the flip probe), a stratified sample at the other types, and the rest predicted (predict_unsampled).
+    With ``m.expert_sample`` below the layer's expert count, every expert is measured by RTN at the anchor type
+    (and the flip probe), a stratified sample of them at every type, and the rest predicted from their RTN
+    anchor error (predict_unsampled).
     Experts wider than 2 ``m.neuron_sample`` are measured on a sample of their neurons (sample_neurons).
     Each expert's measurement (measure_experts) runs on ``m.executor``."""
     executor = m.executor
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     d_model, d_ff = gate_up.shape[2], down.shape[2]
     n_e = gate_up.shape[0]
-    errors: dict[str, dict[str, list]] = {k: {t: [None] * n_e for t in m.targets} for k in ("eps", "fisher", "a")}
     probe = [0.0] * n_e
-    settings = ErrorSettings(m.gptq, d_model, d_ff, m.neuron_sample, m.flip_probe)
     pooled = LayerTokens(cap.x)
     if m.gptq and executor.remote:  # the pooled input Hessian's factor once here, not in every task borrowing it
         pooled.prepare()
     together = walk_size(cap.x.device)
 
-    def measure(es: list[int], types: tuple[str, ...]) -> None:
+    def measure(es: list[int], types: tuple[str, ...], gptq: bool) -> dict[str, dict[str, list]]:
+        errors: dict[str, dict[str, list]] = {k: {t: [None] * n_e for t in m.targets} for k in ("eps", "fisher", "a")}
         routed = {e: torch.where(cap.top_k_index == e) for e in es}
         for e in (e for e in es if routed[e][0].numel() == 0):  # no token reached it
             for acc in errors.values():
@@ -250,6 +250,7 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
         groups = ([ExpertTokens(e, cap.x[routed[e][0]], cap.top_k_weights[routed[e]], grad[routed[e][0]],
                                 m.in_a[routed[e][0]], (gate_up[e, :d_ff], gate_up[e, d_ff:], down[e]))
                    for e in live[j:j + together]] for j in range(0, len(live), together))  # (made as needed)
+        settings = ErrorSettings(gptq, d_model, d_ff, m.neuron_sample, m.flip_probe)
         for result in executor.map(measure_experts, groups, types=types, pooled=pooled, act=experts.act_fn,
                                    settings=settings):
             for rec in result:
@@ -259,16 +260,22 @@ def _expert_errors(m: _Measure, cap, grad: torch.Tensor, experts) -> tuple[dict,
                         errors[k][t][e] = rec[k][t]
                 if rec["probe"] is not None:
                     probe[e] = rec["probe"]
+        return errors
 
     if not m.expert_sample or n_e <= m.expert_sample:
-        measure(list(range(n_e)), m.targets)
-        return errors, [], probe
+        return measure(list(range(n_e)), m.targets, m.gptq), [], probe
     anchor = ANCHOR_TYPE if ANCHOR_TYPE in m.targets else m.targets[len(m.targets) // 2]
     first = tuple(dict.fromkeys(t for t in (anchor, m.flip_probe) if t is not None))
-    measure(list(range(n_e)), first)
-    sample = sample_experts(errors["fisher"][anchor], m.expert_sample)
-    measure(sample, tuple(t for t in m.targets if t not in first))
-    return {k: predict_unsampled(v, anchor, sample) for k, v in errors.items()}, sample, probe
+    # every expert at the anchor by RTN (no Hessians, no GPTQ walks): the ratio estimator's auxiliary and the
+    # sample's strata; the sample at every type as convert quantises it (docs/planner.md: the study)
+    aux = measure(list(range(n_e)), first, gptq=False)
+    sample = sample_experts(aux["fisher"][anchor], m.expert_sample)
+    errors = measure(sample, m.targets if m.gptq else tuple(t for t in m.targets if t not in first), m.gptq)
+    if not m.gptq:  # (RTN errors are the auxiliary's: not measured twice)
+        for k, v in errors.items():
+            for t in first:
+                v[t] = [x if e in sample else None for e, x in enumerate(aux[k][t])]
+    return {k: predict_unsampled(v, aux[k][anchor], sample) for k, v in errors.items()}, sample, probe
 
 
 def _layer_record(m: _Measure, item, names) -> dict:
@@ -357,11 +364,11 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
     and each planned linear as convert will (GPTQ on the Hessian of the inputs it is measured on; the token
     embedding, RTN in the file, stays RTN), 1.7× the time on the fixture.
 
-    ``expert_sample``: in a layer with more experts than this, measure every expert at ANCHOR_TYPE and only a
-    stratified sample of ``expert_sample`` of them at every other type, predicting the rest by ratio
-    (predict_unsampled): a stock plan prices a layer's experts only as a sum, which this estimates at 1/4.5 of
-    the grid fits for 128 experts (16 sampled); a mixed plan needs every expert measured (solve_bit_plan refuses
-    a sampled importance for one). None: measure every expert at every type.
+    ``expert_sample``: in a layer with more experts than this, measure every expert by RTN at ANCHOR_TYPE and
+    only a stratified sample of ``expert_sample`` of them at every type, predicting the rest by ratio
+    (predict_unsampled): a stock plan prices a layer's experts only as a sum, which this estimates with 16 of 128
+    experts quantised as convert will (GPTQ) at each type; a mixed plan needs every expert measured
+    (solve_bit_plan refuses a sampled importance for one). None: measure every expert at every type.
 
     ``neuron_sample``: measure an expert at least twice as wide as this on this many of its intermediate
     neurons (sample_neurons; Mixtral-8x7B's 14,336 → 2,048: 1/7 of the grid fits and forwards); None: all.
@@ -391,7 +398,7 @@ def measure_importance(model_dir, token_ids: torch.Tensor, targets: tuple[str, .
                  expert_sample, neuron_sample, executor or InProcess())
     names = gguf_name_map(stream.arch, stream.n_layer)
     key = _importance_key(model_dir, token_ids, targets=m.targets, dense=dense, dense_types=m.dense_types,
-                          tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=1,
+                          tap_seqs=tap_seqs, seed=seed, eps_source=eps_source, flip_probe=flip_probe, version=2,
                           **({"expert_sample": expert_sample} if expert_sample else {}),
                           neuron_sample=neuron_sample)
     state, records, resume = _importance_state(work_dir, key, stream.n_layer, dense)
