@@ -133,7 +133,7 @@ def plan_model(recipe: Recipe, model_dir, ids: torch.Tensor | None, budget: Budg
         sampled = [lay for lay in importance.layers if lay.sampled]
         if sampled:
             log(f"[pmq] {len(sampled[0].sampled)} of {sampled[0].n_expert} experts per layer measured at every "
-                f"candidate type, the rest at {ANCHOR_TYPE} with the others predicted (a stock plan prices a "
+                f"candidate type, the rest by RTN at {ANCHOR_TYPE} and predicted from it (a stock plan prices a "
                 "layer's experts as a sum)")
     with clock.stage("plan (MILP)"):
         plan = solve(recipe, importance, budget, log=log)

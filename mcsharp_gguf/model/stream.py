@@ -144,6 +144,13 @@ def experts_one_at_a_time(experts: torch.nn.Module, hidden_states: torch.Tensor,
     bounds = [(e, a, b) for e, (a, b) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if b > a]
 
     def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
+        if torch.is_grad_enabled() and bounds:
+            # split / cat: one backward op each for all experts. (A slice per expert written into a buffer costs
+            # a backward op per expert over the whole buffer: with 128 experts the reverse pass's backward took
+            # 7.6× its forward at Qwen3-30B-A3B's shape, 2.4× this way; the same bits.)
+            parts = torch.split(inp, [b - a for _, a, b in bounds])
+            return torch.cat([ExpertProduct.apply(p, matrices, e, name)
+                              for (e, _, _), p in zip(bounds, parts, strict=True)])
         out = inp.new_empty(inp.shape[0], getattr(experts, name).shape[1])
         for e, a, b in bounds:
             out[a:b] = ExpertProduct.apply(inp[a:b], matrices, e, name)
