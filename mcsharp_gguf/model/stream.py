@@ -139,7 +139,7 @@ def experts_one_at_a_time(experts: torch.nn.Module, hidden_states: torch.Tensor,
     matrices = experts.matrices
     k = top_k_index.shape[-1]
     ids, perm = torch.sort(top_k_index.reshape(-1))
-    x = hidden_states[perm // k]
+    x = hidden_states.index_select(0, perm // k)  # (its backward, index_add_, is deterministic on 2 threads)
     ends = list(accumulate(torch.bincount(ids, minlength=experts.num_experts).tolist()))
     bounds = [(e, a, b) for e, (a, b) in enumerate(zip([0, *ends[:-1]], ends, strict=True)) if b > a]
 
