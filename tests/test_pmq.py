@@ -246,7 +246,7 @@ def test_expert_sample_is_stratified_and_the_ratio_estimate_exact_for_proportion
     cost = [0.0, 5.0, 1.0, 3.0, 2.0, 4.0, 0.0, 6.0]
     assert sample_experts(cost, 3) == [4, 5, 7]  # the 2nd, 4th and 6th of six live experts by cost
     assert sample_experts(cost, 10) == [1, 2, 3, 4, 5, 7]  # fewer live experts than k: all of them
-    aux = [2.0, 4.0, 6.0, 8.0]  # (the RTN anchor errors: half the auxiliary's scale is in the ratio)
+    aux = [2.0, 4.0, 6.0, 8.0]  # (each expert's RTN error at the anchor: twice the errors, the ratio absorbs it)
     values = {"A": [1.0, None, 3.0, None], "B": [0.5, None, 1.5, None], "C": [4.0, None, 12.0, None]}
     out = predict_unsampled(values, aux, [0, 2])
     np.testing.assert_allclose(out["A"], [1.0, 2.0, 3.0, 4.0])

@@ -244,3 +244,26 @@ def test_wide_experts_are_measured_on_a_sample_of_their_neurons(tiny_model):
         assert lp.eps["Q2_K"] != lf.eps["Q2_K"]  # really measured on fewer neurons
     plans = [solve_bit_plan(imp.layers, 4.0, mode="stock", targets=targets).layers for imp in (part, full)]
     assert plans[0] == plans[1]
+
+
+@pytest.mark.slow  # (tiny_model: the SmolLM2 tokenizer)
+@pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
+def test_attention_hessians_need_the_layer_only_up_to_its_attention(tiny_model, arch):
+    """GPTQ's attention Hessians from a forward stopped after the attention (LayerStream.attention_runner) are
+    the bits of the whole layer's forward; the sweep goes on unchanged after it."""
+    from mcsharp_gguf.model.stream import LayerStream, dense_linears
+    from mcsharp_gguf.quant.sequential import _with_hessians
+
+    model_dir = tiny_model(arch)
+    ids = calibration_token_ids(model_dir, calibration_text(20_000), 3, 64)
+    stream = LayerStream.open(model_dir, experts_as_stored=True)
+    hidden = stream.embed(ids)
+    for i, layer, run in stream.layers(hidden):
+        attn = {n: m for n, (c, m) in dense_linears(layer, stream.arch).items() if c == "attn"}
+        assert attn
+        _, whole = _with_hessians(attn, run, hidden)
+        _, part = _with_hessians(attn, stream.attention_runner(layer, hidden.shape[1]), hidden)
+        for n in attn:
+            assert part[n].n == whole[n].n and torch.equal(part[n].H, whole[n].H), (i, n)
+        hidden = run(hidden)
+        assert torch.isfinite(hidden).all()

@@ -105,7 +105,7 @@ def _convert(model: Path, out: Path, *ray: str) -> str:
 @pytest.mark.slow  # (tiny_model: the SmolLM2 tokenizer, pinned converter)
 @pytest.mark.parametrize("kill", [False, True], ids=["plain", "worker-killed"])
 def test_ray_conversion_is_byte_identical(tiny_model, tmp_path, ray_head, kill):
-    """Importance (every type on a sample of 32 experts, the rest predicted; starved experts on the pooled
+    """Importance (every type on a sample of 16 of the 32 experts, the rest predicted; starved experts on the pooled
     Hessian), stock plan, GPTQ and OTP with each expert's work as a Ray task on a cluster given by address: the
     one-process file, byte for byte; with a worker killed mid-task too (Ray runs the task again)."""
     model = tiny_model("qwen3moe", hidden=128, n_expert=32, top_k=4, expert_ff=128)

@@ -168,6 +168,10 @@ def experts_one_at_a_time(experts: torch.nn.Module, hidden_states: torch.Tensor,
 EXPERTS_ONE_AT_A_TIME = "mcsharp_one_expert_at_a_time"
 
 
+class _AttentionDone(Exception):
+    """Raised by LayerStream.attention_runner's hook to end a layer's forward after its attention."""
+
+
 @dataclass
 class LayerStream:
     """A transformers model skeleton whose decoder layers are materialised one at a time.
@@ -297,6 +301,29 @@ class LayerStream:
             with torch.no_grad():
                 return torch.cat([layer(h[s:s + 1], position_ids=pos, position_embeddings=rope)
                                   for s in range(h.shape[0])])
+
+        return run
+
+    def attention_runner(self, layer: torch.nn.Module, seq_len: int) -> Callable[[torch.Tensor], None]:
+        """``run(hidden)``: ``layer`` over every sequence of ``hidden``, each only until its attention has run
+        (what hooks on the attention's linears need: the FFN side, most of a MoE layer's forward, is skipped);
+        no output, no grad."""
+        pos, rope = self.rotary(seq_len)
+
+        def stop(mod, args, out):
+            raise _AttentionDone
+
+        def run(h: torch.Tensor) -> None:
+            hook = layer.self_attn.register_forward_hook(stop)
+            try:
+                with torch.no_grad():
+                    for s in range(h.shape[0]):
+                        try:
+                            layer(h[s:s + 1], position_ids=pos, position_embeddings=rope)
+                        except _AttentionDone:
+                            pass
+            finally:
+                hook.remove()
 
         return run
 

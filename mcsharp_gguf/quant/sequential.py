@@ -134,8 +134,9 @@ class GptqPass:
         stream = self.stream
         done: dict = {"dense": {}}
         attn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "attn"}
-        if attn:
-            _, hess = _with_hessians({n: m for n, (_, m) in attn.items()}, run, hidden)
+        if attn:  # (the attention's inputs need the layer only up to its attention)
+            _, hess = _with_hessians({n: m for n, (_, m) in attn.items()},
+                                     stream.attention_runner(layer, hidden.shape[1]), hidden)
             done["dense"].update(quantize_dense(attn, hess, stream.arch, i, self.gptq))
             _apply_dense(layer, done["dense"])
         ffn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "ffn"}
