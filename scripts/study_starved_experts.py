@@ -12,8 +12,8 @@ held-out text (B), and quantises each expert's gate/up/down from A's tokens with
 - ``blend``: the own Hessian and the pooled one weighted n : width (the pooled one a prior worth as many tokens
   as the projection's input width);
 - ``pooled-Nw`` (N = 2, 4, 8): the pooled Hessian from N × the projection's input width of the layer's tokens,
-  evenly spaced (what quant.experts.LayerTokens computes: the whole pool costs a forward of the expert over every
-  token of the layer, for each starved expert);
+  evenly spaced (quant.experts.LayerTokens takes the whole pool, which costs a forward of each starved expert
+  over every token of the layer);
 - ``own+4w``: the expert's own tokens topped up to 4 × the width with evenly spaced tokens of the layer.
 
 Each is scored by its output error on B's tokens routed to the expert, ||(Ŵ − W) Zᵀ||² summed over the experts,
