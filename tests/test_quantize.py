@@ -249,9 +249,10 @@ def test_wide_experts_are_measured_on_a_sample_of_their_neurons(tiny_model):
 @pytest.mark.slow  # (tiny_model: the SmolLM2 tokenizer)
 @pytest.mark.parametrize("arch", ["qwen3moe", "mixtral"])
 def test_attention_hessians_need_the_layer_only_up_to_its_attention(tiny_model, arch):
-    """GPTQ's attention Hessians from a forward stopped after the attention (LayerStream.attention_runner) are
-    the bits of the whole layer's forward; the sweep goes on unchanged after it."""
-    from mcsharp_gguf.model.stream import LayerStream, dense_linears
+    """GPTQ's attention Hessians from a forward stopped after the attention (LayerStream.attention_runner), and
+    the experts' inputs and routing from one stopped before the routed experts (routing_runner), are the bits of
+    the whole layer's forward; the sweep goes on unchanged after them."""
+    from mcsharp_gguf.model.stream import LayerStream, MoeRecorder, capture_moe, dense_linears
     from mcsharp_gguf.quant.sequential import _with_hessians
 
     model_dir = tiny_model(arch)
@@ -265,5 +266,13 @@ def test_attention_hessians_need_the_layer_only_up_to_its_attention(tiny_model, 
         _, part = _with_hessians(attn, stream.attention_runner(layer, hidden.shape[1]), hidden)
         for n in attn:
             assert part[n].n == whole[n].n and torch.equal(part[n].H, whole[n].H), (i, n)
+        block = stream.moe_block(layer)
+        full, _ = capture_moe(block, stream.arch, stream.n_expert, run, hidden)
+        with MoeRecorder(block, stream.arch, outputs=False) as rec:
+            stream.routing_runner(layer, hidden.shape[1])(hidden)
+        routed = rec.capture(stream.n_expert)
+        assert routed.y is None and routed.x.shape[0] == hidden.shape[0] * hidden.shape[1]
+        for f in ("x", "router_logits", "top_k_index", "top_k_weights"):
+            assert torch.equal(getattr(routed, f), getattr(full, f)), (i, f)
         hidden = run(hidden)
         assert torch.isfinite(hidden).all()

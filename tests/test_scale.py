@@ -119,11 +119,13 @@ def test_real_shape_checkpoint_matches_its_model(olmoe_layer, tmp_path):
 def test_gptq_pass_keeps_experts_bf16_with_the_same_bits(tiny_model, tmp_path, monkeypatch):
     """On the CPU the GPTQ pass keeps a bf16 checkpoint's experts bf16 (half a Mixtral layer's 5.6 GB) and widens
     one expert at a time: the layers' outputs, before and after their experts are quantised, and so every
-    packed byte, are those of the float32 layer."""
+    packed byte, are those of the float32 layer; finished experts decoded once into float32 or by the forward
+    as it takes each (above DECODE_ONCE_BYTES), the same bytes again."""
     from mcsharp_gguf.model.calibration import calibration_token_ids
     from mcsharp_gguf.model.stream import LayerStream
     from mcsharp_gguf.pmq.candidates import Recipe
     from mcsharp_gguf.pmq.plan import BitPlan
+    from mcsharp_gguf.quant import experts as experts_module
     from mcsharp_gguf.quant import sequential
     from mcsharp_gguf.text import calibration_text
 
@@ -142,14 +144,19 @@ def test_gptq_pass_keeps_experts_bf16_with_the_same_bits(tiny_model, tmp_path, m
                    layers={i: ["Q4_K"] * 8 for i in range(2)},
                    recipes={f"{i}:Q4_K": {"gate": r.gate, "up": r.up, "down": r.down} for i in range(2)})
     sequential.quantize_experts(model, plan, ids, tmp_path / "kept", progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(experts_module, "DECODE_ONCE_BYTES", 0)
+        sequential.quantize_experts(model, plan, ids, tmp_path / "per-forward", progress=False)
     opened = LayerStream.open.__func__
     monkeypatch.setattr(LayerStream, "open", classmethod(
         lambda cls, d, device="cpu", experts_as_stored=False: opened(cls, d, device, False)))
     sequential.quantize_experts(model, plan, ids, tmp_path / "wide", progress=False)
     for i in range(2):  # layer 1's bytes depend on layer 0's quantised forward
-        a, b = (sequential.load_work_entry(tmp_path / w / f"layer-{i:04d}.pt") for w in ("kept", "wide"))
-        assert a["packed"].keys() == b["packed"].keys()
-        assert all(np.array_equal(a["packed"][k], b["packed"][k]) for k in a["packed"]), i
+        a, *others = (sequential.load_work_entry(tmp_path / w / f"layer-{i:04d}.pt")
+                      for w in ("kept", "wide", "per-forward"))
+        for b in others:
+            assert a["packed"].keys() == b["packed"].keys()
+            assert all(np.array_equal(a["packed"][k], b["packed"][k]) for k in a["packed"]), i
 
 
 def test_importance_pass_keeps_experts_bf16_with_the_same_result(tiny_model, monkeypatch):

@@ -168,8 +168,8 @@ def experts_one_at_a_time(experts: torch.nn.Module, hidden_states: torch.Tensor,
 EXPERTS_ONE_AT_A_TIME = "mcsharp_one_expert_at_a_time"
 
 
-class _AttentionDone(Exception):
-    """Raised by LayerStream.attention_runner's hook to end a layer's forward after its attention."""
+class _StopForward(Exception):
+    """Raised by a hook of LayerStream.partial_runner to end a layer's forward where its caller needs no more."""
 
 
 @dataclass
@@ -308,19 +308,32 @@ class LayerStream:
         """``run(hidden)``: ``layer`` over every sequence of ``hidden``, each only until its attention has run
         (what hooks on the attention's linears need: the FFN side, most of a MoE layer's forward, is skipped);
         no output, no grad."""
+        return self.partial_runner(layer, seq_len, layer.self_attn, after=True)
+
+    def routing_runner(self, layer: torch.nn.Module, seq_len: int) -> Callable[[torch.Tensor], None]:
+        """``run(hidden)``: ``layer`` over every sequence of ``hidden``, each only until its routed experts would
+        run: what a MoeRecorder without outputs records (the block's inputs and every token's routing) without
+        the experts' products, two thirds of a Qwen3-30B-A3B layer's forward; no output, no grad."""
+        return self.partial_runner(layer, seq_len, getattr(self.moe_block(layer), self.arch.experts), after=False)
+
+    def partial_runner(self, layer: torch.nn.Module, seq_len: int, stop_at: torch.nn.Module, after: bool
+                       ) -> Callable[[torch.Tensor], None]:
+        """``run(hidden)``: ``layer`` over every sequence of ``hidden``, each ended when ``stop_at`` (a module of
+        the layer) is called (``after``: once it has run); hooks registered on the layer's modules before see
+        what ran up to there. No output, no grad."""
         pos, rope = self.rotary(seq_len)
 
-        def stop(mod, args, out):
-            raise _AttentionDone
+        def stop(*_):
+            raise _StopForward
 
         def run(h: torch.Tensor) -> None:
-            hook = layer.self_attn.register_forward_hook(stop)
+            hook = stop_at.register_forward_hook(stop) if after else stop_at.register_forward_pre_hook(stop)
             try:
                 with torch.no_grad():
                     for s in range(h.shape[0]):
                         try:
                             layer(h[s:s + 1], position_ids=pos, position_embeddings=rope)
-                        except _AttentionDone:
+                        except _StopForward:
                             pass
             finally:
                 hook.remove()

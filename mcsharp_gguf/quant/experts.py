@@ -231,22 +231,37 @@ def quantize_layer_experts(gate_up: torch.Tensor, down: torch.Tensor, x: torch.T
     return {"packed": packed, "tokens": [int(r.sum()) for r in routed], "types": types}
 
 
+# A layer's finished experts kept in the checkpoint's dtype are decoded into float32 once when they take at most
+# this many bytes so (the bf16 ones let go first: +1.2 GB at Qwen3-30B-A3B's shape, whose next forward then takes
+# 17 s instead of 41 s decoding each expert for every sequence); larger ones (Mixtral-8x7B's: 5.6 GB) are decoded
+# by the forward as it takes them.
+DECODE_ONCE_BYTES = 3 << 30
+
+
 def load_packed_experts(experts: torch.nn.Module, done: dict) -> None:
     """Put a finished layer's experts (``done``: quantize_layer_experts' result, or the work-dir entry it was saved
-    as) into ``experts``, decoded from their packed bytes by libggml (bit-exact with what GPTQ computed):
-    written over float32 weights in place; for experts kept in the checkpoint's dtype (LayerStream's
-    ``experts_as_stored``), decoded into the forward's buffer each time it takes them (ExpertMatrices), since
-    bf16 cannot hold them."""
+    as) into ``experts``, decoded from their packed bytes by libggml (bit-exact with what GPTQ computed): into
+    float32 weights (written over them in place, or replacing the checkpoint-dtype ones of LayerStream's
+    ``experts_as_stored`` up to DECODE_ONCE_BYTES); beyond that, decoded into the forward's buffer each time it
+    takes them (ExpertMatrices), since bf16 cannot hold them."""
     ff = experts.down_proj.shape[2]
     if experts.down_proj.dtype != torch.float32:
-        for e, t in enumerate(done["types"]):
-            experts.matrices.replaced[e] = partial(_decode_expert, done["packed"], e, t, ff)
-        return
+        if 4 * (experts.gate_up_proj.numel() + experts.down_proj.numel()) > DECODE_ONCE_BYTES:
+            for e, t in enumerate(done["types"]):
+                experts.matrices.replaced[e] = partial(_decode_expert, done["packed"], e, t, ff)
+            return
+        for name in ("gate_up_proj", "down_proj"):
+            shape = getattr(experts, name).shape
+            setattr(experts, name, torch.nn.Parameter(torch.empty(0), requires_grad=False))  # (bf16 let go)
+            setattr(experts, name, torch.nn.Parameter(torch.empty(shape), requires_grad=False))
     with torch.no_grad():
         for e, t in enumerate(done["types"]):
             for p, w in (("gate", experts.gate_up_proj[e, :ff]), ("up", experts.gate_up_proj[e, ff:]),
                          ("down", experts.down_proj[e])):
-                w.copy_(torch.from_numpy(ggml_dequantize(done["packed"][(e, p)], t[p], tuple(w.shape))))
+                if w.device.type == "cpu":  # (decoded in place)
+                    ggml_dequantize(done["packed"][(e, p)], t[p], tuple(w.shape), out=w.detach().numpy())
+                else:
+                    w.copy_(torch.from_numpy(ggml_dequantize(done["packed"][(e, p)], t[p], tuple(w.shape))))
 
 
 def _decode_expert(packed: dict, e: int, types: dict[str, str], ff: int, name: str, out: torch.Tensor) -> None:

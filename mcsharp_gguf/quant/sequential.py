@@ -25,7 +25,7 @@ from ..errors import McsharpError
 from ..executors import InProcess, RayCluster
 from ..files import write_atomically
 from ..model.names import checkpoint_name, gguf_name_map
-from ..model.stream import LayerStream, capture_moe, dense_linears
+from ..model.stream import LayerStream, MoeRecorder, capture_moe, dense_linears
 from ..nested import map_arrays
 from .dense import DenseTypes, _apply_dense, _quantize_linear, quantize_dense
 from .experts import load_packed_experts, quantize_layer_experts
@@ -143,10 +143,16 @@ class GptqPass:
         hooks_for = {n: m for n, (_, m) in ffn.items()}
         if block is not None:
             experts = getattr(block, stream.arch.experts)
-            (cap, out), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch, stream.n_expert,
-                                                                 run), hidden)
+            if hooks_for:  # (a shared expert may run after the routed ones: its Hessians need the whole forward)
+                (cap, out), hess = _with_hessians(hooks_for, partial(capture_moe, block, stream.arch,
+                                                                     stream.n_expert, run), hidden)
+                del out  # (the layer's output: 0.25 GB at Mixtral's width and 16k tokens)
+            else:  # the experts' inputs and routing need the layer only up to its routed experts
+                with MoeRecorder(block, stream.arch, outputs=False) as rec:
+                    stream.routing_runner(layer, hidden.shape[1])(hidden)
+                cap = rec.capture(stream.n_expert)
             x, top_k_index = cap.x, cap.top_k_index
-            del cap, out  # (the block's and the layer's outputs: 0.5 GB at Mixtral's width and 16k tokens)
+            del cap  # (with the block's outputs, 0.25 GB more at Mixtral's width)
             types = [self.plan.recipes[f"{i}:{t}"] for t in self.plan.layers[i]]
             done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(), x,
                                                top_k_index, types, experts.act_fn, gptq=self.gptq,
