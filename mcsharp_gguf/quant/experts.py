@@ -62,12 +62,17 @@ class LayerTokens:
         """Hessian of one expert's activations (its down projection's input) over every token: what a starved
         expert costs is this forward over all the layer's tokens, whose products are bf16 matmuls
         (activation_hessian) where the expert's weights are bf16 values (as checkpoints store them)."""
-        gb, ub = g.bfloat16(), u.bfloat16()
-        if not (torch.equal(gb.to(g.dtype), g) and torch.equal(ub.to(u.dtype), u)):
+        if not (_bf16_values(g) and _bf16_values(u)):
             return activation_hessian(self.x, g, u, act)
         if self._x_bf16 is None:
             self._x_bf16 = self.x.bfloat16()
-        return activation_hessian(self._x_bf16, gb, ub, act)
+        return activation_hessian(self._x_bf16, g, u, act)
+
+
+def _bf16_values(w: torch.Tensor, rows: int = 1024) -> bool:
+    """Every value of ``w`` is a bf16 value (checked a block of rows at a time: no whole copy of a Mixtral-8x7B
+    expert's 0.2 GB matrices)."""
+    return all(torch.equal(c.bfloat16().to(c.dtype), c) for c in w.split(rows))
 
 
 ACT_CHUNK_BYTES = 1 << 28  # activations are accumulated into their Hessian this many bytes at a time
