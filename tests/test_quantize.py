@@ -90,7 +90,7 @@ def test_gptq_beats_rtn_at_equal_size(setup, tmp_path):
 
 def test_starved_experts_borrow_the_layers_hessian_and_rtn_only_without_it():
     """An expert with fewer tokens than a projection's input width (here: none) is GPTQ'd on the Hessians of
-    every token of the layer (its activations' in bf16 products, within 1% of float32's); when the layer's
+    every token of the layer (the activations' one from bf16 products, within 1% of float32's); when the layer's
     tokens are fewer than the width too, RTN."""
     from mcsharp_gguf.ggml.packing import quantize_rtn
     from mcsharp_gguf.quant.experts import LayerTokens, quantize_layer_experts

@@ -152,7 +152,7 @@ class GptqPass:
                     stream.routing_runner(layer, hidden.shape[1])(hidden)
                 cap = rec.capture(stream.n_expert)
             x, top_k_index = cap.x, cap.top_k_index
-            del cap  # (with the block's outputs, 0.25 GB more at Mixtral's width)
+            del cap  # (from a whole forward it holds the block's outputs too: 0.25 GB at Mixtral's width)
             types = [self.plan.recipes[f"{i}:{t}"] for t in self.plan.layers[i]]
             done.update(quantize_layer_experts(experts.gate_up_proj.detach(), experts.down_proj.detach(), x,
                                                top_k_index, types, experts.act_fn, gptq=self.gptq,
