@@ -275,12 +275,14 @@ def load_packed_experts(experts: torch.nn.Module, done: dict) -> None:
             setattr(experts, name, torch.nn.Parameter(torch.empty(shape), requires_grad=False))
     with torch.no_grad():
         for e, t in enumerate(done["types"]):
-            for p, w in (("gate", experts.gate_up_proj[e, :ff]), ("up", experts.gate_up_proj[e, ff:]),
-                         ("down", experts.down_proj[e])):
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(experts, name)[e]
                 if w.device.type == "cpu":  # (decoded in place)
-                    ggml_dequantize(done["packed"][(e, p)], t[p], tuple(w.shape), out=w.detach().numpy())
-                else:
-                    w.copy_(torch.from_numpy(ggml_dequantize(done["packed"][(e, p)], t[p], tuple(w.shape))))
+                    _decode_expert(done["packed"], e, t, ff, name, w.detach())
+                else:  # (libggml decodes on the CPU)
+                    buf = torch.empty(w.shape)
+                    _decode_expert(done["packed"], e, t, ff, name, buf)
+                    w.copy_(buf)
 
 
 def _decode_expert(packed: dict, e: int, types: dict[str, str], ff: int, name: str, out: torch.Tensor) -> None:
