@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench_quality import CALIB_CHARS, log, run
+from bench_quality import CALIB_CHARS, log, run_tool
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     rows = []
     for who, what, cmd in steps:
         log(f"[cost] {who}: {what}")
-        wall, rss = run(cmd)
+        wall, rss = run_tool(cmd)
         rows.append({"pipeline": who, "step": what, "wall_s": wall, "peak_rss_mb": rss})
         log(f"[cost]   {wall:7.1f} s, peak RSS {rss:7.0f} MB")
     print("| pipeline | step | wall s | peak RSS MB |\n|---|---|---|---|")

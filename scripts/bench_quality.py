@@ -89,7 +89,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
+def run_tool(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd``; (wall seconds, its peak RSS in MB)."""
     from mcsharp_gguf.stages import run_with_peak_rss
 
@@ -185,7 +185,7 @@ def main() -> None:
     imatrix = work / "imatrix.gguf"
     timings: dict[str, float] = {}
     if not imatrix.exists():
-        timings["llama-imatrix s"], timings["llama-imatrix peak RSS MB"] = run(
+        timings["llama-imatrix s"], timings["llama-imatrix peak RSS MB"] = run_tool(
             [str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-o", str(imatrix), "-c", "512",
              "-t", "2", "--no-ppl"])
 
@@ -213,7 +213,7 @@ def main() -> None:
         preset, overrides, im, stem, name = llama_spec(spec)
         out = work / f"{stem}.gguf"
         if not out.exists():
-            timings[f"llama-quantize {spec} s"], timings[f"llama-quantize {spec} peak RSS MB"] = run(
+            timings[f"llama-quantize {spec} s"], timings[f"llama-quantize {spec} peak RSS MB"] = run_tool(
                 [str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if im else []),
                  *[a for o in overrides for a in ("--tensor-type", o)], str(f16), str(out), preset, "2"])
         llama_files[spec] = out
