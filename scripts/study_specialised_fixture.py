@@ -1,4 +1,4 @@
-"""Study (not a test): can the fixture's upcycled experts be made to differ without gradient training?
+"""Study (not a test): can the fixture's upcycled experts be made to differ, by closed-form fits or by training?
 
 Two closed-form recipes on SmolLM2-135M's FFNs, each layer fitted to the dense FFN's output on training text
 (pydoc characters 100,000 onwards, disjoint from the held-out text and from the pipeline's default calibration
@@ -10,7 +10,11 @@ range):
   router's top-k weights;
 * ``clusters``: the training tokens clustered (k-means on the direction of the MoE input), one expert per
   cluster made of the 128 non-shared neurons most active on its tokens (experts may share neurons), a router
-  fitted by least squares to the cluster labels, times ``--temp``, and the down projections refitted as above.
+  fitted by least squares to the cluster labels, times ``--temp``, and the down projections refitted as above;
+* ``distil``: layer-wise gradient training from either (``--init clusters|sliced``): every routed expert's gate,
+  up and down and the router trained by Adam (``--epochs``, one-cycle ``--lr``) to the dense FFN's routed output
+  under top-k routing, plus ``--lb`` × a load-balancing term; per layer the error and routing statistics on the
+  10% of the training tokens it did not train on, before and after (``--layers N``: only the first N layers).
 
 Prints per layer the relative error of the fitted MoE output on the training tokens, and for the whole model
 held-out PPL (4096 tokens, transformers) of dense SmolLM2, the sliced fixture's recipe and the recipe, with the
@@ -20,12 +24,15 @@ instead prints, for the sliced experts, the error of keeping each token's k expe
     OMP_NUM_THREADS=1 python scripts/study_specialised_fixture.py --recipe refit --top-k 6 --temp 1
     OMP_NUM_THREADS=1 python scripts/study_specialised_fixture.py --recipe clusters --top-k 4 --temp 5
     OMP_NUM_THREADS=1 python scripts/study_specialised_fixture.py --oracle
+    OMP_NUM_THREADS=1 python scripts/study_specialised_fixture.py --recipe distil --init sliced --top-k 6 \
+        --lb 0 --lr 5e-3
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import numpy as np
 import torch
@@ -91,6 +98,75 @@ def fit_layer(recipe: str, cap: fx.LayerCapture, mlp, top_k: int, temp: float, s
     return plan, router.float(), downs.float(), rel
 
 
+def distil_layer(cap: fx.LayerCapture, mlp, top_k: int, temp: float, seed: int, epochs: int, lb: float,
+                 lr: float = 2e-3, init: str = "clusters"):
+    """Initialised by the clusters recipe or the sliced fixture's experts and router (``init``), the routed experts
+    (gate, up, down) and the router trained jointly by Adam to the dense FFN's routed output (dense minus the
+    shared neurons' part, which stays exact), top-k softmax weights as the MoE applies them, plus ``lb`` × the
+    Switch load-balancing term. Returns (plan,
+    router (8, 576), gate/up (8, 256, 576), downs (8, 576, 128), and on the last 10% of the tokens (not trained
+    on) the routed output's relative error and routing statistics after training and of the initialisation)."""
+    x, h = cap.x, cap.h
+    wd = mlp.down_proj.weight.detach()
+    if init == "clusters":
+        plan, router, downs, _ = fit_layer("clusters", cap, mlp, top_k, temp, seed)
+    else:  # the sliced fixture's experts and router (flat: weights ≈ 1/8, downs × 8)
+        plan = fx.upcycle_layer(cap, wd, seed=seed)
+        router = torch.from_numpy(plan.router) * temp
+        downs = torch.cat([wd[:, e].T * fx.ROUTED_DOWN_SCALE for e in plan.experts])
+    s = torch.as_tensor(plan.shared)
+    routed = h @ wd.T - h[:, s] @ wd[:, s].T
+    wg, wu = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+    g = torch.stack([wg[e] for e in plan.experts]).clone().requires_grad_()
+    u = torch.stack([wu[e] for e in plan.experts]).clone().requires_grad_()
+    d = torch.stack([downs[j * fx.EXPERT_WIDTH:(j + 1) * fx.EXPERT_WIDTH].T
+                     for j in range(fx.N_EXPERTS)]).clone().requires_grad_()
+    r = router.clone().requires_grad_()
+    n_train = int(x.shape[0] * 0.9)
+
+    def moe(xb: torch.Tensor):
+        probs = torch.softmax(xb @ r.T, dim=1)
+        top_w, top_i = probs.topk(top_k, dim=1)
+        out = torch.zeros(xb.shape[0], x.shape[1])
+        for j in range(fx.N_EXPERTS):
+            tok, slot = (top_i == j).nonzero(as_tuple=True)
+            if tok.numel():
+                xe = xb[tok]
+                he = torch.nn.functional.silu(xe @ g[j].T) * (xe @ u[j].T)
+                out = out.index_add(0, tok, (he @ d[j].T) * top_w[tok, slot, None])
+        return out, probs, top_i
+
+    def rel_error() -> str:
+        """Relative error, mean top-1 weight and activation frequency max / min on the unseen tokens."""
+        with torch.no_grad():
+            out, probs, top_i = moe(x[n_train:])
+            freq = torch.bincount(top_i.flatten(), minlength=fx.N_EXPERTS).double()
+            err = ((out - routed[n_train:]).norm() / (h[n_train:] @ wd.T).norm()).item()
+            return (f"error {err:.4f}, top-1 weight {probs.max(1).values.mean():.3f}, frequency max/min "
+                    f"{freq.max() / freq.min().clamp_min(1):.2f}")
+
+    err0 = rel_error()
+    opt = torch.optim.Adam([g, u, d, r], lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    scale = routed[:n_train].pow(2).mean()
+    batch = 1024
+    steps = epochs * (n_train // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for _ in range(epochs):
+        perm = torch.randperm(n_train, generator=gen)
+        for b in range(n_train // batch):
+            idx = perm[b * batch:(b + 1) * batch]
+            out, probs, top_i = moe(x[idx])
+            loss = (out - routed[idx]).pow(2).mean() / scale
+            frac = torch.bincount(top_i.flatten(), minlength=fx.N_EXPERTS).float() / top_i.numel()
+            loss = loss + lb * fx.N_EXPERTS * (frac * probs.mean(0)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return plan, r.detach(), torch.cat([g, u], dim=1).detach(), d.detach(), rel_error(), err0
+
+
 def heldout(model, tok, top_k: int | None) -> tuple[float, list[tuple[float, float]]]:
     """(PPL, per MoE layer (mean top-1 routing weight, activation frequency max / min)) on held-out text."""
     ids = tok(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS]
@@ -113,7 +189,12 @@ def heldout(model, tok, top_k: int | None) -> tuple[float, list[tuple[float, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", choices=("refit", "clusters"), default="refit")
+    ap.add_argument("--recipe", choices=("refit", "clusters", "distil"), default="refit")
+    ap.add_argument("--epochs", type=int, default=8, help="distil: passes over the layer's training tokens")
+    ap.add_argument("--lr", type=float, default=2e-3, help="distil: peak learning rate (one-cycle)")
+    ap.add_argument("--init", choices=("clusters", "sliced"), default="clusters", help="distil: initialisation")
+    ap.add_argument("--lb", type=float, default=0.01, help="distil: weight of the load-balancing term")
+    ap.add_argument("--layers", type=int, default=None, help="distil: train only the first N layers, no PPL")
     ap.add_argument("--top-k", type=int, default=6)
     ap.add_argument("--temp", type=float, default=1.0)
     ap.add_argument("--train-chars", type=int, default=120_000)
@@ -139,6 +220,34 @@ def main() -> None:
             print(f"layer {i:2d}: error of the routed output keeping the k largest experts: {', '.join(errs)}")
         return
 
+    if args.recipe == "distil":
+        t0 = time.time()
+        trained = []
+        for i, cap in enumerate(xs[:args.layers]):
+            trained.append(distil_layer(cap, dense.model.layers[i].mlp, args.top_k, args.temp, i, args.epochs,
+                                        args.lb, args.lr, args.init))
+            print(f"layer {i:2d} on unseen tokens: trained {trained[-1][4]}; closed-form init {trained[-1][5]}; "
+                  f"{time.time() - t0:.0f} s", flush=True)
+        if args.layers is not None:
+            return
+        sliced = fx.upcycle(dense, [fx.upcycle_layer(c, dense.model.layers[i].mlp.down_proj.weight.detach(),
+                                                     seed=i) for i, c in enumerate(xs)])
+        del xs
+        moe = fx.upcycle(dense, [t[0] for t in trained])
+        d = dense.config.hidden_size
+        with torch.no_grad():
+            for i, (_, router, gate_up, downs, *_) in enumerate(trained):
+                block = moe.model.layers[i].mlp
+                block.gate.top_k = args.top_k
+                block.gate.weight.zero_()
+                block.gate.weight[:, :d] = router
+                block.experts.gate_up_proj.zero_()
+                block.experts.gate_up_proj[:, :, :d] = gate_up
+                block.experts.down_proj.zero_()
+                block.experts.down_proj[:, :d, :] = downs
+        report(dense, sliced, moe, tok, args)
+        return
+
     layers = []
     for i, cap in enumerate(xs):
         with torch.no_grad():
@@ -158,6 +267,11 @@ def main() -> None:
             for j in range(fx.N_EXPERTS):
                 block.experts.down_proj[j].zero_()
                 block.experts.down_proj[j][:d, :] = downs[j * fx.EXPERT_WIDTH:(j + 1) * fx.EXPERT_WIDTH].T
+    report(dense, sliced, moe, tok, args)
+
+
+def report(dense, sliced, moe, tok, args) -> None:
+    """Held-out PPL of the three models and the routing statistics of the two MoEs."""
     ppl_dense, _ = heldout(dense, tok, None)
     ppl_sliced, st_sliced = heldout(sliced, tok, fx.TOP_K)
     ppl_moe, st_moe = heldout(moe, tok, args.top_k)
