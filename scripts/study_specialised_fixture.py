@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--init", choices=("clusters", "sliced"), default="clusters", help="distil: initialisation")
     ap.add_argument("--lb", type=float, default=0.01, help="distil: weight of the load-balancing term")
     ap.add_argument("--layers", type=int, default=None, help="distil: train only the first N layers, no PPL")
+    ap.add_argument("--save", type=Path, default=None, help="distil: write the trained MoE checkpoint here")
     ap.add_argument("--top-k", type=int, default=6)
     ap.add_argument("--temp", type=float, default=1.0)
     ap.add_argument("--train-chars", type=int, default=120_000)
@@ -246,6 +248,10 @@ def main() -> None:
                 block.experts.down_proj.zero_()
                 block.experts.down_proj[:, :d, :] = downs
         report(dense, sliced, moe, tok, args)
+        if args.save is not None:  # a checkpoint the pipeline and scripts/fixture_stats.py take
+            moe.config.num_experts_per_tok = args.top_k
+            moe.save_pretrained(args.save, safe_serialization=True)
+            tok.save_pretrained(args.save)
         return
 
     layers = []

@@ -19,6 +19,7 @@ from mcsharp_gguf.pmq.plan import (
     fold_importance,
     out_of_fold_cost,
     plan_cost,
+    planner_ceiling,
     solve_bit_plan,
 )
 from mcsharp_gguf.pmq.report import format_plan_table
@@ -154,6 +155,33 @@ def test_cross_validation_shrinks_noise_and_keeps_real_differences():
     for bad in ("bogus", 1.5):
         with pytest.raises(McsharpError, match="neither 'cv' nor a number"):
             solve_bit_plan(noisy, 3.5, targets=TARGETS, shrink=bad)
+
+
+def test_planner_ceiling_sees_only_real_differences_between_experts():
+    """Experts alike (no noise): per-expert costs buy nothing over the layer mean (over stock only the finer
+    budget granularity of a type per expert, never a loss). Experts that differ,
+    measured precisely: the mixed plan is cheaper in-sample and out of fold. Uneven frequencies alone: the
+    mean-cost mixed plan already beats stock (the experts differ in how often they run)."""
+    alike = planner_ceiling(_two_folds(3, 8, spread=0.0, noise=0.0), 3.5, targets=TARGETS)
+    for i in (0, 1):
+        assert alike.mixed[i] == pytest.approx(alike.mixed_mean[i], rel=1e-9)
+        assert alike.mixed[i] <= alike.stock[i] * (1 + 1e-9)
+    assert abs(alike.gain()) < 1e-9
+    differ = _two_folds(3, 8, spread=3.0, noise=0.02, seed=2)
+    ceiling = planner_ceiling(differ, 3.5, targets=TARGETS)
+    assert ceiling.gain(out_of_fold=False) > 0.05 and ceiling.gain() > 0.05, ceiling
+    assert ceiling.mixed[0] <= ceiling.stock[0] and ceiling.gain("stock") > 0.05
+    uneven = _two_folds(3, 8, spread=0.0, noise=0.0, seed=3)
+    for imp in uneven:
+        phi = np.asarray([0.4, 0.2, 0.1, 0.1, 0.08, 0.06, 0.04, 0.02])
+        scale = np.sqrt(phi * imp.n_expert)  # an expert's error grows with the tokens it sees
+        imp.phi = imp.w = list(phi)
+        imp.eps_fisher = {t: list(np.asarray(v) * scale) for t, v in imp.eps_fisher.items()}
+        imp.eps_fisher_a = {t: list(np.asarray(v) * scale) for t, v in imp.eps_fisher_a.items()}
+    skew = planner_ceiling(uneven, 3.5, targets=TARGETS)
+    assert skew.mixed_mean[1] < 0.95 * skew.stock[1] and abs(skew.gain()) < 1e-6, skew
+    with pytest.raises(McsharpError, match="no calibration folds"):
+        planner_ceiling(_layers(2, 8), 3.5, targets=TARGETS)
 
 
 @pytest.mark.parametrize("bpw", [2.8, 3.2, 4.0, 5.0])

@@ -416,3 +416,43 @@ def choose_shrinkage(layers: list[LayerImportance], bpw: float, tensors=(), grid
           for s in grid}
     best = min(grid, key=lambda s: (cv[f"{s:g}"], -s))
     return float(best), cv
+
+
+@dataclass(frozen=True)
+class PlannerCeiling:
+    """What per-expert types can gain at one budget, by the planner's own numbers: the fisher-metric cost (2× the
+    estimated output KL summed over the calibration tokens) of three plans, each priced in-sample (by the costs
+    that chose it) and out-of-fold (planned on one calibration fold, priced on the other, both ways):
+
+    * ``stock``: one expert type per layer;
+    * ``mixed_mean``: one type per expert on costs shrunk to the layer's mean (the experts differ only in how
+      often they run);
+    * ``mixed``: one type per expert on the costs as measured."""
+
+    stock: tuple[float, float]
+    mixed_mean: tuple[float, float]
+    mixed: tuple[float, float]
+
+    def gain(self, over: str = "mixed_mean", out_of_fold: bool = True) -> float:
+        """1 − cost(mixed) / cost(``over``): the share of the estimated KL the per-expert costs remove."""
+        i = int(out_of_fold)
+        return 1.0 - self.mixed[i] / getattr(self, over)[i]
+
+
+def planner_ceiling(layers: list[LayerImportance], bpw: float, tensors=(), **solve_kw) -> PlannerCeiling:
+    """:class:`PlannerCeiling` of the importance ``layers`` (measured for a mixed plan: every expert at every type,
+    with calibration folds) at ``bpw``; ``solve_kw`` as for :func:`solve_bit_plan` (scope, targets)."""
+    if not all(imp.eps_fisher_a for imp in layers):
+        raise McsharpError("the importance has no calibration folds (eps_fisher_a); measure it again with this "
+                           "version to get out-of-fold costs")
+    if any(imp.sampled for imp in layers):
+        raise McsharpError("the importance was measured for a stock plan (a sample of experts at every type); "
+                           "measure it with --mode mixed")
+
+    def priced(**kw) -> tuple[float, float]:
+        plan = solve_bit_plan(layers, bpw, tensors=tensors, metric="fisher", **solve_kw, **kw)
+        return (plan_cost(plan, layers, tensors),
+                out_of_fold_cost(layers, bpw, tensors, metric="fisher", **solve_kw, **kw))
+
+    return PlannerCeiling(stock=priced(mode="stock"), mixed_mean=priced(mode="mixed", shrink=0.0),
+                          mixed=priced(mode="mixed", shrink=1.0))
