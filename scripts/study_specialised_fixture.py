@@ -104,9 +104,9 @@ def distil_layer(cap: fx.LayerCapture, mlp, top_k: int, temp: float, seed: int, 
     """Initialised by the clusters recipe or the sliced fixture's experts and router (``init``), the routed experts
     (gate, up, down) and the router trained jointly by Adam to the dense FFN's routed output (dense minus the
     shared neurons' part, which stays exact), top-k softmax weights as the MoE applies them, plus ``lb`` × the
-    Switch load-balancing term. Returns (plan,
-    router (8, 576), gate/up (8, 256, 576), downs (8, 576, 128), and on the last 10% of the tokens (not trained
-    on) the routed output's relative error and routing statistics after training and of the initialisation)."""
+    Switch load-balancing term. Returns (plan, router (8, 576), gate/up (8, 256, 576), downs (8, 576, 128), and on
+    the last 10% of the tokens (not trained on) the routed output's relative error and routing statistics after
+    training and of the initialisation)."""
     x, h = cap.x, cap.h
     wd = mlp.down_proj.weight.detach()
     if init == "clusters":
