@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,12 +40,24 @@ def main() -> None:
     ap.add_argument("--importance", type=Path, default=None, help="importance JSON to reuse, or where to store it")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
     args = ap.parse_args()
+    from mcsharp_gguf.errors import McsharpError
 
+    try:
+        report(args)
+    except McsharpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Measure (or load) and print what ``main`` describes."""
     from transformers import AutoTokenizer
 
     from mcsharp_gguf.dev.fixture import cached_fixture
     from mcsharp_gguf.dev.routing import routing_statistics
+    from mcsharp_gguf.errors import McsharpError
     from mcsharp_gguf.model.calibration import calibration_token_ids
+    from mcsharp_gguf.model.checkpoint import validate_model_dir
     from mcsharp_gguf.pipeline import measure, model_budget, planned_weights
     from mcsharp_gguf.pmq.importance import ModelImportance
     from mcsharp_gguf.pmq.plan import planner_ceiling
@@ -52,7 +65,21 @@ def main() -> None:
     from mcsharp_gguf.text import calibration_text, heldout_text
 
     model = args.model or cached_fixture(log=log)
-    n_held = len(AutoTokenizer.from_pretrained(model)(heldout_text(), add_special_tokens=False)["input_ids"])
+    validate_model_dir(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    text = calibration_text(CALIB_CHARS)
+    n_cal = len(tok(text, add_special_tokens=False)["input_ids"]) // 512
+    recipe = Recipe(preset=args.preset, mode="mixed", calib_seqs=n_cal, calib_len=512)
+    budget = model_budget(recipe, model, log)  # a bad --preset fails here, before any measuring
+    importance = None
+    if args.importance is not None and args.importance.exists():
+        try:
+            importance = ModelImportance.from_json(args.importance.read_text())
+        except (ValueError, KeyError, TypeError) as e:
+            raise McsharpError(f"--importance {args.importance} is not an importance JSON ({e}); pass another "
+                               "path to measure and store one") from None
+
+    n_held = len(tok(heldout_text(), add_special_tokens=False)["input_ids"])
     held = calibration_token_ids(model, heldout_text(), min(HELDOUT_SEQS, n_held // 512), 512)
     routing = routing_statistics(model, held, progress=False)
     top1 = np.array([r.top1_weight for r in routing])
@@ -61,16 +88,12 @@ def main() -> None:
         f"({top1.min():.3f}-{top1.max():.3f}), frequency max/min median {np.median(ratio):.2f} "
         f"({ratio.min():.2f}-{ratio.max():.2f})")
 
-    text = calibration_text(CALIB_CHARS)
-    n_cal = len(AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]) // 512
-    recipe = Recipe(preset=args.preset, mode="mixed", calib_seqs=n_cal, calib_len=512)
-    if args.importance is not None and args.importance.exists():
-        importance = ModelImportance.from_json(args.importance.read_text())
-    else:
+    if importance is None:
         importance = measure(recipe, model, calibration_token_ids(model, text, n_cal, 512))
-        if args.importance is not None:
-            args.importance.write_text(importance.to_json())
-    budget = model_budget(recipe, model, log)
+        if args.importance is not None:  # written whole or not at all
+            tmp = args.importance.with_name(args.importance.name + ".tmp")
+            tmp.write_text(importance.to_json())
+            os.replace(tmp, args.importance)
     bpw = 8 * budget.planned_bytes / planned_weights(importance, recipe.scope)
     ceiling = planner_ceiling(importance.layers, bpw, importance.tensors, scope=recipe.scope)
     n_tok = n_cal * 512
