@@ -65,11 +65,15 @@ def setup(backend: str, tools: bool, tests: bool, cuda_arch: str, as_json: bool)
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-def fixture(out_dir: Path) -> None:
-    """Build the embedded real MoE fixture (SmolLM2-135M upcycled to Qwen2-MoE) into OUT_DIR."""
+@click.option("--kind", type=click.Choice(["sliced", "specialised"]), default="sliced", show_default=True,
+              help="sliced: the dense FFN split into balanced experts behind a flat router (about 1 min); "
+                   "specialised: those experts and router trained layer by layer to the dense FFN, uneven load "
+                   "(about 15 min on two cores)")
+def fixture(out_dir: Path, kind: str) -> None:
+    """Build an embedded real MoE fixture (SmolLM2-135M upcycled to Qwen2-MoE) into OUT_DIR."""
     from .dev.fixture import build_fixture
 
-    build_fixture(out_dir, log=_log)
+    build_fixture(out_dir, kind=kind, log=_log)
     click.echo(str(out_dir))
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcsharp_gguf.dev import fixture as fx
+from mcsharp_gguf.dev import upcycle as fx
 from mcsharp_gguf.text import calibration_text, heldout_text
 
 TRAIN_OFFSET = 100_000

@@ -96,8 +96,8 @@ def test_default_calibration_scales_with_experts_per_token(tmp_path):
     sequences: the real shapes all hit the cap, the fixture and the tiny models keep 8; given, as given."""
     import json
 
-    from mcsharp_gguf.dev.fixture import EXPERT_WIDTH, N_EXPERTS, NEW_HIDDEN, TOP_K
     from mcsharp_gguf.dev.scale import SHAPES
+    from mcsharp_gguf.dev.upcycle import EXPERT_WIDTH, N_EXPERTS, NEW_HIDDEN, TOP_K
     from mcsharp_gguf.model.calibration import MAX_CALIB_SEQS, MIN_CALIB_SEQS, calibration_seqs
 
     def seqs(cfg: dict, **kw) -> int:

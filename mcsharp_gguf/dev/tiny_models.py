@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..native.build import cache_root
-from .fixture import smollm2_gguf_path
+from .upcycle import smollm2_gguf_path
 
 ROUTER_SCALE = 6.0
 _ROUTER_RE = re.compile(r"(\.gate|\.router|\.router\.layer)\.weight$")
