@@ -9,8 +9,8 @@
    routed-expert share of decode time is estimated from the slope of decode time over static k.
    With --pmq FILE (a PMQ GGUF of the fixture) the same OTP routers are added to it and timed too.
 
-Usage: python scripts/bench_otp.py [--model DIR] [--work DIR] [--targets 0.9,0.833,0.75,0.667,0.5] [--pmq FILE]
-                              [--json OUT]
+Usage: python scripts/bench_otp.py [--fixture sliced|specialised | --model DIR] [--work DIR]
+                                  [--targets 0.9,0.833,0.75,0.667,0.5] [--pmq FILE] [--json OUT]
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def main() -> None:
                     help="Also refine the routers end to end on the logits' KL (this many steps) at --refine-targets")
     ap.add_argument("--refine-targets", default="0.75")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
+    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
+                    help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
     ap.add_argument("--model", type=Path, default=None,
-                    help="checkpoint dir to benchmark instead of the embedded (sliced) fixture, e.g. a "
-                         "study_specialised_fixture.py --save DIR")
+                    help="a checkpoint dir to benchmark instead of a --fixture")
     args = ap.parse_args()
     if args.model is not None:  # a bad directory fails here, not after the llama.cpp build
         from mcsharp_gguf.errors import McsharpError
@@ -78,7 +79,7 @@ def main() -> None:
 
     t_start = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
-    model = args.model or cached_fixture(log=log)
+    model = args.model or cached_fixture(args.fixture, log=log)
     f16 = args.work / "fixture-f16.gguf"
     if not f16.exists():
         run(Recipe(preset="F16"), model, f16, log=log)

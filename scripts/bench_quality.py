@@ -29,12 +29,13 @@ planned tensor + writing the GGUF (importance, measured once per eps source, is 
 
 Calibration for everything: the first 60,000 characters of pydoc text (never the held-out range).
 
-Usage: python scripts/bench_quality.py [--model DIR] [--work out/bench-quality] [--points P1,P2,...]
+Usage: python scripts/bench_quality.py [--fixture sliced|specialised | --model DIR] [--work out/bench-quality]
+                                      [--points P1,P2,...]
                                       [--llama-rows R1,...] [--eps-sources gptq|rtn,gptq] [--experts-only]
                                       [--json OUT]
 
-``--model DIR`` benchmarks another checkpoint of a llama.cpp architecture (e.g. a trained candidate fixture) on
-the same code path; the default is the embedded sliced fixture.
+``--fixture specialised`` benchmarks the trained fixture (``mcsharp fixture --kind specialised``) and ``--model DIR``
+any checkpoint of an architecture we convert, on the same code path; the default is the sliced fixture.
 """
 
 from __future__ import annotations
@@ -158,9 +159,10 @@ def main() -> None:
     ap.add_argument("--experts-only", action="store_true",
                     help="also plan the experts alone, non-expert tensors at llama.cpp's types ((d0), (e0))")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
+    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
+                    help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
     ap.add_argument("--model", type=Path, default=None,
-                    help="checkpoint dir to benchmark instead of the embedded (sliced) fixture, e.g. a "
-                         "study_specialised_fixture.py --save DIR")
+                    help="a checkpoint dir to benchmark instead of a --fixture")
     args = ap.parse_args()
     if args.model is not None:  # a bad directory fails here, not after the llama.cpp build
         from mcsharp_gguf.errors import McsharpError
@@ -190,7 +192,7 @@ def main() -> None:
     t_start = time.time()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    model = args.model or cached_fixture(log=log)
+    model = args.model or cached_fixture(args.fixture, log=log)
     f16 = work / "fixture-f16.gguf"
     if not f16.exists():
         convert_checkpoint(model, f16, outtype="f16")

@@ -10,11 +10,12 @@ of a mixed plan on the costs as measured, in-sample and two-fold out-of-fold (pm
 ceiling is 1 − mixed / mixed-on-mean-costs: what per-expert differences in error, beyond how often each expert
 runs, can buy.
 
-    python scripts/fixture_stats.py [--model DIR] [--preset Q3_K_M] [--importance FILE] [--json OUT]
+    python scripts/fixture_stats.py [--fixture sliced|specialised | --model DIR] [--preset Q3_K_M]
+                                    [--importance FILE] [--json OUT]
 
-``--model`` defaults to the embedded (sliced) fixture. ``--importance FILE`` reuses a measured importance (e.g.
-bench_quality's ``importance-28x512-v3-gptq.json`` for the fixture) or, when FILE does not exist, stores the one
-measured here.
+The model is an embedded fixture (``--fixture``, default sliced) or any checkpoint (``--model``).
+``--importance FILE`` reuses a measured importance (e.g. bench_quality's ``importance-28x512-v3-gptq.json``
+for the fixture) or, when FILE does not exist, stores the one measured here.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ HELDOUT_SEQS = 8
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the sliced fixture)")
+    ap.add_argument("--model", type=Path, default=None, help="a checkpoint directory instead of a --fixture")
     ap.add_argument("--preset", default="Q3_K_M", help="the budget: llama-quantize preset whose bytes the plans get")
     ap.add_argument("--importance", type=Path, default=None, help="importance JSON to reuse, or where to store it")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
+    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
+                    help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
     args = ap.parse_args()
     from mcsharp_gguf.errors import McsharpError
 
@@ -64,7 +67,7 @@ def report(args: argparse.Namespace) -> None:
     from mcsharp_gguf.recipe import Recipe
     from mcsharp_gguf.text import calibration_text, heldout_text
 
-    model = args.model or cached_fixture(log=log)
+    model = args.model or cached_fixture(args.fixture, log=log)
     validate_model_dir(model)
     tok = AutoTokenizer.from_pretrained(model)
     text = calibration_text(CALIB_CHARS)
