@@ -150,8 +150,8 @@ def test_specialised_model_runs_the_trained_layers_in_transformers():
 
     dense = _tiny_smollm2(n_layer=1)
     ids = torch.randint(0, 128, (9, 512), generator=torch.Generator().manual_seed(3))
-    cap = next(capture_layers(dense, ids))
-    layer = train_layer(cap, dense.model.layers[0].mlp, seed=0, epochs=1)
+    for cap in capture_layers(dense, ids):  # trained while the generator is alive, as the fixture build does
+        layer = train_layer(cap, dense.model.layers[0].mlp, seed=0, epochs=1)
     moe = specialised_model(dense, [layer])
     block = moe.model.layers[0].mlp
     x = cap.x[:256]

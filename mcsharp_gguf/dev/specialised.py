@@ -50,19 +50,20 @@ def capture_layers(dense, token_ids: torch.Tensor) -> Iterator[up.LayerCapture]:
     with torch.no_grad():
         h = model.embed_tokens(token_ids)
         rope = model.rotary_emb(h, pos)
-        for layer in model.layers:
-            seen: dict[str, list[torch.Tensor]] = {"x": [], "h": []}
-            # the MLP's input and down_proj's input, which is exactly silu(gate x) * up x
-            hooks = [mod.register_forward_pre_hook(
-                lambda m, a, out=seen[key]: out.append(a[0].reshape(-1, a[0].shape[-1])))
-                for key, mod in (("x", layer.mlp), ("h", layer.mlp.down_proj))]
-            try:
+    for layer in model.layers:
+        seen: dict[str, list[torch.Tensor]] = {"x": [], "h": []}
+        # the MLP's input and down_proj's input, which is exactly silu(gate x) * up x
+        hooks = [mod.register_forward_pre_hook(
+            lambda m, a, out=seen[key]: out.append(a[0].reshape(-1, a[0].shape[-1])))
+            for key, mod in (("x", layer.mlp), ("h", layer.mlp.down_proj))]
+        try:
+            with torch.no_grad():  # not around the yield: grad mode is global, the caller trains
                 out = [layer(h[s:s + 1], position_ids=pos, position_embeddings=rope) for s in range(h.shape[0])]
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            h = torch.cat([o[0] if isinstance(o, tuple) else o for o in out])
-            yield up.LayerCapture(torch.cat(seen["x"]), torch.cat(seen["h"]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        h = torch.cat([o[0] if isinstance(o, tuple) else o for o in out])
+        yield up.LayerCapture(torch.cat(seen["x"]), torch.cat(seen["h"]))
 
 
 def train_layer(cap: up.LayerCapture, mlp, seed: int, top_k: int = up.TOP_K, epochs: int = EPOCHS,
