@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..text import calibration_text
 from . import upcycle as up
 
 SPECIALISED_VERSION = "1"  # bump when the recipe changes: cached fixtures are keyed by it
@@ -138,7 +139,7 @@ def train_specialised(dense, tok, log: Callable[[str], None] = print) -> tuple[o
     """(model, stamp facts): the whole recipe on the dense SmolLM2 ``dense``."""
     from tqdm import tqdm
 
-    text = up.calibration_text(TRAIN_CHARS, offset=TRAIN_OFFSET)
+    text = calibration_text(TRAIN_CHARS, offset=TRAIN_OFFSET)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids[: len(ids) // up.CALIB_SEQ * up.CALIB_SEQ]).reshape(-1, up.CALIB_SEQ)
     log(f"[fixture] training every layer's routed experts and router on {ids.numel()} tokens "
