@@ -25,17 +25,20 @@ from .text import heldout_text
 DEMO_RECIPE = Recipe(otp=True)  # the defaults: what `mcsharp convert MODEL -o OUT --otp` runs
 
 
-def run_demo(work_dir: Path, prompt: str, recipe: Recipe = DEMO_RECIPE, log=print) -> dict:
-    """Build, compress, evaluate and chat; prints (and returns) a JSON summary."""
+def run_demo(work_dir: Path, prompt: str, recipe: Recipe = DEMO_RECIPE, fixture: str = "sliced",
+             log=print) -> dict:
+    """Build the ``fixture`` kind (dev.fixture), compress, evaluate and chat; prints (and returns) a JSON
+    summary."""
     work_dir.mkdir(parents=True, exist_ok=True)
     info = ensure_runtime(log=log)
     log(f"[demo] runtime {info.lib_dir} (patch {info.patch_hash})")
-    model_dir = cached_fixture(log=log)
-    ref = work_dir / "fixture-f16.gguf"
+    model_dir = cached_fixture(fixture, log=log)
+    stem = "fixture" if fixture == "sliced" else f"fixture-{fixture}"  # one work dir holds either kind's files
+    ref = work_dir / f"{stem}-f16.gguf"
     if not ref.exists():
         log("[demo] converting the fixture to F16 (reference)")
         convert_checkpoint(model_dir, ref, outtype="f16")
-    out = work_dir / f"fixture-{recipe.budget_preset or 'plan'}-{recipe.mode}{'-otp' if recipe.otp else ''}.gguf"
+    out = work_dir / f"{stem}-{recipe.budget_preset or 'plan'}-{recipe.mode}{'-otp' if recipe.otp else ''}.gguf"
     log(f"[demo] {recipe.to_json()} → {out}")
     res = run(recipe, model_dir, out, log=log)
     log(f"[demo] {res.summary()}")
@@ -47,8 +50,8 @@ def run_demo(work_dir: Path, prompt: str, recipe: Recipe = DEMO_RECIPE, log=prin
     ev_off = evaluate_gguf(out, text, base_logits=base, kv_overrides=prune_overrides(otp="off"))
     llm = open_chat_model(out)
     answer = reply(llm, [{"role": "user", "content": prompt}], max_tokens=64)
-    summary = {"model": str(out), "file_mb": rep.file_bytes / 1e6, "expert_bpw": rep.classes["experts"].bpw,
-               "planned_bpw": res.plan.planned_bpw, "est_kl": res.est_kl,
+    summary = {"fixture": fixture, "model": str(out), "file_mb": rep.file_bytes / 1e6,
+               "expert_bpw": rep.classes["experts"].bpw, "planned_bpw": res.plan.planned_bpw, "est_kl": res.est_kl,
                "eval_otp_on": ev_on.to_json(), "eval_otp_off": ev_off.to_json(),
                "prompt": prompt, "reply": answer}
     print(json.dumps(summary, indent=2))
