@@ -163,3 +163,40 @@ def test_specialised_model_runs_the_trained_layers_in_transformers():
         ref = _routed_output(x, layer.router, layer.gate_up, layer.down)
     torch.testing.assert_close((out - shared)[:, :x.shape[1]], ref, rtol=1e-4, atol=1e-5)
     assert (out - shared)[:, x.shape[1]:].abs().max() == 0  # the widened residual's padding stays zero
+
+
+def test_build_fixture_reuses_only_a_stamp_of_the_same_kind_and_version(tmp_path, monkeypatch):
+    """A complete fixture is reused without loading anything; a stamp without a kind is a sliced one (written
+    before there were kinds); another kind or version is rebuilt; an unknown kind is refused before any work."""
+    from mcsharp_gguf.errors import McsharpError
+
+    class Rebuilt(Exception):
+        pass
+
+    def load_dense():
+        raise Rebuilt
+
+    monkeypatch.setattr(fx.upcycle, "load_dense_smollm2", load_dense)
+
+    quiet = []
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / fx.STAMP).write_text(json.dumps({"version": fx.FIXTURE_VERSION}))
+    assert fx.build_fixture(legacy, log=quiet.append) == legacy
+    spec = tmp_path / "spec"
+    spec.mkdir()
+    (spec / fx.STAMP).write_text(json.dumps({"kind": "specialised", "version": fx.FIXTURE_KINDS["specialised"]}))
+    assert fx.build_fixture(spec, kind="specialised", log=quiet.append) == spec
+    assert quiet == [f"[fixture] {legacy} is up to date", f"[fixture] {spec} is up to date"]
+    with pytest.raises(Rebuilt):
+        fx.build_fixture(legacy, kind="specialised", log=quiet.append)
+    (spec / fx.STAMP).write_text(json.dumps({"kind": "specialised", "version": "0"}))
+    with pytest.raises(Rebuilt):
+        fx.build_fixture(spec, kind="specialised", log=quiet.append)
+    with pytest.raises(McsharpError, match="unknown fixture kind 'bogus'; pass one of sliced, specialised"):
+        fx.build_fixture(tmp_path / "new", kind="bogus")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "weights.bin").write_bytes(b"x")
+    with pytest.raises(McsharpError, match="not a fixture directory"):
+        fx.build_fixture(other, kind="specialised")
