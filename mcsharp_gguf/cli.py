@@ -636,7 +636,7 @@ def serve(gguf_file: Path, host: str, port: int, alias: str | None, ctx: int, th
 @cli.command()
 @click.option("--work-dir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
 @click.option("--prompt", default="What is a Python list? Answer in one sentence.", show_default=True)
-@click.option("--fixture", "kind", type=click.Choice(["sliced", "specialised"]), default="sliced",
+@click.option("--fixture", "kind", type=click.Choice(["sliced", "specialised"]), default="specialised",
               show_default=True, help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
 def demo(work_dir: Path, prompt: str, kind: str) -> None:
     """The main job on an embedded fixture: build → convert → evaluate → one chat turn."""

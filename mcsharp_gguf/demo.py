@@ -1,4 +1,5 @@
-"""``mcsharp demo``: the main job end to end on the embedded fixture.
+"""``mcsharp demo``: the main job end to end on an embedded fixture (the specialised one unless told otherwise:
+its uneven expert load is what real MoEs have and what PMQ and OTP exploit; docs/fixture.md).
 
 fixture → F16 reference → the default Recipe with OTP (whole-file PMQ plan at llama-quantize Q3_K_M's bytes,
 stock types chosen per expert and per tensor by the Fisher-metric MILP, sequential GPTQ, OTP routers) through
@@ -25,7 +26,7 @@ from .text import heldout_text
 DEMO_RECIPE = Recipe(otp=True)  # the defaults: what `mcsharp convert MODEL -o OUT --otp` runs
 
 
-def run_demo(work_dir: Path, prompt: str, recipe: Recipe = DEMO_RECIPE, fixture: str = "sliced",
+def run_demo(work_dir: Path, prompt: str, recipe: Recipe = DEMO_RECIPE, fixture: str = "specialised",
              log=print) -> dict:
     """Build the ``fixture`` kind (dev.fixture), compress, evaluate and chat; prints (and returns) a JSON
     summary."""
