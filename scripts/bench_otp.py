@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_quality import add_model_options, check_model_option
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -48,19 +50,9 @@ def main() -> None:
                     help="Also refine the routers end to end on the logits' KL (this many steps) at --refine-targets")
     ap.add_argument("--refine-targets", default="0.75")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
-    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
-                    help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
-    ap.add_argument("--model", type=Path, default=None,
-                    help="a checkpoint dir to benchmark instead of a --fixture")
+    add_model_options(ap)
     args = ap.parse_args()
-    if args.model is not None:  # a bad directory fails here, not after the llama.cpp build
-        from mcsharp_gguf.errors import McsharpError
-        from mcsharp_gguf.model.checkpoint import validate_model_dir
-
-        try:
-            validate_model_dir(args.model)
-        except McsharpError as e:
-            ap.error(str(e))
+    check_model_option(ap, args)  # before the llama.cpp build
 
     import torch
 

@@ -94,6 +94,25 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """``--fixture sliced|specialised`` and ``--model DIR``: which checkpoint a benchmark script measures."""
+    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
+                    help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
+    ap.add_argument("--model", type=Path, default=None, help="a checkpoint dir to benchmark instead of a --fixture")
+
+
+def check_model_option(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a bad ``--model`` with one usage error (exit 2) before any build or measurement."""
+    if args.model is not None:
+        from mcsharp_gguf.errors import McsharpError
+        from mcsharp_gguf.model.checkpoint import validate_model_dir
+
+        try:
+            validate_model_dir(args.model)
+        except McsharpError as e:
+            ap.error(str(e))
+
+
 def run_tool(cmd: list[str]) -> tuple[float, float]:
     """Run ``cmd``; (wall seconds, its peak RSS in MB)."""
     from mcsharp_gguf.stages import run_with_peak_rss
@@ -159,19 +178,9 @@ def main() -> None:
     ap.add_argument("--experts-only", action="store_true",
                     help="also plan the experts alone, non-expert tensors at llama.cpp's types ((d0), (e0))")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
-    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
-                    help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
-    ap.add_argument("--model", type=Path, default=None,
-                    help="a checkpoint dir to benchmark instead of a --fixture")
+    add_model_options(ap)
     args = ap.parse_args()
-    if args.model is not None:  # a bad directory fails here, not after the llama.cpp build
-        from mcsharp_gguf.errors import McsharpError
-        from mcsharp_gguf.model.checkpoint import validate_model_dir
-
-        try:
-            validate_model_dir(args.model)
-        except McsharpError as e:
-            ap.error(str(e))
+    check_model_option(ap, args)  # before the llama.cpp build
 
     from mcsharp_gguf.native import build as nb
 

@@ -29,19 +29,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import CALIB_CHARS, log  # noqa: E402
+from bench_quality import CALIB_CHARS, add_model_options, log  # noqa: E402
 
 HELDOUT_SEQS = 8
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="a checkpoint directory instead of a --fixture")
     ap.add_argument("--preset", default="Q3_K_M", help="the budget: llama-quantize preset whose bytes the plans get")
     ap.add_argument("--importance", type=Path, default=None, help="importance JSON to reuse, or where to store it")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
-    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
-                    help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
+    add_model_options(ap)
     args = ap.parse_args()
     from mcsharp_gguf.errors import McsharpError
 
