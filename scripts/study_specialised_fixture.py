@@ -100,13 +100,16 @@ def fit_layer(recipe: str, cap: fx.LayerCapture, mlp, top_k: int, temp: float, s
 
 
 def distil_layer(cap: fx.LayerCapture, mlp, top_k: int, temp: float, seed: int, epochs: int, lb: float,
-                 lr: float = 2e-3, init: str = "clusters"):
+                 lr: float = 2e-3, init: str = "clusters", entropy: float = 0.0, k_drop: int = 0):
     """Initialised by the clusters recipe or the sliced fixture's experts and router (``init``), the routed experts
     (gate, up, down) and the router trained jointly by Adam to the dense FFN's routed output (dense minus the
     shared neurons' part, which stays exact), top-k softmax weights as the MoE applies them, plus ``lb`` × the
-    Switch load-balancing term. Returns (plan, router (8, 576), gate/up (8, 256, 576), downs (8, 576, 128), and on
-    the last 10% of the tokens (not trained on) the routed output's relative error and routing statistics after
-    training and of the initialisation)."""
+    Switch load-balancing term, plus ``entropy`` × the routing distribution's mean entropy (in units of log 8: a
+    peaked router drops its tail slots more cheaply); with ``k_drop`` > 0 each batch keeps only its top-k' slots,
+    k' uniform in [k − k_drop, k] (no renormalisation, as static pruning runs), so the tail slots learn to matter
+    least. Returns (plan, router (8, 576), gate/up (8, 256, 576), downs
+    (8, 576, 128), and on the last 10% of the tokens (not trained on) the routed output's relative error and
+    routing statistics after training and of the initialisation)."""
     x, h = cap.x, cap.h
     wd = mlp.down_proj.weight.detach()
     if init == "clusters":
@@ -125,9 +128,9 @@ def distil_layer(cap: fx.LayerCapture, mlp, top_k: int, temp: float, seed: int, 
     r = router.clone().requires_grad_()
     n_train = int(x.shape[0] * 0.9)
 
-    def moe(xb: torch.Tensor):
+    def moe(xb: torch.Tensor, k: int = top_k):
         probs = torch.softmax(xb @ r.T, dim=1)
-        top_w, top_i = probs.topk(top_k, dim=1)
+        top_w, top_i = probs.topk(k, dim=1)
         out = torch.zeros(xb.shape[0], x.shape[1])
         for j in range(fx.N_EXPERTS):
             tok, slot = (top_i == j).nonzero(as_tuple=True)
@@ -138,13 +141,18 @@ def distil_layer(cap: fx.LayerCapture, mlp, top_k: int, temp: float, seed: int, 
         return out, probs, top_i
 
     def rel_error() -> str:
-        """Relative error, mean top-1 weight and activation frequency max / min on the unseen tokens."""
+        """Relative error (at top-k and, as static pruning would, top-(k-1) and top-(k-2) without renormalising),
+        mean top-1 weight and activation frequency max / min on the unseen tokens."""
         with torch.no_grad():
+            full = (h[n_train:] @ wd.T).norm()
             out, probs, top_i = moe(x[n_train:])
             freq = torch.bincount(top_i.flatten(), minlength=fx.N_EXPERTS).double()
-            err = ((out - routed[n_train:]).norm() / (h[n_train:] @ wd.T).norm()).item()
-            return (f"error {err:.4f}, top-1 weight {probs.max(1).values.mean():.3f}, frequency max/min "
-                    f"{freq.max() / freq.min().clamp_min(1):.2f}")
+            err = ((out - routed[n_train:]).norm() / full).item()
+            drops = [((moe(x[n_train:], k)[0] - routed[n_train:]).norm() / full).item()
+                     for k in (top_k - 1, top_k - 2)]
+            ratio = freq.max() / freq.min().clamp_min(1)
+            return (f"error {err:.4f} (top-{top_k - 1} {drops[0]:.4f}, top-{top_k - 2} {drops[1]:.4f}), top-1 "
+                    f"weight {probs.max(1).values.mean():.3f}, frequency max/min {ratio:.2f}")
 
     err0 = rel_error()
     opt = torch.optim.Adam([g, u, d, r], lr=1e-3)
@@ -157,10 +165,14 @@ def distil_layer(cap: fx.LayerCapture, mlp, top_k: int, temp: float, seed: int, 
         perm = torch.randperm(n_train, generator=gen)
         for b in range(n_train // batch):
             idx = perm[b * batch:(b + 1) * batch]
-            out, probs, top_i = moe(x[idx])
+            k_b = top_k - int(torch.randint(k_drop + 1, (1,), generator=gen)) if k_drop else top_k
+            out, probs, top_i = moe(x[idx], k_b)
             loss = (out - routed[idx]).pow(2).mean() / scale
             frac = torch.bincount(top_i.flatten(), minlength=fx.N_EXPERTS).float() / top_i.numel()
             loss = loss + lb * fx.N_EXPERTS * (frac * probs.mean(0)).sum()
+            if entropy:
+                ent = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean() / math.log(fx.N_EXPERTS)
+                loss = loss + entropy * ent
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -195,6 +207,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="distil: peak learning rate (one-cycle)")
     ap.add_argument("--init", choices=("clusters", "sliced"), default="clusters", help="distil: initialisation")
     ap.add_argument("--lb", type=float, default=0.01, help="distil: weight of the load-balancing term")
+    ap.add_argument("--entropy", type=float, default=0.0,
+                    help="distil: weight of the routing entropy term (> 0 peaks the router)")
+    ap.add_argument("--k-drop", type=int, default=0,
+                    help="distil: train each batch at top-k' with k' uniform in [k - K, k]")
     ap.add_argument("--layers", type=int, default=None, help="distil: train only the first N layers, no PPL")
     ap.add_argument("--save", type=Path, default=None, help="distil: write the trained MoE checkpoint here")
     ap.add_argument("--top-k", type=int, default=6)
@@ -227,7 +243,8 @@ def main() -> None:
         trained = []
         for i, cap in enumerate(xs[:args.layers]):
             trained.append(distil_layer(cap, dense.model.layers[i].mlp, args.top_k, args.temp, i, args.epochs,
-                                        args.lb, args.lr, args.init))
+                                        args.lb, args.lr, args.init, args.entropy,
+                                        args.k_drop))
             print(f"layer {i:2d} on unseen tokens: trained {trained[-1][4]}; closed-form init {trained[-1][5]}; "
                   f"{time.time() - t0:.0f} s", flush=True)
         if args.layers is not None:
