@@ -44,7 +44,7 @@ def capture(model_dir: Path, layer: int, seqs: int, seq_len: int):
     ids_a = calibration_token_ids(model_dir, calibration_text(seqs * seq_len * 6), seqs, seq_len)
     ids_b = calibration_token_ids(model_dir, heldout_text(), seqs, seq_len)
     hidden = stream.embed(torch.cat([ids_a, ids_b]))
-    for i, lay, run in stream.layers(hidden):
+    for i, lay, run in stream.layers(hidden.shape[1]):
         if i == layer:
             block = stream.moe_block(lay)
             cap, _ = capture_moe(block, stream.arch, stream.n_expert, run, hidden)

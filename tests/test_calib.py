@@ -21,7 +21,7 @@ def test_streamed_forward_matches_transformers(arch, tiny_model):
     ids = torch.tensor(np.random.default_rng(0).integers(0, 49152, (2, 24)))
     h = stream.embed(ids)
     caps = []
-    for _, layer, run in stream.layers(h):
+    for _, layer, run in stream.layers(h.shape[1]):
         block = stream.moe_block(layer)
         if block is None:
             h = run(h)
@@ -40,6 +40,33 @@ def test_streamed_forward_matches_transformers(arch, tiny_model):
     with torch.no_grad():
         ref = load_hf(d)(ids).logits
     assert (stream.logits(h) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_sweep_holds_only_the_current_layers_input(tiny_model):
+    """LayerStream.sweep lets each layer's input go once the next one has it: no frame of the loop keeps the
+    embedding (or an earlier layer's output) alive for the rest of the sweep (0.27 GB a state at Mixtral-8x7B's
+    width and 16k tokens), and it computes what the layers run one after another compute."""
+    import weakref
+
+    stream = LayerStream.open(tiny_model("mixtral"))
+    ids = torch.tensor(np.random.default_rng(0).integers(0, 49152, (2, 24)))
+    seen: list[weakref.ref] = []
+    alive_at: list[list[bool]] = []
+
+    def step(i, layer, run, hidden):
+        alive_at.append([r() is not None for r in seen])  # (this layer's input is passed in: it is held)
+        out = run(hidden)
+        seen.append(weakref.ref(hidden))
+        return out
+
+    out = stream.sweep(ids, step, "test", progress=False)
+    # at layer i, the inputs of layers 0 .. i - 1 (the embedding first) are gone
+    assert stream.n_layer >= 2 and len(alive_at) == stream.n_layer
+    assert not any(any(a) for a in alive_at), alive_at
+    h = stream.embed(ids)
+    for _, _, run in stream.layers(h.shape[1]):
+        h = run(h)
+    assert torch.equal(out, h)
 
 
 def test_short_calibration_text_is_refused(tiny_model):

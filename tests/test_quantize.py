@@ -177,7 +177,7 @@ def test_gptq_eps_is_the_error_convert_makes(setup, tmp_path):
 
     stream = LayerStream.open(model_dir)
     hidden = stream.embed(ids)
-    for i, layer, run in stream.layers(hidden):
+    for i, layer, run in stream.layers(hidden.shape[1]):
         if i == first.layer:
             block = stream.moe_block(layer)
             cap, _ = capture_moe(block, stream.arch, stream.n_expert, run, hidden)
@@ -268,7 +268,7 @@ def test_attention_hessians_need_the_layer_only_up_to_its_attention(tiny_model, 
     ids = calibration_token_ids(model_dir, calibration_text(20_000), 3, 64)
     stream = LayerStream.open(model_dir, experts_as_stored=True)
     hidden = stream.embed(ids)
-    for i, layer, run in stream.layers(hidden):
+    for i, layer, run in stream.layers(hidden.shape[1]):
         attn = {n: m for n, (c, m) in dense_linears(layer, stream.arch).items() if c == "attn"}
         assert attn
         _, whole = _with_hessians(attn, run, hidden)

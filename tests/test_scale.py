@@ -133,7 +133,8 @@ def test_gptq_pass_keeps_experts_bf16_with_the_same_bits(tiny_model, tmp_path, m
     ids = calibration_token_ids(model, calibration_text(20_000), 4, 128)  # 512 tokens: GPTQ on pooled Hessians
     wide, kept = LayerStream.open(model), LayerStream.open(model, experts_as_stored=True)
     h_wide = h_kept = wide.embed(ids)
-    for (i, lw, run_w), (_, lk, run_k) in zip(wide.layers(h_wide), kept.layers(h_kept), strict=True):
+    pairs = zip(wide.layers(h_wide.shape[1]), kept.layers(h_kept.shape[1]), strict=True)
+    for (i, lw, run_w), (_, lk, run_k) in pairs:
         ek = kept.moe_block(lk).experts
         assert ek.gate_up_proj.dtype == torch.bfloat16 and wide.moe_block(lw).experts.down_proj.dtype == torch.float32
         h_wide, h_kept = run_w(h_wide), run_k(h_kept)

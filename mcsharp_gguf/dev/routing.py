@@ -47,5 +47,5 @@ def routing_statistics(model_dir: str | Path, token_ids: torch.Tensor, progress:
                                 (cap.stats.freq / cap.stats.n_tokens).tolist()))
         return hidden
 
-    stream.sweep(stream.embed(token_ids), step, "routing", progress)
+    stream.sweep(token_ids, step, "routing", progress)
     return out

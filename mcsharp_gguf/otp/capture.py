@@ -75,5 +75,5 @@ def capture_otp_data(model_dir, token_ids: torch.Tensor, progress: bool = True, 
         out.append(consume(data) if consume is not None else data)
         return hidden
 
-    stream.sweep(stream.embed(token_ids), step, "otp: capture", progress)
+    stream.sweep(token_ids, step, "otp: capture", progress)
     return out

@@ -128,7 +128,7 @@ def reverse_layers(stream: LayerStream, token_ids: torch.Tensor, seed: int = 0,
                 _save(hidden, spill / f"h{i:04d}.pt")  # (kept on the CPU's disk whatever the device)
                 return run(hidden)
 
-            hidden = stream.sweep(stream.embed(token_ids), spill_input, "importance: forward", progress)
+            hidden = stream.sweep(token_ids, spill_input, "importance: forward", progress)
             g, head_tap = output_grad(stream, hidden, seed, tap_seqs if taps else 0)
             del hidden
             if head_tap is not None:
@@ -198,7 +198,7 @@ def perturbation_kl(stream: LayerStream, token_ids: torch.Tensor,
             undo()
         return run(clean)
 
-    clean = stream.sweep(stream.embed(token_ids), probe, "flip probe", progress=False)
+    clean = stream.sweep(token_ids, probe, "flip probe", progress=False)
     ref = torch.log_softmax(stream.logits(clean).double(), -1)
     out = {}
     for k, h in probed.items():

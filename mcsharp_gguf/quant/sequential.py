@@ -177,7 +177,7 @@ def quantize_experts(model_dir, plan: BitPlan, token_ids: torch.Tensor, work_dir
     # on the CPU the layer's experts stay bf16 and are widened one at a time: the peak here is the layer itself
     stream = LayerStream.open(model_dir, device, experts_as_stored=torch.device(device).type == "cpu")
     step = GptqPass(stream, plan, dense, work_dir, gptq, executor)
-    hidden = stream.sweep(stream.embed(token_ids), step, "gptq" if gptq else "rtn", progress)
+    hidden = stream.sweep(token_ids, step, "gptq" if gptq else "rtn", progress)
     out_type = dense.type_for("output.weight", "output")
     if out_type is not None and not work_entry_ok(_output_file(work_dir)):
         _quantize_head(stream, hidden, out_type, work_dir, gptq)
