@@ -96,7 +96,9 @@ def log(msg: str) -> None:
 
 def add_model_options(ap: argparse.ArgumentParser) -> None:
     """``--fixture sliced|specialised`` and ``--model DIR``: which checkpoint a benchmark script measures."""
-    ap.add_argument("--fixture", choices=("sliced", "specialised"), default="sliced",
+    from mcsharp_gguf.dev.fixture import FIXTURE_KINDS
+
+    ap.add_argument("--fixture", choices=tuple(FIXTURE_KINDS), default="sliced",
                     help="which embedded fixture (mcsharp fixture --kind), built and cached on first use")
     ap.add_argument("--model", type=Path, default=None, help="a checkpoint dir to benchmark instead of a --fixture")
 

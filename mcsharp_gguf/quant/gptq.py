@@ -188,10 +188,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp:
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     grids: list[Grid] = []
     for r0 in range(0, rows, row_chunk):
-        levels, grid = _gptq_walk(W[None, r0:r0 + row_chunk].detach().float().transpose(1, 2).contiguous(),
-                                  U[None], type_name, block)
+        chunk = W[r0:r0 + row_chunk].detach()
+        Wt = torch.empty(1, cols, chunk.shape[0], device=W.device)
+        Wt[0].copy_(chunk.T)  # (widened and transposed in one copy: no float32 W beside its transpose)
+        levels, grid = _gptq_walk(Wt, U[None], type_name, block)
+        del Wt
         grids.append(grid)
-        codes[r0:r0 + row_chunk] = _codes(levels[0], type_name)
+        _codes(levels[0], type_name, out=codes[r0:r0 + row_chunk])
         del levels
     return finish(codes, grids[0] if len(grids) == 1 else Grid.cat(grids, dim=0), packed=packed)
 
@@ -209,20 +212,33 @@ def gptq_quantize_many(Ws: Sequence[torch.Tensor], Us: Sequence[torch.Tensor], t
     if any(tuple(w.shape) != tuple(W0.shape) for w in Ws):
         raise McsharpError("GPTQ: gptq_quantize_many needs matrices of one shape")
     rows = W0.shape[0]
-    Wt = torch.stack([w.detach().float().T for w in Ws])  # (E, cols, rows): a copy, walked in place
+    Wt = torch.empty(len(Ws), W0.shape[1], rows, device=W0.device)  # (E, cols, rows): a copy, walked in place
+    for e, w in enumerate(Ws):
+        Wt[e].copy_(w.detach().T)
     levels, grid = _gptq_walk(Wt, torch.stack([u.to(W0.device) for u in Us]), type_name, block)
     del Wt
     return [finish(_codes(levels[e], type_name), _grid_rows(grid, e * rows, (e + 1) * rows), packed=packed)
             for e in range(len(Ws))]
 
 
-def _codes(levels: torch.Tensor, type_name: str) -> torch.Tensor:
-    """The (rows, cols) uint8 codes of a walk's (cols, rows) levels."""
+CODE_CHUNK = 256  # levels turned into codes this many columns at a time
+
+
+def _codes(levels: torch.Tensor, type_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The (rows, cols) uint8 codes of a walk's (cols, rows) levels (into ``out`` if given), CODE_CHUNK columns at
+    a time: whole, the float copy and the bucket indices of a Mixtral-8x7B expert matrix would be 0.7 GB beside
+    the levels."""
     sp = _spec(type_name)
-    lv = levels.T.float()
-    if _is_uniform(sp.levels):
-        return (lv - sp.levels[0]).to(torch.uint8)
-    return torch.bucketize(lv.contiguous(), _levels_t(sp, lv.device)).to(torch.uint8)
+    cols, rows = levels.shape
+    out = torch.empty(rows, cols, dtype=torch.uint8, device=levels.device) if out is None else out
+    table = None if _is_uniform(sp.levels) else _levels_t(sp, levels.device)
+    for c0 in range(0, cols, CODE_CHUNK):
+        lv = levels[c0:c0 + CODE_CHUNK].T.float()
+        if table is None:
+            out[:, c0:c0 + CODE_CHUNK] = (lv - sp.levels[0]).to(torch.uint8)
+        else:
+            out[:, c0:c0 + CODE_CHUNK] = torch.bucketize(lv.contiguous(), table, out_int32=True).to(torch.uint8)
+    return out
 
 
 def _gptq_walk(Wt: torch.Tensor, U: torch.Tensor, type_name: str, block: int) -> tuple[torch.Tensor, Grid]:

@@ -138,6 +138,7 @@ class GptqPass:
             _, hess = _with_hessians({n: m for n, (_, m) in attn.items()},
                                      stream.attention_runner(layer, hidden.shape[1]), hidden)
             done["dense"].update(quantize_dense(attn, hess, stream.arch, i, self.gptq))
+            del hess  # (four 64 MB Hessians at Mixtral's width, not to be held through the experts' GPTQ)
             _apply_dense(layer, done["dense"])
         ffn = {n: (t, m) for n, (c, t, m) in mods.items() if c == "ffn"}
         hooks_for = {n: m for n, (_, m) in ffn.items()}
