@@ -117,6 +117,10 @@ def main() -> None:
     model = write_real_shape_checkpoint(args.shape, args.work / f"ckpt-{args.shape}-{args.layers}", args.layers,
                                         log=log)
     log(f"[scale] checkpoint {model} ({time.time() - t0:.0f} s)")
+    if not args.ours_only and not shape.llama_cpp_loads(args.layers):
+        log(f"[scale] llama.cpp loads the {args.shape} shape only at {shape.llama_cpp_depths} layers (its loader tells "
+            f"the model apart by depth): its steps are skipped at {args.layers}, ours alone is measured")
+        args.ours_only = True
     tools = None if args.ours_only else Path(nb.build(nb.BuildOptions(tools=True), log=log).lib_dir) / "bin"
     calib = work / "calib.txt"
     # enough characters for the sequences asked for (pydoc text runs ~4 characters a token)

@@ -33,6 +33,14 @@ class RealShape:
     hf_arch: str
     n_layer: int  # the real model's depth (for extrapolation)
     config: dict
+    # depths at which llama.cpp loads a checkpoint of this shape (None: any): its deepseek2 loader tells
+    # DeepSeek-V2-Lite (no query LoRA) from DeepSeek-V2 by the layer count alone (26 or 27 layers,
+    # src/models/deepseek2.cpp), so a few of V2-Lite's layers read as V2 and fail for want of q_lora_rank
+    llama_cpp_depths: tuple[int, ...] | None = None
+
+    def llama_cpp_loads(self, n_layer: int) -> bool:
+        """Whether llama.cpp loads a checkpoint of this shape with ``n_layer`` decoder layers."""
+        return self.llama_cpp_depths is None or n_layer in self.llama_cpp_depths
 
 
 SHAPES: dict[str, RealShape] = {s.name: s for s in (
@@ -48,7 +56,7 @@ SHAPES: dict[str, RealShape] = {s.name: s for s in (
         n_shared_experts=2, num_experts_per_tok=6, num_attention_heads=16, num_key_value_heads=16,
         kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
         first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
-        norm_topk_prob=False, rms_norm_eps=1e-6)),
+        norm_topk_prob=False, rms_norm_eps=1e-6), llama_cpp_depths=(26, 27)),
     RealShape("olmoe-1b-7b", "OlmoeConfig", "OlmoeForCausalLM", 16, dict(
         hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8, num_attention_heads=16,
         num_key_value_heads=16, rms_norm_eps=1e-5, norm_topk_prob=False)),
