@@ -9,6 +9,7 @@ peak is the process's peak so far. The reset also lowers what the kernel reports
 from __future__ import annotations
 
 import functools
+import math
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -49,12 +50,20 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_mb(reset_ok: bool) -> float:
-    if reset_ok:
+def _status_mb(key: str) -> float:
+    """One memory line of /proc/self/status (``VmRSS``, ``VmHWM``) in MB; NaN where it cannot be read."""
+    try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _peak_mb(reset_ok: bool) -> float:
+    peak = _status_mb("VmHWM") if reset_ok else float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if math.isnan(peak) else peak
 
 
 @dataclass
@@ -113,6 +122,11 @@ def run_with_peak_rss(cmd: list[str], env: dict | None = None) -> tuple[float, f
                                  stderr=f, env=env)
         rss = int(peak.read_text()) / 1024 if peak.exists() else 0.0
         return time.time() - t0, rss, rc, err.read_text()
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (MB; NaN where /proc is not there)."""
+    return _status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:

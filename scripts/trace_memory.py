@@ -16,18 +16,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from mcsharp_gguf.stages import rss_mb
 
 _T0 = time.time()
 _PEAK = [0.0]
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, in MiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _sample() -> None:

@@ -188,15 +188,23 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, type_name: str, damp:
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     grids: list[Grid] = []
     for r0 in range(0, rows, row_chunk):
-        chunk = W[r0:r0 + row_chunk].detach()
-        Wt = torch.empty(1, cols, chunk.shape[0], device=W.device)
-        Wt[0].copy_(chunk.T)  # (widened and transposed in one copy: no float32 W beside its transpose)
+        Wt = _walk_input([W[r0:r0 + row_chunk]])
         levels, grid = _gptq_walk(Wt, U[None], type_name, block)
         del Wt
         grids.append(grid)
         _codes(levels[0], type_name, out=codes[r0:r0 + row_chunk])
         del levels
     return finish(codes, grids[0] if len(grids) == 1 else Grid.cat(grids, dim=0), packed=packed)
+
+
+def _walk_input(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The walk's input: float32 (n, cols, rows), each matrix transposed — a copy the walk updates in place. Each
+    is widened and transposed in one copy, so no float32 matrix is ever held beside its transpose."""
+    rows, cols = mats[0].shape
+    out = torch.empty(len(mats), cols, rows, device=mats[0].device)
+    for e, w in enumerate(mats):
+        out[e].copy_(w.detach().T)
+    return out
 
 
 def gptq_quantize_many(Ws: Sequence[torch.Tensor], Us: Sequence[torch.Tensor], type_name: str, block: int = 128,
@@ -212,9 +220,7 @@ def gptq_quantize_many(Ws: Sequence[torch.Tensor], Us: Sequence[torch.Tensor], t
     if any(tuple(w.shape) != tuple(W0.shape) for w in Ws):
         raise McsharpError("GPTQ: gptq_quantize_many needs matrices of one shape")
     rows = W0.shape[0]
-    Wt = torch.empty(len(Ws), W0.shape[1], rows, device=W0.device)  # (E, cols, rows): a copy, walked in place
-    for e, w in enumerate(Ws):
-        Wt[e].copy_(w.detach().T)
+    Wt = _walk_input(Ws)
     levels, grid = _gptq_walk(Wt, torch.stack([u.to(W0.device) for u in Us]), type_name, block)
     del Wt
     return [finish(_codes(levels[e], type_name), _grid_rows(grid, e * rows, (e + 1) * rows), packed=packed)
