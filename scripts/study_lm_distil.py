@@ -41,6 +41,7 @@ HELDOUT_TOKENS = 4096
 
 
 def moe_blocks(model) -> list:
+    """The model's sparse MoE blocks (Qwen2-MoE's ``mlp`` with a ``gate``), in layer order."""
     return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "gate")]
 
 
@@ -140,8 +141,8 @@ def main() -> None:
     dense, _ = upcycle.load_dense_smollm2()
     dense.eval()
     tok = AutoTokenizer.from_pretrained(src)
-    moe = AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
-    moe.eval()  # no dropout in this architecture; eval only changes nothing else
+    moe = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    moe.eval()  # (this architecture has no dropout: training mode would compute the same)
     top_k = moe.config.num_experts_per_tok
     dense_ppl, _ = heldout(dense, tok, None)
     print(f"dense SmolLM2: held-out PPL {dense_ppl:.3f}", flush=True)
@@ -149,14 +150,14 @@ def main() -> None:
 
     ids = tok(calibration_text(args.train_chars, offset=TRAIN_OFFSET), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids[: len(ids) // SEQ * SEQ]).reshape(-1, SEQ)
-    params = trainable(moe, dense.config.hidden_size)
+    d = dense.config.hidden_size
+    params = trainable(moe, d)
     opt = torch.optim.Adam(params, lr=args.lr / 25)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(0)
     blocks = moe_blocks(moe)
     hooks = drop_slots(blocks, args.k_drop, gen) if args.k_drop else []
     t0, seen, kls = time.time(), 0, []
-    d = dense.config.hidden_size
     n_real = sum(math.prod(d if n == upcycle.NEW_HIDDEN else n for n in p.shape) for p in params)  # no padding
     print(f"training {n_real / 1e6:.1f} M numbers on {ids.numel()} tokens, "
           f"{args.steps} steps of {args.batch_seqs} × {SEQ}", flush=True)
