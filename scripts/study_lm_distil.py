@@ -29,15 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from study_specialised_fixture import heldout  # (scripts/ is on sys.path when this script runs)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mcsharp_gguf.dev import upcycle
 from mcsharp_gguf.dev.fixture import cached_fixture
 from mcsharp_gguf.dev.specialised import TRAIN_OFFSET
-from mcsharp_gguf.text import calibration_text, calibration_text_limit, heldout_text
+from mcsharp_gguf.text import calibration_text, calibration_text_limit
 
 SEQ = 512
-HELDOUT_TOKENS = 4096
 
 
 def moe_blocks(model) -> list:
@@ -77,32 +77,11 @@ def drop_slots(blocks: list, k_drop: int, gen: torch.Generator) -> list:
     return [block.gate.register_forward_hook(hook) for block in blocks]
 
 
-def heldout(model, tok, top_k: int | None) -> tuple[float, list[tuple[float, float]]]:
-    """(PPL, per MoE layer (mean top-1 routing weight, expert frequency max / min)) on the held-out text;
-    ``top_k`` set on every MoE layer first (None: a dense model)."""
-    ids = tok(heldout_text(), add_special_tokens=False)["input_ids"][:HELDOUT_TOKENS]
-    ids = torch.tensor(ids[: len(ids) // SEQ * SEQ]).reshape(-1, SEQ)
-    if top_k is not None:
-        for block in moe_blocks(model):
-            block.gate.top_k = top_k
-    nll, logits = 0.0, []
-    with torch.no_grad():
-        for row in ids:
-            out = model(row[None], output_router_logits=top_k is not None)
-            nll += torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), row[1:], reduction="sum").item()
-            if top_k is not None:
-                logits.append([lg.float() for lg in out.router_logits])
-    stats = []
-    for layer in zip(*logits, strict=True):
-        p = torch.softmax(torch.cat(layer), dim=-1)
-        freq = torch.bincount(p.topk(top_k, dim=-1).indices.flatten(), minlength=p.shape[-1]).double()
-        stats.append((p.max(-1).values.mean().item(), (freq.max() / freq.min().clamp_min(1)).item()))
-    return math.exp(nll / ((SEQ - 1) * len(ids))), stats
-
-
 def report(name: str, model, tok, top_k: int, dense_ppl: float) -> dict:
     row = {}
     for k in (top_k, top_k - 1, top_k - 2):
+        for block in moe_blocks(model):
+            block.gate.top_k = k
         ppl, st = heldout(model, tok, k)
         row[f"ppl_top{k}"] = ppl
         if k == top_k:
