@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,8 @@ def report(args: argparse.Namespace) -> None:
     from mcsharp_gguf.model.checkpoint import validate_model_dir
     from mcsharp_gguf.pipeline import measure, model_budget, planned_weights
     from mcsharp_gguf.pmq.importance import ModelImportance
-    from mcsharp_gguf.pmq.plan import planner_ceiling
+    from mcsharp_gguf.pmq.plan import planner_ceiling, solve_bit_plan
+    from mcsharp_gguf.pmq.report import expert_traffic, format_expert_traffic
     from mcsharp_gguf.recipe import Recipe
     from mcsharp_gguf.text import calibration_text, heldout_text
 
@@ -106,6 +108,12 @@ def report(args: argparse.Namespace) -> None:
              for over in ("mixed_mean", "stock") for oof in (False, True)}
     for k, v in gains.items():
         print(f"mixed over {k}: {100 * v:+.2f}%")
+    traffic = {}  # what each plan's experts cost a decoded token (pmq.report.expert_traffic)
+    for mode in ("stock", "mixed"):
+        plan = solve_bit_plan(importance.layers, bpw, mode=mode, tensors=importance.tensors, metric="fisher",
+                              scope=recipe.scope)
+        traffic[mode] = asdict(expert_traffic(plan))
+        print(f"{mode} plan: {format_expert_traffic(expert_traffic(plan))}")
     print(f"routing: mean top-1 weight {top1.mean():.3f} ({top1.min():.3f}-{top1.max():.3f}), frequency max/min "
           f"median {np.median(ratio):.2f} ({ratio.min():.2f}-{ratio.max():.2f})")
     if args.json_out:
@@ -114,7 +122,7 @@ def report(args: argparse.Namespace) -> None:
             "heldout_tokens": int(held.numel()),
             "routing": [{"layer": r.layer, "top1_weight": r.top1_weight, "freq": r.freq} for r in routing],
             "ceiling": {"stock": ceiling.stock, "mixed_mean": ceiling.mixed_mean, "mixed": ceiling.mixed},
-            "gains": gains}, indent=2))
+            "gains": gains, "expert_traffic": traffic}, indent=2))
 
 
 if __name__ == "__main__":

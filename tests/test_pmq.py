@@ -22,7 +22,7 @@ from mcsharp_gguf.pmq.plan import (
     planner_ceiling,
     solve_bit_plan,
 )
-from mcsharp_gguf.pmq.report import format_plan_table
+from mcsharp_gguf.pmq.report import expert_traffic, format_plan_table
 
 TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
 
@@ -308,3 +308,26 @@ def test_neuron_sample_chunks_quantise_as_in_the_whole_expert():
         assert torch.equal(quantize_rtn(gate[idx], r.gate).dequant, quantize_rtn(gate, r.gate).dequant[idx]), t
         assert torch.equal(quantize_rtn(down[:, idx], r.down).dequant,
                            quantize_rtn(down, r.down).dequant[:, idx]), t
+
+
+def test_expert_traffic_weighs_each_experts_bytes_by_its_routed_tokens():
+    """A token's expert read = Σ tokens_e · bytes_e / layer tokens, by hand from ggml's block sizes (Q4_K: 144 bytes
+    per 256 weights, Q8_0: 34 per 32); a stock plan reads exactly what an even spread would; the plan table says it."""
+    n = 256 * 256
+    q4, q8 = 3 * n // 256 * 144, 3 * n // 32 * 34  # gate + up + down of one expert
+    plan = BitPlan(mode="mixed", target_bpw=6.0, achieved_bpw=6.0, expert_bytes=q4 + q8, expert_weights=6 * n,
+                   layers={0: ["Q4_K", "Q8_0"]},
+                   recipes={f"0:{t}": {"gate": t, "up": t, "down": t} for t in ("Q4_K", "Q8_0")},
+                   coverage={0: {"tokens": [3, 1], "d_model": 256, "d_ff": 256, "layer_tokens": 2}})
+    t = expert_traffic(plan)
+    assert t.bytes_per_token == (3 * q4 + 1 * q8) / 2
+    assert t.vs_even == pytest.approx((3 * q4 + q8) / (4 * (q4 + q8) / 2))
+    assert t.vs_even < 1  # the busier expert got the smaller type
+    assert f"{t.bytes_per_token / 1e6:.2f} MB, {t.vs_even:.3f}×" in format_plan_table(plan)
+    layers = _layers(2, 4, seed=5)
+    for imp in layers:
+        imp.tokens, imp.layer_tokens = [40, 10, 25, 5], 40
+    stock = solve_bit_plan(layers, 3.6, mode="stock", targets=TARGETS, metric="mc")
+    assert expert_traffic(stock).vs_even == pytest.approx(1.0)
+    mixed = solve_bit_plan(layers, 3.6, mode="mixed", targets=TARGETS, metric="mc")
+    assert expert_traffic(mixed).bytes_per_token > 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..ggml.types import bits_per_weight
+from ..ggml.types import bits_per_weight, tensor_bytes
 from .plan import BitPlan
 
 
@@ -18,6 +20,7 @@ def format_plan_table(plan: BitPlan) -> str:
         rows.append(f"{layer:5d} | " + " ".join(f"{t:<6s}" for t in plan.layers[layer]))
     if plan.coverage:
         rows.append(format_coverage(plan.coverage))
+        rows.append(format_expert_traffic(expert_traffic(plan)))
     if plan.cv_costs:
         rows.append(f"per-expert costs shrunk toward the layer mean: shrink {plan.shrink:g}, chosen by two-fold "
                     "cross-validation (out-of-fold cost per shrink: "
@@ -50,6 +53,40 @@ def format_coverage(coverage: dict[int, dict]) -> str:
             f"{int(toks.max())}; fewer than the input width (GPTQ on the layer's pooled Hessian, or RTN where the "
             f"layer's tokens are fewer too): {parts} of {toks.size} experts"
             + (f" [layer:expert {shown}]" if starved else ""))
+
+
+@dataclass(frozen=True)
+class ExpertTraffic:
+    """What the planned experts cost a decoded token, on the calibration tokens' routing."""
+
+    bytes_per_token: float  # expert weight bytes one token reads, all layers (0: layers' token counts unknown)
+    vs_even: float  # that over the same layers' expert bytes spread evenly over their experts (stock plan: 1)
+
+
+def expert_traffic(plan: BitPlan) -> ExpertTraffic:
+    """Expert bytes a token reads under the plan (each expert's bytes × how often calibration routed to it), and
+    that against the same bytes spread evenly within each layer. Equal file bytes need not mean equal decode
+    traffic: a mixed plan that gives frequent experts more bits makes every token read more (memory-bound decode
+    slows about in proportion, on top of each type's own kernel speed)."""
+    read = even = per_token = 0.0
+    for layer, cov in plan.coverage.items():
+        n = cov["d_model"] * cov["d_ff"]
+        size = {t: sum(tensor_bytes(plan.recipes[f"{layer}:{t}"][p], n) for p in ("gate", "up", "down"))
+                for t in set(plan.layers[layer])}
+        b = np.array([size[t] for t in plan.layers[layer]], dtype=float)
+        tok = np.asarray(cov["tokens"], dtype=float)
+        read += float(tok @ b)
+        even += float(tok.sum() * b.mean())
+        per_token += float(tok @ b) / cov["layer_tokens"] if cov.get("layer_tokens") else 0.0
+    return ExpertTraffic(bytes_per_token=per_token, vs_even=read / even if even else 1.0)
+
+
+def format_expert_traffic(t: ExpertTraffic) -> str:
+    """One line for :func:`expert_traffic`."""
+    mb = f"{t.bytes_per_token / 1e6:.2f} MB, " if t.bytes_per_token else ""
+    return (f"expert weights a token reads (calibration routing): {mb}{t.vs_even:.3f}× the same bytes spread evenly "
+            "over each layer's experts (1 in a stock plan; above 1, frequent experts got more bits and decode "
+            "reads more than the file size suggests)")
 
 
 def _layer_key(name: str) -> tuple[int, str]:
