@@ -112,8 +112,9 @@ def report(args: argparse.Namespace) -> None:
     for mode in ("stock", "mixed"):
         plan = solve_bit_plan(importance.layers, bpw, mode=mode, tensors=importance.tensors, metric="fisher",
                               scope=recipe.scope)
-        traffic[mode] = asdict(expert_traffic(plan))
-        print(f"{mode} plan: {format_expert_traffic(expert_traffic(plan))}")
+        t = expert_traffic(plan)
+        traffic[mode] = asdict(t)
+        print(f"{mode} plan: {format_expert_traffic(t)}")
     print(f"routing: mean top-1 weight {top1.mean():.3f} ({top1.min():.3f}-{top1.max():.3f}), frequency max/min "
           f"median {np.median(ratio):.2f} ({ratio.min():.2f}-{ratio.max():.2f})")
     if args.json_out:

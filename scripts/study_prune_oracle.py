@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 
 import torch
-from study_specialised_fixture import heldout  # (scripts/ is on sys.path when this script runs)
+from study_lm_distil import moe_blocks  # (scripts/ is on sys.path when this script runs)
+from study_specialised_fixture import heldout
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mcsharp_gguf.dev.fixture import cached_fixture
@@ -59,10 +60,8 @@ class PruneRule:
 
     def __init__(self, model) -> None:
         self.rule, self.frac, self.kept, self.total = None, 1.0, 0, 0
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                experts = layer.mlp.experts
-                experts.forward = lambda x, idx, w, experts=experts: self.forward(experts, x, idx, w)
+        for block in moe_blocks(model):
+            block.experts.forward = lambda x, idx, w, experts=block.experts: self.forward(experts, x, idx, w)
 
     def set(self, rule: str | None, frac: float = 1.0) -> None:
         self.rule, self.frac, self.kept, self.total = rule, frac, 0, 0

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ggml.types import bits_per_weight, tensor_bytes
+from ..ggml.types import bits_per_weight
+from .candidates import Recipe
 from .plan import BitPlan
 
 
@@ -70,8 +71,7 @@ def expert_traffic(plan: BitPlan) -> ExpertTraffic:
     slows about in proportion, on top of each type's own kernel speed)."""
     read = even = per_token = 0.0
     for layer, cov in plan.coverage.items():
-        n = cov["d_model"] * cov["d_ff"]
-        size = {t: sum(tensor_bytes(plan.recipes[f"{layer}:{t}"][p], n) for p in ("gate", "up", "down"))
+        size = {t: Recipe(t, **plan.recipes[f"{layer}:{t}"]).n_bytes(cov["d_model"], cov["d_ff"])
                 for t in set(plan.layers[layer])}
         b = np.array([size[t] for t in plan.layers[layer]], dtype=float)
         tok = np.asarray(cov["tokens"], dtype=float)
