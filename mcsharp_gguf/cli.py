@@ -167,6 +167,18 @@ def _parse_size(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def _parse_slowdown(ctx, param, value):
+    """--max-slowdown: a fraction, 'none' (bytes only) or unset (the Recipe's default)."""
+    if value is None:
+        return "default"
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a fraction such as 0.05, or none") from None
+
+
 _budget_options = [
     click.option("--preset", default=None, metavar="NAME",
                  help="Spend the bytes llama-quantize's preset NAME would on this model (Q4_K_M, Q3_K_M, Q2_K, "
@@ -180,6 +192,10 @@ _budget_options = [
                       "(needs this project's patched runtime)."),
 ]
 _plan_knobs = [
+    _advanced("--max-slowdown", default=None, callback=_parse_slowdown, metavar="FRACTION|none",
+              help="Mixed mode: how much slower than the stock plan of the same bytes the plan may run, in decode "
+                   "and in prefill, by the CPU kernel costs in mcsharp_gguf.pmq.speed (default 0.02); none: "
+                   "price bytes only (e.g. for a GPU, whose kernels those costs do not describe)."),
     _advanced("--budget-scope", type=click.Choice(["file", "global", "layer"]), default="file", show_default=True,
               help="file: one budget over experts and non-expert tensors, all types planned; global/layer: the "
                    "experts only (non-expert tensors at --outtype or the --*-type options)."),
@@ -272,7 +288,8 @@ def _recipe(kw: dict, otp: bool = False):
                   calib=kw["calib"], calib_seqs=kw["calib_seqs"], calib_len=kw["calib_len"], otp=otp,
                   otp_target_frac=kw.get("otp_target_frac", 0.75), otp_hidden=kw.get("otp_hidden", 32),
                   otp_refine_steps=kw.get("otp_refine_steps", 0),
-                  dense_types={c: t for c, t in dense.items() if t}, tensor_types=kw.get("tensor_types", ()))
+                  dense_types={c: t for c, t in dense.items() if t}, tensor_types=kw.get("tensor_types", ()),
+                  **({} if kw.get("max_slowdown", "default") == "default" else {"max_slowdown": kw["max_slowdown"]}))
 
 
 _HELP_ADVANCED = click.option("--help-advanced", is_flag=True, expose_value=False, is_eager=True,

@@ -115,7 +115,7 @@ def solve(recipe: Recipe, importance: ModelImportance, budget: Budget, log: Call
             f"spending the budget's {budget.planned_bytes} bytes on the measured ones")
     bpw = 8 * budget.planned_bytes / weights
     return solve_bit_plan(importance.layers, bpw, mode=recipe.mode, scope=recipe.scope, tensors=importance.tensors,
-                          metric=plan_metric(recipe.scope, recipe.metric))
+                          metric=plan_metric(recipe.scope, recipe.metric), max_slowdown=recipe.max_slowdown)
 
 
 def plan_model(recipe: Recipe, model_dir, ids: torch.Tensor | None, budget: Budget,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import McsharpError
 from .ggml.types import QUANT_TYPES
 from .pmq.presets import PRESETS
+from .pmq.speed import MAX_SLOWDOWN
 
 DEFAULT_PRESET = "Q3_K_M"
 LOSSLESS_PRESETS = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # plain conversion, no plan
@@ -57,6 +58,7 @@ class Recipe:
     otp_refine_steps: int = 0
     dense_types: dict[str, str] = field(default_factory=dict)
     tensor_types: tuple[tuple[str, str], ...] = ()
+    max_slowdown: float | None = MAX_SLOWDOWN  # mixed: time over the stock plan's (pmq.speed); None: bytes only
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -94,6 +96,9 @@ class Recipe:
                                      ("outtype", self.outtype, OUTTYPES)):
             if value not in allowed:
                 raise McsharpError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.max_slowdown is not None and not self.max_slowdown >= 0:
+            raise McsharpError(f"--max-slowdown {self.max_slowdown}: a mixed plan cannot be held below its stock "
+                               "plan's time; give a fraction >= 0 (e.g. 0.02) or none")
         if self.otp and not 0.0 < self.otp_target_frac <= 1.0:
             raise McsharpError(f"--otp-target-frac {self.otp_target_frac} must be in (0, 1]")
         if self.otp and self.otp_hidden < 1:

@@ -8,7 +8,10 @@ files are written by our converter, round-to-nearest (speed does not depend on t
   tensors, so the stock llama.cpp loads it too);
 - mixed: the same dense types, the experts of each layer split at random into Q3_K / Q4_K / Q5_K groups
   (1/4, 1/2, 1/4: 4.48 bpw against Q4_K's 4.50, the same bytes within 0.4%), stored as expert groups;
-- single-Q3_K, single-Q5_K: as single with every expert Q3_K / Q5_K (how fast each type's kernel is alone);
+- planned-bytes, planned-speed: the planner's mixed plans at Q4_K's bytes on a synthetic importance (experts of
+  random sensitivity; :func:`synthetic_importance`), pricing bytes only, and bytes and kernel time (pmq.speed, the
+  default): what the speed-priced planner buys at real shapes (each type's kernel alone:
+  scripts/bench_type_speed.py);
 - grouped: as single, the experts stored as three groups (1/4, 1/2, 1/4) of the same Q4_K (the grouping's cost);
 - otp: single + synthetic OTP routers (random weights, bias set for ~3/4 of the slots kept; trained routers
   would cost a calibration pass and change nothing about speed; their executed fraction is measured).
@@ -34,8 +37,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+
+from mcsharp_gguf.pmq.speed import PHASES
 
 WORKER = r"""
 import json, os, random, sys, time
@@ -101,17 +107,53 @@ def _moe_config(ckpt: Path) -> tuple[dict, int, int]:
     return cfg.get("text_config", cfg), int(n_expert), int(k)
 
 
+def synthetic_importance(ckpt: Path, seed: int = 0) -> list:
+    """Importance for planning the random-weight model as if it were trained: every expert routed equally often
+    (as the benchmark's random tokens route), each with its own sensitivity (log-normal, σ = 0.7) and an error
+    falling 4× per bit of each candidate type, so that a mixed plan spreads its experts over several types."""
+    from mcsharp_gguf.ggml.types import bits_per_weight
+    from mcsharp_gguf.pmq.candidates import EXPERT_TYPES, Recipe
+    from mcsharp_gguf.pmq.importance import LayerImportance
+
+    cfg, n_expert, k = _moe_config(ckpt)
+    d_model = cfg["hidden_size"]
+    d_ff = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    rng = np.random.default_rng(seed)
+    n_tok = 64 * n_expert
+    layers = []
+    for layer in range(cfg["num_hidden_layers"]):
+        sens = rng.lognormal(0.0, 0.7, n_expert)
+        phi = np.full(n_expert, 1.0 / n_expert)
+        eps = {}
+        for t in EXPERT_TYPES:
+            r = Recipe.for_shapes(t, d_model, d_ff)
+            bits = np.mean([bits_per_weight(x) for x in (r.gate, r.up, r.down)])
+            eps[t] = list(np.sqrt(sens * phi) * 2.0 ** -bits)
+        layers.append(LayerImportance(layer, d_model, d_ff, list(phi), list(phi), eps, eps_fisher=eps,
+                                      tokens=[n_tok * k // n_expert] * n_expert, layer_tokens=n_tok))
+    return layers
+
+
 def expert_plan(ckpt: Path, kind: str, seed: int = 0):
     """A BitPlan: every expert Q4_K ("single"); each layer's experts at random 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K
-    ("mixed"); or every expert Q4_K but stored as the same three groups of 1/4, 1/2, 1/4 ("grouped": the
-    grouping's own cost, without the types' different kernel speeds)."""
+    ("mixed"); every expert Q4_K but stored as the same three groups of 1/4, 1/2, 1/4 ("grouped": the grouping's
+    own cost, without the types' different kernel speeds); or the planner's mixed plan at Q4_K's bytes on
+    :func:`synthetic_importance`, pricing bytes only ("planned-bytes") or bytes and decode time
+    ("planned-speed", pmq.speed: the default)."""
+    from dataclasses import replace
+
     from mcsharp_gguf.model.checkpoint import model_identity
     from mcsharp_gguf.pmq.candidates import Recipe as ExpertRecipe
-    from mcsharp_gguf.pmq.plan import BitPlan
+    from mcsharp_gguf.pmq.plan import BitPlan, solve_bit_plan
 
     cfg, n_expert, _ = _moe_config(ckpt)
     n_layer, d_model = cfg["num_hidden_layers"], cfg["hidden_size"]
     d_ff = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    if kind.startswith("planned-"):
+        bpw = 8 * ExpertRecipe.for_shapes("Q4_K", d_model, d_ff).n_bytes(d_model, d_ff) / (3 * d_model * d_ff)
+        plan = solve_bit_plan(synthetic_importance(ckpt, seed), bpw, mode="mixed", metric="fisher", shrink=1.0,
+                              **({"max_slowdown": None} if kind == "planned-bytes" else {}))
+        return replace(plan, model=model_identity(ckpt))
     rng = np.random.default_rng(seed)
     layers, recipes, spent = {}, {}, 0
     for layer in range(n_layer):
@@ -135,6 +177,17 @@ def expert_plan(ckpt: Path, kind: str, seed: int = 0):
                    expert_bytes=spent, expert_weights=n_w, layers=layers, recipes=recipes, model=model_identity(ckpt))
 
 
+def mix_cost(ckpt: Path, kind: str) -> np.ndarray:
+    """The mean kernel cost (pmq.speed, per phase, Q4_K = 1) of the experts of ``expert_plan(ckpt, kind)``."""
+    from mcsharp_gguf.pmq.speed import recipe_cost
+
+    cfg = _moe_config(ckpt)[0]
+    d_model, d_ff = cfg["hidden_size"], cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    plan = expert_plan(ckpt, kind)
+    q4 = recipe_cost("Q4_K", d_model, d_ff)
+    return np.mean([recipe_cost(t, d_model, d_ff) / q4 for v in plan.layers.values() for t in v], axis=0)
+
+
 def synthetic_routers(ckpt: Path, keep: float = 0.75, hidden: int = 32, seed: int = 0):
     """OTP routers with random weights; b2 puts each slot's logit above 0 (kept) with probability ~``keep`` for
     unit-RMS inputs (the FFN-normed block input)."""
@@ -156,6 +209,14 @@ def synthetic_routers(ckpt: Path, keep: float = 0.75, hidden: int = 32, seed: in
                       lam=[0.0] * n_layer, layers=layers)
 
 
+def ggml_rtn(w, type_name: str, layer: int, expert: int, proj: str) -> np.ndarray:
+    """A pack.Quantiser: ``ggml_quantize_chunk`` on the weights (no importance matrix)."""
+    from mcsharp_gguf.ggml.libggml import ggml_quantize
+    from mcsharp_gguf.gguf.convert import tensor_values
+
+    return ggml_quantize(tensor_values(w).float().numpy(), type_name)
+
+
 def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Path]:
     from mcsharp_gguf.dev.scale import write_real_shape_checkpoint
     from mcsharp_gguf.pipeline import run
@@ -165,7 +226,7 @@ def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Pa
     dense = {"attn": "Q4_K", "embd": "Q4_K", "output": "Q6_K"}
     files = {}
     for name, otp in (("single", False), ("mixed", False), ("grouped", False), ("otp", True),
-                      ("single-Q3_K", False), ("single-Q5_K", False)):
+                      ("planned-bytes", False), ("planned-speed", False)):
         out = work / f"{shape}-{n_layer}L-{name}.gguf"
         files[name] = out
         if out.exists():
@@ -174,8 +235,11 @@ def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Pa
         recipe = Recipe(bpw=plan.target_bpw, mode=plan.mode, scope="global", gptq=False, dense_types=dense,
                         otp=otp)
         t0 = time.perf_counter()
-        run(recipe, ckpt, out, plan=plan, routers=synthetic_routers(ckpt) if otp else None, device="cpu",
-            log=lambda *_: None)
+        # speed does not depend on the weights' values: llama.cpp's own quantiser (C) writes the files many times
+        # faster than our bit-exact Python RTN, with the same types and layout
+        with mock.patch("mcsharp_gguf.pipeline.rtn_quantiser", ggml_rtn):
+            run(recipe, ckpt, out, plan=plan, routers=synthetic_routers(ckpt) if otp else None, device="cpu",
+                log=lambda *_: None)
         log(f"[files] {out.name}: {out.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
     return files
 
@@ -212,8 +276,8 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
         "patched, single (off)": ("single", {}),
         "patched, mixed grouped (off)": ("mixed", {}),
         "patched, Q4_K in 3 groups (off)": ("grouped", {}),
-        "patched, all Q3_K (off)": ("single-Q3_K", {}),
-        "patched, all Q5_K (off)": ("single-Q5_K", {}),
+        "patched, planned mix, bytes only (off)": ("planned-bytes", {}),
+        "patched, planned mix, speed-priced (off)": ("planned-speed", {}),
         "patched, OTP routers": ("otp", {}),
         f"patched, threshold mu={args.mu}": ("single", {"mcsharp.moe.prune_mode": 3,
                                                         "mcsharp.moe.threshold_mu": args.mu}),
@@ -257,11 +321,17 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
     out["stock_vs_patched"] = stock_vs_patched(files, args, libs, log)
     out["mixed_vs_single_decode"] = base["decode_s"] / best["patched, mixed grouped (off)"]["decode_s"]
     out["mixed_vs_single_prefill"] = base["prefill_s"] / best["patched, mixed grouped (off)"]["prefill_s"]
-    # what the mixed file would take if only its types' kernel speeds mattered: 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K
-    for phase in ("prefill", "decode"):
-        t3, t5 = (best[f"patched, all {t} (off)"][f"{phase}_s"] for t in ("Q3_K", "Q5_K"))
-        types_only = 0.25 * t3 + 0.5 * base[f"{phase}_s"] + 0.25 * t5
-        out[f"mixed_vs_types_only_{phase}"] = types_only / best["patched, mixed grouped (off)"][f"{phase}_s"]
+    # each mixed file against what its types' kernel costs (pmq.speed) predict: t = t_single (1 − s + s · c̄), c̄
+    # the mean cost of its experts (the random tokens route about evenly), s the MoE share fitted above
+    ckpt = args.work / f"{shape}-{n_layer}L"
+    for config, kind in (("patched, mixed grouped (off)", "mixed"),
+                         ("patched, planned mix, bytes only (off)", "planned-bytes"),
+                         ("patched, planned mix, speed-priced (off)", "planned-speed")):
+        c_mean = mix_cost(ckpt, kind)
+        for i, phase in enumerate(PHASES):
+            b = best[config]
+            b[f"{phase}_predicted"] = 1.0 / (1.0 - out[f"moe_share_{phase}"] * (1.0 - c_mean[i]))
+            b[f"{phase}_of_predicted"] = b[f"{phase}_speedup"] / b[f"{phase}_predicted"]
     out["grouped_vs_single_decode"] = base["decode_s"] / best["patched, Q4_K in 3 groups (off)"]["decode_s"]
     out["grouped_vs_single_prefill"] = base["prefill_s"] / best["patched, Q4_K in 3 groups (off)"]["prefill_s"]
     return out
@@ -283,17 +353,16 @@ def print_table(res: dict) -> None:
     for name, b in res["configs"].items():
         cells = []
         for phase in ("prefill", "decode"):
-            ob = b.get(f"{phase}_of_bound")
+            ob, op = b.get(f"{phase}_of_bound"), b.get(f"{phase}_predicted")
             cells.append(f"{b[f'{phase}_tok_s']:.1f} | {b[f'{phase}_speedup']:.3f}"
-                         + ("" if ob is None else f" ({ob:.2f})"))
+                         + ("" if ob is None else f" ({ob:.2f})")
+                         + ("" if op is None else f" [kernel costs predict {op:.3f}]"))
         print(f"| {name} | {b['executed_prefill']:.3f} / {b['executed_decode']:.3f} | {cells[0]} | {cells[1]} |")
     print(f"MoE share of time (static-k fit): decode {res['moe_share_decode']:.3f}, "
           f"prefill {res['moe_share_prefill']:.3f}; "
           f"mixed grouped / single-type: decode {res['mixed_vs_single_decode']:.3f}, "
           f"prefill {res['mixed_vs_single_prefill']:.3f}; Q4_K in 3 groups / single: decode "
-          f"{res['grouped_vs_single_decode']:.3f}, prefill {res['grouped_vs_single_prefill']:.3f}; mixed grouped / "
-          f"the same mix of types at single-type speeds: decode {res['mixed_vs_types_only_decode']:.3f}, prefill "
-          f"{res['mixed_vs_types_only_prefill']:.3f}")
+          f"{res['grouped_vs_single_decode']:.3f}, prefill {res['grouped_vs_single_prefill']:.3f}")
     print(stock_line)
 
 

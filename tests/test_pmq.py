@@ -10,6 +10,7 @@ import torch
 
 from mcsharp_gguf.errors import McsharpError
 from mcsharp_gguf.ggml.types import bits_per_weight, storable_type
+from mcsharp_gguf.pmq import speed
 from mcsharp_gguf.pmq.candidates import Recipe
 from mcsharp_gguf.pmq.eps import expert_output_error
 from mcsharp_gguf.pmq.importance import LayerImportance, TensorImportance
@@ -23,6 +24,7 @@ from mcsharp_gguf.pmq.plan import (
     solve_bit_plan,
 )
 from mcsharp_gguf.pmq.report import expert_traffic, format_plan_table
+from mcsharp_gguf.pmq.speed import plan_time, type_cost
 
 TARGETS = ("Q2_K", "Q3_K", "Q4_K", "Q6_K")
 
@@ -42,28 +44,79 @@ def _layers(n_layer: int, n_expert: int, seed: int = 0, d_model: int = 256, d_ff
     return out
 
 
-@pytest.mark.parametrize("scope,gamma", [("global", 1.0), ("layer", 2.0)])
-def test_milp_matches_exhaustive_search(scope, gamma):
+@pytest.mark.parametrize("scope,gamma,max_slowdown", [("global", 1.0, None), ("layer", 2.0, None),
+                                                      ("global", 1.0, 0.0), ("layer", 2.0, 0.0),
+                                                      ("global", 2.0, 0.05)])
+def test_milp_matches_exhaustive_search(scope, gamma, max_slowdown):
+    """The MILP's plan is the exhaustive optimum under the byte budget and, with ``max_slowdown``, under the decode
+    time budgets: Σ phi_e · weights · type_cost ≤ (1 + max_slowdown) × that of the best stock plan in decode and in
+    prefill, by hand."""
     layers = _layers(2, 3, seed=1)
-    plan = solve_bit_plan(layers, bpw=3.6, targets=TARGETS, scope=scope, gamma=gamma, metric="mc")
+    plan = solve_bit_plan(layers, bpw=3.6, targets=TARGETS, scope=scope, gamma=gamma, metric="mc",
+                          max_slowdown=max_slowdown)
     items = [(imp, e) for imp in layers for e in range(imp.n_expert)]
     nbytes = {t: Recipe.for_shapes(t, 256, 256).n_bytes(256, 256) for t in TARGETS}
     per_layer = 3.6 * plan.expert_weights / 8 / len(layers)
 
-    def feasible(combo) -> bool:
+    def fits_bytes(combo) -> bool:
         if scope == "global":
             return sum(nbytes[t] for t in combo) <= per_layer * len(layers)
         return all(sum(nbytes[t] for (imp, _), t in zip(items, combo, strict=True) if imp.layer == lay.layer)
                    <= per_layer for lay in layers)
 
+    def run_time(combo) -> np.ndarray:  # decode, prefill; no token counts here: an expert runs as often as its phi
+        return sum(imp.phi[e] * 3 * 256 * 256 * type_cost(t) for (imp, e), t in zip(items, combo, strict=True))
+
     def cost(combo) -> float:
         return sum(imp.phi[e] * imp.w[e] ** 1.5 * imp.eps[t][e] ** gamma
                    for (imp, e), t in zip(items, combo, strict=True))
+
+    stock = [c for c in itertools.product(TARGETS, repeat=len(items))
+             if fits_bytes(c) and all(len({t for (imp, _), t in zip(items, c, strict=True) if imp.layer == lay.layer})
+                                      == 1 for lay in layers)]
+    t_max = np.inf if max_slowdown is None else (1 + max_slowdown) * run_time(min(stock, key=cost))
+
+    def feasible(combo) -> bool:
+        return fits_bytes(combo) and bool(np.all(run_time(combo) <= t_max * (1 + 1e-9)))
 
     best = min((cost(c), c) for c in itertools.product(TARGETS, repeat=len(items)) if feasible(c))
     got = tuple(plan.layers[imp.layer][e] for imp, e in items)
     assert feasible(got) and cost(got) <= best[0] * (1 + 1e-9)
     assert plan.achieved_bpw <= 3.6
+    if max_slowdown is not None:
+        free = solve_bit_plan(layers, bpw=3.6, targets=TARGETS, scope=scope, gamma=gamma, metric="mc",
+                              max_slowdown=None)
+        assert cost(got) >= plan_cost_mc(free, items, gamma) * (1 - 1e-9)  # the time budget only takes options away
+
+
+def plan_cost_mc(plan: BitPlan, items, gamma: float) -> float:
+    return sum(imp.phi[e] * imp.w[e] ** 1.5 * imp.eps[plan.layers[imp.layer][e]][e] ** gamma for imp, e in items)
+
+
+def test_speed_priced_plan_keeps_to_the_stock_plans_time(monkeypatch):
+    """A type that is cheap in bytes but slow in prefill (as Q1_0/Q2_0 are on the CPU) is what a bytes-only mixed
+    plan buys; the default plan leaves it out where it would make prefill slower than the stock plan's by more
+    than MAX_SLOWDOWN, and keeps to that in both phases (pmq.speed.plan_time, from token counts)."""
+    monkeypatch.setitem(speed.KERNEL_COST, "Q3_K", (1.0, 6.0))
+    layers = _layers(3, 8, seed=4)
+    for imp in layers:
+        imp.tokens, imp.layer_tokens = np.round(np.asarray(imp.phi) * 200).astype(int).tolist(), 100
+    free = solve_bit_plan(layers, 4.6, targets=TARGETS, metric="mc", max_slowdown=None)
+    assert any("Q3_K" in v for v in free.layers.values())
+    stock = solve_bit_plan(layers, 4.6, mode="stock", targets=TARGETS, metric="mc")  # all Q4_K
+    priced = solve_bit_plan(layers, 4.6, targets=TARGETS, metric="mc")
+    t_stock, t_priced, t_free = (plan_time(p, layers) for p in (stock, priced, free))
+    assert np.all(t_priced <= t_stock * (1 + speed.MAX_SLOWDOWN + 1e-9)) and t_free[1] > t_stock[1] * 1.1
+    assert priced.time_vs_stock == pytest.approx(dict(zip(speed.PHASES, t_priced / t_stock, strict=True)))
+    assert free.time_vs_stock["prefill"] == pytest.approx(t_free[1] / t_stock[1])
+    assert f"prefill {t_free[1] / t_stock[1]:.3f}× (bytes only)" in format_plan_table(free)
+    assert f"({1 + speed.MAX_SLOWDOWN:.2f}×" not in format_plan_table(free)
+    assert BitPlan.from_json(priced.to_json()) == priced
+    with pytest.raises(McsharpError, match="max_slowdown -0.1"):
+        solve_bit_plan(layers, 4.6, targets=TARGETS, metric="mc", max_slowdown=-0.1)
+    assert sum(v.count("Q3_K") for v in priced.layers.values()) < sum(v.count("Q3_K") for v in free.layers.values())
+    assert plan_cost_mc(stock, [(i, e) for i in layers for e in range(8)], 2.0) >= plan_cost_mc(
+        priced, [(i, e) for i in layers for e in range(8)], 2.0) * (1 - 1e-9)  # still no worse than stock
 
 
 def test_file_scope_plans_tensors_and_experts_jointly():
@@ -186,7 +239,8 @@ def test_planner_ceiling_sees_only_real_differences_between_experts():
 
 @pytest.mark.parametrize("bpw", [2.8, 3.2, 4.0, 5.0])
 def test_budget_is_respected_and_nearly_used(bpw):
-    plan = solve_bit_plan(_layers(4, 8), bpw=bpw, targets=TARGETS)
+    # bytes only: with kernel time priced, a plan may leave bytes unspent where more bits would run slower
+    plan = solve_bit_plan(_layers(4, 8), bpw=bpw, targets=TARGETS, max_slowdown=None)
     assert plan.achieved_bpw <= bpw + 1e-9
     assert plan.achieved_bpw >= bpw - 0.25  # small instances cannot always land closer
     assert "layer" in format_plan_table(plan)
@@ -204,7 +258,8 @@ def test_more_important_experts_get_at_least_as_many_bits():
     layer.eps = {t: [4.0 ** -bits_per_weight(t)] * 8 for t in TARGETS}  # same error curve for all
     layer.phi = list(np.linspace(0.01, 0.3, 8) / np.linspace(0.01, 0.3, 8).sum())
     layer.w = list(layer.phi)
-    plan = solve_bit_plan([layer], bpw=3.5, targets=TARGETS, metric="mc")
+    # bytes only: with time priced, a busier expert's bits also cost more time, and the order may break
+    plan = solve_bit_plan([layer], bpw=3.5, targets=TARGETS, metric="mc", max_slowdown=None)
     bits = [bits_per_weight(t) for t in plan.layers[0]]
     assert bits == sorted(bits)
 

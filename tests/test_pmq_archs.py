@@ -92,6 +92,9 @@ def pmq_gguf(tiny_model, calib_file, tmp_path_factory):
             # below which a GPTQ Hessian is rank-deficient and GPTQ does worse than RTN off the calibration set.
             res = subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "convert", str(tiny_model(arch)),
                                   "--bpw", str(bpw), "--mode", mode, "--budget-scope", "global",
+                                  # bytes only: at 8 bpw the mix holds Q8_0, whose CPU prefill is slow (pmq.speed),
+                                  # and a speed-priced plan would not mix, leaving the regrouping untested
+                                  "--max-slowdown", "none",
                                   "--calib", str(calib_file), "--calib-seqs", "8", "--calib-len", "128",
                                   "-o", str(out)],
                                  capture_output=True, text=True, timeout=600)

@@ -18,6 +18,9 @@ def test_recipe_round_trips_and_defaults_are_the_measured_best():
     assert not r.lossless and Recipe(preset="F16").lossless and Recipe(preset="BF16").lossless_outtype == "bf16"
     r2 = Recipe(bpw=3.5, mode="mixed", scope="global", tensor_types=((r"attn_v", "Q8_0"),), otp=True)
     assert Recipe.from_json(r2.to_json()) == r2
+    assert r.max_slowdown == 0.02  # mixed plans held to +2% of the stock plan's kernel time (docs/planner.md)
+    r3 = Recipe(bpw=3.5, mode="mixed", max_slowdown=None)
+    assert Recipe.from_json(r3.to_json()) == r3 and Recipe.from_json(r3.to_json()).max_slowdown is None
     with pytest.raises(McsharpError, match="recipe version"):
         Recipe.from_json(r2.to_json().replace('"version": 1', '"version": 0'))
 
@@ -25,6 +28,7 @@ def test_recipe_round_trips_and_defaults_are_the_measured_best():
 @pytest.mark.parametrize(("kw", "needle"), [
     ({"preset": "Q3_K_XL"}, "presets: "), ({"bpw": 3.0, "preset": "Q2_K"}, "give one of"),
     ({"bpw": -1.0}, "--bpw"), ({"mode": "fancy"}, "mode"), ({"otp": True, "otp_target_frac": 1.5}, "(0, 1]"),
+    ({"max_slowdown": -0.1}, "--max-slowdown -0.1"),
     ({"dense_types": {"attn": "Q8_0"}}, "whole-file plan"),
     ({"scope": "global", "dense_types": {"attn": "Q9_K"}}, "--attn-type=Q9_K"),
     ({"scope": "global", "tensor_types": (("attn_v", "FP8"),)}, "--tensor-type attn_v=FP8"),

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import McsharpError
 from .candidates import EXPERT_TYPES, Recipe
 from .importance import LayerImportance, TensorImportance
+from .speed import MAX_SLOWDOWN, PHASES, plan_time, recipe_cost, run_rate, tensor_rate, type_cost
 
 # Cost exponents and budget scope (see solve_bit_plan): measured on the fixture, scripts/bench_quality.py.
 ALPHA, BETA, GAMMA, SCOPE, METRIC = 1.0, 1.5, 2.0, "global", "fisher"
@@ -51,6 +52,10 @@ class BitPlan:
     coverage: dict[int, dict] = field(default_factory=dict)
     # the checkpoint it was made for (model.checkpoint.model_identity: its config and tensor shapes; "" unknown)
     model: str = ""
+    # mixed: time per token of what it types over the stock plan's at the same budget, per phase (pmq.speed);
+    # max_slowdown: the bound it was planned under (None: bytes only)
+    time_vs_stock: dict[str, float] = field(default_factory=dict)
+    max_slowdown: float | None = None
 
     @property
     def planned_bpw(self) -> float:
@@ -81,6 +86,22 @@ class BitPlan:
                                "`mcsharp plan`") from None
 
 
+@dataclass(frozen=True)
+class Time:
+    """A time budget over the MILP's items: each option's time per token in each phase (pmq.speed; an array of
+    options × phases an item) and the most the chosen options may take together in each phase (inf: none)."""
+
+    items: list[np.ndarray]
+    budget: np.ndarray
+
+    @classmethod
+    def none(cls, items_cost: list[np.ndarray]) -> Time:
+        return cls([np.zeros((len(c), len(PHASES))) for c in items_cost], np.full(len(PHASES), np.inf))
+
+    def left(self, choice: np.ndarray) -> np.ndarray:
+        return self.budget - sum(t[k] for t, k in zip(self.items, choice, strict=True))
+
+
 def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: float, gamma: float = 1.0,
           metric: str = "mc") -> np.ndarray:
     """Cost of each (expert, recipe), shape (n_expert, n_targets).
@@ -101,17 +122,20 @@ def costs(imp: LayerImportance, targets: tuple[str, ...], alpha: float, beta: fl
 
 
 def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_bytes: list[np.ndarray],
-                    budget: float, members: list[int] | None = None) -> np.ndarray:
+                    budget: float, members: list[int] | None = None, time: Time | None = None) -> np.ndarray:
     """Give the bytes the MILP left unused to items whose cost is zero for every recipe.
 
     An expert no calibration token reached has phi = 0 and eps = 0, so every recipe costs it nothing and the
     solver leaves it at an arbitrary (often the smallest) type even when the budget would allow more, yet
     inference will route tokens to it. Upgrading such items one size step at a time, round-robin, while the
     budget holds leaves the optimal cost unchanged and stops unseen experts from being starved for nothing.
+    With a decode-time budget (``time``) an upgrade must fit it too.
     """
     choice = choice.copy()
     members = list(range(len(items_cost))) if members is None else members
     spent = float(sum(items_bytes[i][choice[i]] for i in members))
+    time = time or Time.none(items_cost)
+    left_t = time.left(choice)
     free = [i for i in members if not np.any(items_cost[i])]
     upgraded = True
     while upgraded:
@@ -122,24 +146,29 @@ def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_byte
             if bigger.size == 0:
                 continue
             nxt = int(bigger[np.argmin(b[bigger])])  # the next size up
-            if spent + b[nxt] - b[k] <= budget:
+            dt = time.items[i][nxt] - time.items[i][k]
+            if spent + b[nxt] - b[k] <= budget and np.all(dt <= left_t):
                 spent += b[nxt] - b[k]
+                left_t -= dt
                 choice[i] = nxt
                 upgraded = True
     return choice
 
 
 def _spend_global_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_bytes: list[np.ndarray],
-                           budget: float) -> np.ndarray:
+                           budget: float, time: Time | None = None) -> np.ndarray:
     """Give what the plan leaves of the overall budget back greedily, to the upgrade with the largest cost
-    reduction per byte that still fits, until none fits."""
+    reduction per byte that still fits (bytes, and the decode time budget ``time`` if any), until none fits."""
     choice = choice.copy()
     left = budget - float(sum(b[k] for b, k in zip(items_bytes, choice, strict=True)))
+    time = time or Time.none(items_cost)
+    left_t = time.left(choice)
     while True:
         best = None
         for i, (c, b) in enumerate(zip(items_cost, items_bytes, strict=True)):
-            k = choice[i]
-            for k2 in np.flatnonzero((b > b[k]) & (b - b[k] <= left) & (c <= c[k])):  # more bits never hurt
+            k, t = choice[i], time.items[i]
+            fits = (b > b[k]) & (b - b[k] <= left) & (c <= c[k]) & np.all(t - t[k] <= left_t, axis=1)
+            for k2 in np.flatnonzero(fits):  # more bits never hurt
                 gain = (c[k] - c[k2]) / (b[k2] - b[k])
                 if best is None or gain > best[0]:
                     best = (gain, i, int(k2))
@@ -147,6 +176,7 @@ def _spend_global_leftover(choice: np.ndarray, items_cost: list[np.ndarray], ite
             return choice
         _, i, k2 = best
         left -= items_bytes[i][k2] - items_bytes[i][choice[i]]
+        left_t -= time.items[i][k2] - time.items[i][choice[i]]
         choice[i] = k2
 
 
@@ -154,11 +184,16 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
                    targets: tuple[str, ...] = EXPERT_TYPES, alpha: float = ALPHA, beta: float = BETA,
                    gamma: float = GAMMA, scope: str = SCOPE, metric: str = METRIC,
                    tensors: tuple[TensorImportance, ...] | list[TensorImportance] = (),
-                   shrink: float | str = "cv") -> BitPlan:
+                   shrink: float | str = "cv", max_slowdown: float | None = MAX_SLOWDOWN) -> BitPlan:
     """Choose one recipe per expert (``mixed``) or per layer (``stock``) minimising total cost under a budget
     of ``bpw`` true bits per expert weight: one budget all layers share (``scope="global"``) or one per layer
     (``"layer"``, MC's formulation; what the layers leave unspent is then handed out greedily, so the file
     still uses the whole budget).
+
+    ``max_slowdown`` (mixed mode): the plan's time per token in decode and in prefill (pmq.speed: each option's
+    kernel time per weight × how often a token runs it) may each exceed that of the stock plan at the same budget
+    by at most this fraction, so that per-expert types do not make the file slower than a stock one of its size;
+    None: bytes only.
 
     ``shrink`` (mixed mode, fisher metric): each expert's error per unit of frequency is taken as
     shrink·own + (1 − shrink)·its layer's mean (:func:`shrunk_costs`), so that per-expert differences smaller
@@ -176,36 +211,52 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
     ``gamma`` = 2 makes costs additive in squared output error (errors of different experts add like independent
     vectors), so one huge error is never bought with many small savings.
 
-    (Eleven parameters: the planning rule's knobs, each defaulting to what the quality tables chose.)
+    (Twelve parameters: the planning rule's knobs, each defaulting to what the quality tables chose.)
     """
-    _check_plan_args(layers, mode, scope, metric, tensors)
+    _check_plan_args(layers, mode, scope, metric, tensors, max_slowdown)
     if scope != "file":
         tensors = ()
     targets = tuple(targets)
-    shrink, cv_costs = _resolve_shrink(layers, bpw, mode, metric, shrink, targets, scope, tensors)
+    time_budget, t_stock = np.full(len(PHASES), np.inf), None
+    if mode == "mixed":  # the stock plan at this budget: the time a mixed plan is held to and reported against
+        stock = solve_bit_plan(layers, bpw, mode="stock", targets=targets, alpha=alpha, beta=beta, gamma=gamma,
+                               scope=scope, metric=metric, tensors=tensors)
+        t_stock = plan_time(stock, layers, tensors)
+        if max_slowdown is not None:
+            time_budget = (1.0 + max_slowdown) * t_stock * (1.0 + 1e-9)
+    shrink, cv_costs = _resolve_shrink(layers, bpw, mode, metric, shrink, targets, scope, tensors, max_slowdown)
     if shrink < 1.0:
         layers = [shrunk_costs(imp, float(shrink)) for imp in layers]
-    items_cost, items_bytes, owners, n_expert_items, n_weights, layer_weights = _plan_items(
+    items_cost, items_bytes, items_time, owners, n_expert_items, n_weights, layer_weights = _plan_items(
         layers, tensors, targets, mode, (alpha, beta, gamma, metric))
     n_items = len(owners)
     n_planned = n_weights + sum(ti.rows * ti.cols for ti in tensors)
     budget = bpw * n_planned / 8.0
     groups = _budget_groups(owners, items_bytes, layers, layer_weights, bpw, budget, scope)
-    choice = _milp_choice(items_cost, items_bytes, groups, budget)
+    choice = _milp_choice(items_cost, items_bytes, groups, budget, Time(items_time, time_budget))
     plan_layers, recipes, spent = _plan_layers(owners, choice, items_bytes, n_expert_items, layers, targets)
     tensor_types = {ti.name: ti.types[choice[n_expert_items + j]] for j, ti in enumerate(tensors)}
     dense_bytes = sum(items_bytes[i][choice[i]] for i in range(n_expert_items, n_items))
+    time_vs_stock = {}
+    if t_stock is not None:
+        t_plan = sum(t[k] for t, k in zip(items_time, choice, strict=True))
+        time_vs_stock = {ph: float(t_plan[i] / t_stock[i]) for i, ph in enumerate(PHASES) if t_stock[i] > 0}
     return BitPlan(mode=mode, target_bpw=bpw, achieved_bpw=8 * spent / n_weights,
                    expert_bytes=int(spent), expert_weights=n_weights, layers=plan_layers, recipes=recipes,
                    alpha=alpha, beta=beta, gamma=gamma, scope=scope, metric=metric, tensor_types=tensor_types,
                    dense_bytes=int(dense_bytes), dense_weights=n_planned - n_weights, shrink=float(shrink),
                    cv_costs=cv_costs, coverage={imp.layer: {"tokens": imp.tokens, "d_model": imp.d_model,
                                                             "d_ff": imp.d_ff, "layer_tokens": imp.layer_tokens}
-                                                for imp in layers if imp.tokens})
+                                                for imp in layers if imp.tokens},
+                   time_vs_stock=time_vs_stock, max_slowdown=max_slowdown if mode == "mixed" else None)
 
 
-def _check_plan_args(layers: list[LayerImportance], mode: str, scope: str, metric: str, tensors) -> None:
+def _check_plan_args(layers: list[LayerImportance], mode: str, scope: str, metric: str, tensors,
+                     max_slowdown: float | None) -> None:
     """solve_bit_plan's one-line errors for settings that cannot be planned."""
+    if max_slowdown is not None and not max_slowdown >= 0.0:
+        raise McsharpError(f"max_slowdown {max_slowdown}: a mixed plan can be held to at most its stock plan's time "
+                           "(0) or more, not less; give a number >= 0 or None")
     if mode not in ("mixed", "stock"):
         raise McsharpError(f"--mode {mode} is not one of mixed, stock")
     if scope not in ("global", "layer", "file"):
@@ -223,7 +274,8 @@ def _check_plan_args(layers: list[LayerImportance], mode: str, scope: str, metri
 
 
 def _resolve_shrink(layers: list[LayerImportance], bpw: float, mode: str, metric: str, shrink: float | str,
-                    targets: tuple[str, ...], scope: str, tensors) -> tuple[float | str, dict[str, float]]:
+                    targets: tuple[str, ...], scope: str, tensors, max_slowdown: float | None
+                    ) -> tuple[float | str, dict[str, float]]:
     """(the cost shrinkage solve_bit_plan applies, the out-of-fold cost per shrink when cross-validation chose it):
     1 outside mixed mode on the fisher metric, and for ``"cv"`` without calibration folds."""
     cv_costs: dict[str, float] = {}
@@ -231,7 +283,8 @@ def _resolve_shrink(layers: list[LayerImportance], bpw: float, mode: str, metric
         shrink = 1.0
     elif shrink == "cv":
         if all(imp.eps_fisher_a for imp in layers) and all(ti.eps_fisher_a for ti in tensors):
-            shrink, cv_costs = choose_shrinkage(layers, bpw, targets=targets, scope=scope, tensors=tensors)
+            shrink, cv_costs = choose_shrinkage(layers, bpw, targets=targets, scope=scope, tensors=tensors,
+                                                max_slowdown=max_slowdown)
         else:
             shrink = 1.0
     if isinstance(shrink, str) or not 0.0 <= float(shrink) <= 1.0:
@@ -241,33 +294,38 @@ def _resolve_shrink(layers: list[LayerImportance], bpw: float, mode: str, metric
 
 def _plan_items(layers: list[LayerImportance], tensors, targets: tuple[str, ...], mode: str, cost_args: tuple):
     """The MILP's items, each picking one option: an expert (mixed) or a layer's experts (stock), then each
-    non-expert tensor. Returns (cost per option, bytes per option, owner, number of expert items, expert weights,
-    weights per layer); an owner is (layer, expert), (layer, -1) or (tensor name, -2). ``cost_args``: costs'
-    (alpha, beta, gamma, metric)."""
-    items_cost, items_bytes, owners = [], [], []
+    non-expert tensor. Returns (cost per option, bytes per option, decode time per option (pmq.speed), owner,
+    number of expert items, expert weights, weights per layer); an owner is (layer, expert), (layer, -1) or
+    (tensor name, -2). ``cost_args``: costs' (alpha, beta, gamma, metric)."""
+    items_cost, items_bytes, items_time, owners = [], [], [], []
     n_weights = 0
     layer_weights: list[int] = []
     for imp in layers:
         rec_bytes = np.array([Recipe.for_shapes(t, imp.d_model, imp.d_ff).n_bytes(imp.d_model, imp.d_ff)
                               for t in targets], dtype=np.float64)
         c = costs(imp, targets, *cost_args)
+        rec_time = np.array([recipe_cost(t, imp.d_model, imp.d_ff) for t in targets])  # options × phases
+        rate = run_rate(imp)
         layer_weights.append(imp.n_expert * 3 * imp.d_model * imp.d_ff)
         n_weights += layer_weights[-1]
         if mode == "mixed":
             for e in range(imp.n_expert):
                 items_cost.append(c[e])
                 items_bytes.append(rec_bytes)
+                items_time.append(rate[e] * rec_time)
                 owners.append((imp.layer, e))
         else:
             items_cost.append(c.sum(0))
             items_bytes.append(rec_bytes * imp.n_expert)
+            items_time.append(rate.sum() * rec_time)
             owners.append((imp.layer, -1))
     n_expert_items = len(owners)
     for ti in tensors:
         items_cost.append(np.array([ti.eps_fisher[t] ** 2 * ti.flip_factor for t in ti.types]))
         items_bytes.append(np.array([ti.n_bytes(t) for t in ti.types], dtype=np.float64))
+        items_time.append(np.array([tensor_rate(ti) * ti.rows * ti.cols * type_cost(t) for t in ti.types]))
         owners.append((ti.name, -2))
-    return items_cost, items_bytes, owners, n_expert_items, n_weights, layer_weights
+    return items_cost, items_bytes, items_time, owners, n_expert_items, n_weights, layer_weights
 
 
 def _budget_groups(owners: list, items_bytes: list[np.ndarray], layers: list[LayerImportance],
@@ -291,9 +349,9 @@ def _budget_groups(owners: list, items_bytes: list[np.ndarray], layers: list[Lay
 
 
 def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], groups: list[tuple[list[int], float]],
-                 budget: float) -> np.ndarray:
-    """The option each item takes: the MILP's optimum (HiGHS) under every group's budget, then what it leaves
-    unspent handed out (_spend_leftover per group, _spend_global_leftover overall)."""
+                 budget: float, time: Time) -> np.ndarray:
+    """The option each item takes: the MILP's optimum (HiGHS) under every group's byte budget and the time budgets
+    (if any), then what it leaves unspent handed out (_spend_leftover per group, _spend_global_leftover overall)."""
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -310,18 +368,52 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
     for g, (members, _) in enumerate(groups):
         for i in members:
             rows[g, offsets[i]:offsets[i + 1]] = items_bytes[i]
-    res = milp(c=cost / scale, integrality=np.ones_like(cost), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one_each, 1, 1),
-                            LinearConstraint(rows.tocsr(), 0, [b for _, b in groups])],
-               options={"disp": False})
+    coupling = [(rows.tocsr(), 0, np.array([b for _, b in groups]))]  # (rows, lower bound, caps)
+    if np.all(np.isfinite(time.budget)):
+        t_rows = np.concatenate(time.items).T  # phases × variables
+        t_scale = np.maximum(t_rows.max(axis=1), 1e-30)  # O(1) numbers for HiGHS, as for the costs
+        coupling.append((sparse.csr_matrix(t_rows / t_scale[:, None]), -np.inf, time.budget / t_scale))
+
+    def solve(cols: np.ndarray, item_of: np.ndarray, caps: list[np.ndarray], integral: bool):
+        a_eq = one_each[:, cols][np.unique(item_of)]
+        cons = [LinearConstraint(a_eq, 1, 1), *(LinearConstraint(m[:, cols], lo, cap)
+                                                for (m, lo, _), cap in zip(coupling, caps, strict=True))]
+        return milp(c=cost[cols] / scale, integrality=np.full(len(cols), int(integral)), bounds=Bounds(0, 1),
+                    constraints=cons, options={"disp": False})
+
+    all_cols = np.arange(n_var)
+    item_of = np.repeat(np.arange(n_items), np.diff(offsets))
+    caps = [cap for _, _, cap in coupling]
+    if len(coupling) == 1:  # bytes only: the MILP itself
+        res = solve(all_cols, item_of, caps, True)
+    else:
+        # A second kind of row makes HiGHS' branch and bound slow at DeepSeek sizes (minutes at 58 × 256 experts),
+        # so: the LP relaxation, whose basic optimum leaves at most one item per coupling row fractional; the
+        # others are fixed as it chose them, the fractional ones solved exactly on what the budgets leave (the
+        # whole MILP if that has no solution).
+        res = solve(all_cols, item_of, caps, False)
+        if res.x is None:
+            raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
+        x = res.x
+        frac = np.array([x[offsets[i]:offsets[i + 1]].max() < 1 - 1e-6 for i in range(n_items)])
+        fixed = np.where(frac[item_of], 0.0, np.round(x))
+        cols = np.flatnonzero(frac[item_of])
+        left = [cap - m @ fixed for (m, _, _), cap in zip(coupling, caps, strict=True)]
+        sub = solve(cols, item_of[cols], left, True) if cols.size else None
+        if cols.size and sub.x is None:
+            res = solve(all_cols, item_of, caps, True)
+        else:
+            if cols.size:
+                fixed[cols] = sub.x
+            res.x = fixed
     if res.x is None:
         raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
     x = np.round(res.x)
     choice = np.array([int(np.argmax(x[offsets[i]:offsets[i + 1]])) for i in range(n_items)])
     for members, b in groups:
-        choice = _spend_leftover(choice, items_cost, items_bytes, b, members)
+        choice = _spend_leftover(choice, items_cost, items_bytes, b, members, time)
     # per-layer budgets each leave up to a step unspent; a global MILP stops within HiGHS' relative gap
-    return _spend_global_leftover(choice, items_cost, items_bytes, budget)
+    return _spend_global_leftover(choice, items_cost, items_bytes, budget, time)
 
 
 def _plan_layers(owners: list, choice: np.ndarray, items_bytes: list[np.ndarray], n_expert_items: int,

@@ -22,6 +22,12 @@ def format_plan_table(plan: BitPlan) -> str:
     if plan.coverage:
         rows.append(format_coverage(plan.coverage))
         rows.append(format_expert_traffic(expert_traffic(plan)))
+    if plan.time_vs_stock:
+        bound = ("bytes only" if plan.max_slowdown is None
+                 else f"held to at most {1 + plan.max_slowdown:.2f}× by the planner")
+        rows.append("kernel time per token against the stock plan of the same bytes (pmq.speed, CPU kernel costs, "
+                    "calibration routing): " + ", ".join(f"{ph} {r:.3f}×" for ph, r in plan.time_vs_stock.items())
+                    + f" ({bound})")
     if plan.cv_costs:
         rows.append(f"per-expert costs shrunk toward the layer mean: shrink {plan.shrink:g}, chosen by two-fold "
                     "cross-validation (out-of-fold cost per shrink: "
