@@ -2,8 +2,8 @@
 speed of the stock plan at the same bytes.
 
 ggml's kernels are not equally fast per weight, and bytes do not predict it: on the CPU measured here
-(docs/runtime.md, "Kernel time per type") Q3_K reads 24% fewer bytes than Q4_K yet takes longer per weight, and
-the 1- and 2-bit types have no fast matrix-matrix path, so prefill runs them several times slower than Q4_K.
+(docs/runtime.md, "Kernel time per type") Q2_0 has no SIMD path (3.9× Q4_K's decode time per weight with half its
+bytes, 79× its prefill time), and Q1_0 and Q8_0 have no fast matrix-matrix path (4.3× and 6.4× in prefill).
 A plan that only counts bytes can therefore run slower than a stock file of the same size. ``KERNEL_COST`` is
 each type's time per weight in decode and in prefill, relative to Q4_K, measured by
 ``scripts/bench_type_speed.py``; a plan's time in a phase is Σ over what it types of (how often a token runs
