@@ -2,7 +2,8 @@
 """Runtime speed at real layer shapes (not a test): the patch's costs and savings, measured side by side.
 
 For each shape (a random-weight checkpoint with the real model's layer shapes, mcsharp_gguf.dev.scale) six
-files are written by our converter, round-to-nearest (speed does not depend on the weights' values):
+files are written by our converter with llama.cpp's own round-to-nearest quantiser (speed does not depend on the
+weights' values):
 
 - single: every expert projection Q4_K, attention Q4_K, head Q6_K, embedding Q4_K (Q4_K_M-like; no mcsharp
   tensors, so the stock llama.cpp loads it too);
@@ -138,8 +139,8 @@ def expert_plan(ckpt: Path, kind: str, seed: int = 0):
     """A BitPlan: every expert Q4_K ("single"); each layer's experts at random 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K
     ("mixed"); every expert Q4_K but stored as the same three groups of 1/4, 1/2, 1/4 ("grouped": the grouping's
     own cost, without the types' different kernel speeds); or the planner's mixed plan at Q4_K's bytes on
-    :func:`synthetic_importance`, pricing bytes only ("planned-bytes") or bytes and decode time
-    ("planned-speed", pmq.speed: the default)."""
+    :func:`synthetic_importance`, pricing bytes only ("planned-bytes") or bytes and kernel time in decode and
+    prefill ("planned-speed", pmq.speed: the default)."""
     from dataclasses import replace
 
     from mcsharp_gguf.model.checkpoint import model_identity
