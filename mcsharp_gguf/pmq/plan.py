@@ -129,7 +129,7 @@ def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_byte
     solver leaves it at an arbitrary (often the smallest) type even when the budget would allow more, yet
     inference will route tokens to it. Upgrading such items one size step at a time, round-robin, while the
     budget holds leaves the optimal cost unchanged and stops unseen experts from being starved for nothing.
-    With a decode-time budget (``time``) an upgrade must fit it too.
+    With time budgets (``time``) an upgrade must fit them too.
     """
     choice = choice.copy()
     members = list(range(len(items_cost))) if members is None else members
@@ -158,7 +158,7 @@ def _spend_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_byte
 def _spend_global_leftover(choice: np.ndarray, items_cost: list[np.ndarray], items_bytes: list[np.ndarray],
                            budget: float, time: Time | None = None) -> np.ndarray:
     """Give what the plan leaves of the overall budget back greedily, to the upgrade with the largest cost
-    reduction per byte that still fits (bytes, and the decode time budget ``time`` if any), until none fits."""
+    reduction per byte that still fits (bytes, and the time budgets ``time`` if any), until none fits."""
     choice = choice.copy()
     left = budget - float(sum(b[k] for b, k in zip(items_bytes, choice, strict=True)))
     time = time or Time.none(items_cost)
@@ -294,7 +294,7 @@ def _resolve_shrink(layers: list[LayerImportance], bpw: float, mode: str, metric
 
 def _plan_items(layers: list[LayerImportance], tensors, targets: tuple[str, ...], mode: str, cost_args: tuple):
     """The MILP's items, each picking one option: an expert (mixed) or a layer's experts (stock), then each
-    non-expert tensor. Returns (cost per option, bytes per option, decode time per option (pmq.speed), owner,
+    non-expert tensor. Returns (cost per option, bytes per option, time per option and phase (pmq.speed), owner,
     number of expert items, expert weights, weights per layer); an owner is (layer, expert), (layer, -1) or
     (tensor name, -2). ``cost_args``: costs' (alpha, beta, gamma, metric)."""
     items_cost, items_bytes, items_time, owners = [], [], [], []
