@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Runtime speed at real layer shapes (not a test): the patch's costs and savings, measured side by side.
 
-For each shape (a random-weight checkpoint with the real model's layer shapes, mcsharp_gguf.dev.scale) six
-files are written by our converter with llama.cpp's own round-to-nearest quantiser (speed does not depend on the
-weights' values):
+For each shape (a random-weight checkpoint with the real model's layer shapes, mcsharp_gguf.dev.scale) six files
+are written by our converter with llama.cpp's own round-to-nearest quantiser (speed does not depend on the weights'
+values):
 
 - single: every expert projection Q4_K, attention Q4_K, head Q6_K, embedding Q4_K (Q4_K_M-like; no mcsharp
   tensors, so the stock llama.cpp loads it too);
@@ -17,15 +17,19 @@ weights' values):
 - otp: single + synthetic OTP routers (random weights, bias set for ~3/4 of the slots kept; trained routers
   would cost a calibration pass and change nothing about speed; their executed fraction is measured).
 
-A worker process (one llama.cpp library per process) holds every configuration of the patched library and
-times them interleaved, in a fresh order each round, after a warm-up round; --processes such workers run one
-after the other and the best time of each configuration over all rounds is reported: prefill of --prompt
-tokens and decode of --decode tokens, --threads threads.
-The stock comparison (stock vs patched libraries, pruning off, the single file) runs --stock-pairs pairs of
-short one-file workers, alternating. Patched configurations: static k (k, 3k/4, k/2 slots);
-the threshold rule; OTP routers; mixed grouped vs single-type. From the static-k decode times the MoE share of
-decode time s is fitted (t(f) = t(1) · (1 − s(1 − f)), f = executed fraction); each pruning rule's speed-up is
-compared with its Amdahl bound 1 / (1 − s(1 − f)) at its measured f.
+Every configuration runs in its own process (one llama.cpp library per process) and all of them in lock step
+(run_lockstep): the prompt in --prefill-chunk steps, then the decode tokens in --decode-chunk steps (each token
+decoded alone), each process's step i next to the others' in a fresh order each step; --rounds rounds after a
+warm-up round, --threads threads. This shared machine's speed drifts by ±10% between runs seconds apart, which
+hides the few percent between type mixes; in lock step the drift falls on every configuration alike, and the same
+file loaded twice shows what is resolved. (Steps of a single token resolve more finely, but every other process
+runs between two tokens and evicts the caches: that slowed decode by ~15% at the Qwen3 shape and seemed to penalise
+files with more graph nodes.) Configurations (bench_configs): the single file on the patched libraries, pruning off
+(the reference); the same again; the same file on the stock libraries; static k (3k/4, k/2 slots); the threshold
+rule; OTP routers; the grouped / mixed / planned files. Each speed is the reference's time over the
+configuration's, per round: median and range. From the static-k times the MoE share of each phase's time s is
+fitted (t(f) = t(1) · (1 − s(1 − f)), f = executed fraction, read from the slot counter); each pruning rule's
+speed-up is compared with its Amdahl bound 1 / (1 − s(1 − f)), each type mix with what KERNEL_COST predicts.
 
 Usage: python scripts/bench_runtime.py [--shape qwen3-30b-a3b:8] [--shape mixtral-8x7b:2] [--work DIR]
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -44,59 +49,94 @@ import numpy as np
 
 from mcsharp_gguf.pmq.speed import PHASES
 
-WORKER = r"""
+# One configuration's process, driven by run_lockstep over stdin / stdout (see the module docstring).
+STEP_WORKER = r"""
 import json, os, random, sys, time
-lib, configs, n_prompt, n_decode, rounds, threads = sys.argv[1:7]
+lib, path, kv, n_ctx, threads = sys.argv[1:6]
 os.environ["LLAMA_CPP_LIB_PATH"] = lib
 import llama_cpp
-from mcsharp_gguf.runtime.llama import plain_cpu_buffers, read_slot_counter, reset_slot_counter
-configs, n_prompt, n_decode = json.loads(configs), int(n_prompt), int(n_decode)
-rounds, threads = int(rounds), int(threads)
-llms = {}
+from mcsharp_gguf.runtime.llama import plain_cpu_buffers
 with plain_cpu_buffers(llama_cpp):
-    for name, (path, kv) in configs.items():  # one Llama per configuration; a file's weights are mmapped once
-        llms[name] = llama_cpp.Llama(model_path=path, n_ctx=n_prompt + n_decode + 8, n_batch=512, n_ubatch=512,
-                                     n_gpu_layers=0, n_threads=threads, n_threads_batch=threads, verbose=False,
-                                     kv_overrides=kv or None, logits_all=False)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=int(n_ctx), n_batch=512, n_ubatch=512, n_gpu_layers=0,
+                          n_threads=int(threads), n_threads_batch=int(threads), verbose=False,
+                          kv_overrides=json.loads(kv) or None, logits_all=False)
 lib_ = llama_cpp.llama_cpp._lib
 patched = hasattr(lib_, "mcsharp_moe_slot_counter_read")
-def slots():  # (selected, executed) since the last call; None on the stock library
-    if not patched:
-        return None
-    got = read_slot_counter(lib_)
-    reset_slot_counter(lib_)
-    return list(got)
-rnd = random.Random(0)
-toks = [rnd.randrange(100, 40000) for _ in range(n_prompt + n_decode)]
-out = {name: {"prefill": [], "decode": []} for name in configs}
-order = list(configs)
-for r in range(rounds + 1):  # round 0 warms every model up
-    rnd.shuffle(order)  # a fresh order each round: no configuration always runs first
-    for name in order:
-        llm, o = llms[name], out[name]
-        llm.reset(); llm._ctx.kv_cache_clear()
-        slots()
-        t0 = time.perf_counter(); llm.eval(toks[:n_prompt]); t1 = time.perf_counter()
-        pf = slots()
-        for t in toks[n_prompt:]:
-            llm.eval([t])
-        t2 = time.perf_counter()
-        if r:
-            o["prefill"].append(t1 - t0); o["decode"].append(t2 - t1)
-            o["slots_prefill"], o["slots_decode"] = pf, slots()
-print(json.dumps(out))
+if patched:
+    from mcsharp_gguf.runtime.llama import read_slot_counter, reset_slot_counter
+print("ready", flush=True)
+for line in sys.stdin:  # "reset" | "slots" | [tokens, one_by_one] to evaluate → the seconds it took
+    if line.strip() == "reset":
+        llm.reset(); llm._ctx.kv_cache_clear(); print("ok", flush=True); continue
+    if line.strip() == "slots":  # (selected, executed) expert slots since the last call; [] on the stock library
+        got = list(read_slot_counter(lib_)) if patched else []
+        if patched:
+            reset_slot_counter(lib_)
+        print(json.dumps(got), flush=True); continue
+    toks, one_by_one = json.loads(line)
+    t0 = time.perf_counter()
+    for batch in ([[t] for t in toks] if one_by_one else [toks]):
+        llm.eval(batch)
+    print(time.perf_counter() - t0, flush=True)
 """
 
 
-def run_worker(lib: str, configs: dict[str, tuple[Path, dict]], args) -> dict:
-    """Time ``configs`` (name → (file, kv_overrides)) in one process on ``lib``, interleaved over rounds."""
-    spec = json.dumps({n: (str(p), kv) for n, (p, kv) in configs.items()})
-    cmd = [sys.executable, "-c", WORKER, lib, spec, str(args.prompt), str(args.decode), str(args.rounds),
-           str(args.threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"worker failed on {list(configs)}: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run_lockstep(configs: dict[str, tuple[str, Path, dict]], args, rounds: int) -> dict:
+    """Time ``configs`` (name → (library dir, file, kv_overrides)) in lock step, one STEP_WORKER process each:
+    per name and phase, each round's seconds (after a warm-up round) and the executed fraction of the selected
+    expert slots (1 on the stock library)."""
+    n_ctx = args.prompt + args.decode + 8
+    procs = {name: subprocess.Popen([sys.executable, "-c", STEP_WORKER, lib, str(path), json.dumps(kv), str(n_ctx),
+                                     str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for name, (lib, path, kv) in configs.items()}
+
+    def ask(name: str, msg: str) -> str:
+        p = procs[name]
+        p.stdin.write(msg + "\n")
+        p.stdin.flush()
+        got = p.stdout.readline()
+        if not got:
+            raise SystemExit(f"step worker {name} ({configs[name][1]}) died")
+        return got.strip()
+
+    try:
+        for name, p in procs.items():
+            if p.stdout.readline().strip() != "ready":
+                raise SystemExit(f"step worker {name} could not load {configs[name][1]}")
+        rnd = random.Random(0)
+        toks = [rnd.randrange(100, 40000) for _ in range(args.prompt + args.decode)]
+        order = list(configs)
+        out = {name: {"prefill": [], "decode": []} for name in configs}
+        slots = {name: {phase: np.zeros(2) for phase in PHASES} for name in configs}
+        n = args.prompt + args.decode
+        steps = [("prefill", toks[i:min(i + args.prefill_chunk, args.prompt)])
+                 for i in range(0, args.prompt, args.prefill_chunk)]
+        steps += [("decode", toks[i:min(i + args.decode_chunk, n)]) for i in range(args.prompt, n, args.decode_chunk)]
+        for r in range(rounds + 1):  # round 0 warms every configuration up
+            took = {phase: dict.fromkeys(configs, 0.0) for phase in PHASES}
+            for name in configs:
+                ask(name, "reset")
+                ask(name, "slots")
+            for i, (phase, chunk) in enumerate(steps):
+                rnd.shuffle(order)
+                for name in order:
+                    took[phase][name] += float(ask(name, json.dumps([chunk, phase == "decode"])))
+                    if i + 1 == len(steps) or steps[i + 1][0] != phase:
+                        got = json.loads(ask(name, "slots"))
+                        slots[name][phase] += got or 0
+            if r:
+                for name in configs:
+                    for phase in PHASES:
+                        out[name][phase].append(took[phase][name])
+        for name in configs:
+            for phase in PHASES:
+                sel, ex = slots[name][phase]
+                out[name][f"executed_{phase}"] = float(ex / sel) if sel else 1.0
+        return out
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait()
 
 
 def _moe_config(ckpt: Path) -> tuple[dict, int, int]:
@@ -210,161 +250,138 @@ def synthetic_routers(ckpt: Path, keep: float = 0.75, hidden: int = 32, seed: in
                       lam=[0.0] * n_layer, layers=layers)
 
 
+_PACKED: dict[tuple, np.ndarray] = {}
+
+
 def ggml_rtn(w, type_name: str, layer: int, expert: int, proj: str) -> np.ndarray:
-    """A pack.Quantiser: ``ggml_quantize_chunk`` on the weights (no importance matrix)."""
+    """A pack.Quantiser for speed files: ``ggml_quantize_chunk`` (no importance matrix) on the first weight of each
+    type and shape, whose bytes then stand for every weight of that type and shape. Kernel time does not depend on
+    the values (every expert keeps its own memory, and the router its own rows), and llama.cpp's K-quant search
+    takes ~10 min per Mixtral-8x7B-shaped file at two layers."""
     from mcsharp_gguf.ggml.libggml import ggml_quantize
     from mcsharp_gguf.gguf.convert import tensor_values
 
-    return ggml_quantize(tensor_values(w).float().numpy(), type_name)
+    key = (type_name, tuple(w.shape))
+    if key not in _PACKED:
+        _PACKED[key] = ggml_quantize(tensor_values(w).float().numpy(), type_name)
+    return _PACKED[key].copy()
+
+
+def write_file(ckpt: Path, kind: str, out: Path, otp: bool = False, log=print) -> Path:
+    """``ckpt`` converted to ``out`` with ``expert_plan(ckpt, kind)``'s experts (+ synthetic OTP routers), the
+    dense tensors Q4_K_M-like (attention and embedding Q4_K, head Q6_K); kept when it exists."""
+    from mcsharp_gguf.pipeline import run
+    from mcsharp_gguf.recipe import Recipe
+
+    if out.exists():
+        return out
+    plan = expert_plan(ckpt, kind)
+    dense = {"attn": "Q4_K", "embd": "Q4_K", "output": "Q6_K"}
+    recipe = Recipe(bpw=plan.target_bpw, mode=plan.mode, scope="global", gptq=False, dense_types=dense, otp=otp)
+    t0 = time.perf_counter()
+    # speed does not depend on the weights' values: llama.cpp's own quantiser (C), once per type and shape
+    # (ggml_rtn), writes the files many times faster than our bit-exact Python RTN, same types and layout
+    with mock.patch("mcsharp_gguf.pipeline.rtn_quantiser", ggml_rtn):
+        run(recipe, ckpt, out, plan=plan, routers=synthetic_routers(ckpt) if otp else None, device="cpu",
+            log=lambda *_: None)
+    log(f"[files] {out.name}: {out.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
 def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Path]:
     from mcsharp_gguf.dev.scale import write_real_shape_checkpoint
-    from mcsharp_gguf.pipeline import run
-    from mcsharp_gguf.recipe import Recipe
 
     ckpt = write_real_shape_checkpoint(shape, work / f"{shape}-{n_layer}L", n_layer, log=log)
-    dense = {"attn": "Q4_K", "embd": "Q4_K", "output": "Q6_K"}
-    files = {}
-    for name, otp in (("single", False), ("mixed", False), ("grouped", False), ("otp", True),
-                      ("planned-bytes", False), ("planned-speed", False)):
-        out = work / f"{shape}-{n_layer}L-{name}.gguf"
-        files[name] = out
-        if out.exists():
-            continue
-        plan = expert_plan(ckpt, "single" if otp else name)
-        recipe = Recipe(bpw=plan.target_bpw, mode=plan.mode, scope="global", gptq=False, dense_types=dense,
-                        otp=otp)
-        t0 = time.perf_counter()
-        # speed does not depend on the weights' values: llama.cpp's own quantiser (C) writes the files many times
-        # faster than our bit-exact Python RTN, with the same types and layout
-        with mock.patch("mcsharp_gguf.pipeline.rtn_quantiser", ggml_rtn):
-            run(recipe, ckpt, out, plan=plan, routers=synthetic_routers(ckpt) if otp else None, device="cpu",
-                log=lambda *_: None)
-        log(f"[files] {out.name}: {out.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
-    return files
+    return {name: write_file(ckpt, "single" if name == "otp" else name, work / f"{shape}-{n_layer}L-{name}.gguf",
+                             otp=name == "otp", log=log)
+            for name in ("single", "mixed", "grouped", "otp", "planned-bytes", "planned-speed")}
 
 
-def stock_vs_patched(files: dict[str, Path], args, libs: dict[str, str], log=print) -> dict:
-    """The single-type file (no mcsharp tensors) on the stock and on the patched libraries, pruning off: short
-    one-configuration workers, alternating stock / patched --stock-pairs times, best time of each library.
-    (Long workers measured minutes apart differed by up to ±10% on this shared machine in either direction.)"""
-    per: dict[str, list[dict]] = {"stock": [], "patched": []}
-    for i in range(args.stock_pairs):
-        for lib in (("stock", "patched") if i % 2 == 0 else ("patched", "stock")):
-            r = run_worker(libs[lib], {"single": (files["single"], {})}, args)["single"]
-            per[lib].append({"prefill_s": min(r["prefill"]), "decode_s": min(r["decode"])})
-        log(f"[bench] stock vs patched: pair {i + 1}/{args.stock_pairs} done")
-    out = {}
-    for phase in ("prefill", "decode"):
-        best = {lib: min(x[f"{phase}_s"] for x in runs) for lib, runs in per.items()}
-        out[f"patched_vs_stock_{phase}"] = best["stock"] / best["patched"]  # speed ratio: > 1 = patched faster
-        out[f"{phase}_tok_s"] = {lib: (args.prompt if phase == "prefill" else args.decode) / t
-                                 for lib, t in best.items()}
-    out["per_process"] = per
-    return out
+def bench_configs(k: int, mu: float) -> dict[str, tuple[str, str, dict]]:
+    """Every configuration of a shape with top-k ``k``: name → (library, file, kv_overrides), table order; the
+    first is the reference every speed ratio is taken against."""
+    off: dict = {}
+    static = {kk: {"mcsharp.moe.prune_mode": 2, "mcsharp.moe.static_k": kk}
+              for kk in sorted({max(1, 3 * k // 4), max(1, k // 2)} - {k}, reverse=True)}
+    return {
+        "all-Q4_K experts, pruning off": ("patched", "single", off),
+        "the same, loaded again (the method's resolution)": ("patched", "single", off),
+        "stock llama.cpp, the same file": ("stock", "single", off),
+        **{f"static k {k} → {kk}": ("patched", "single", kv) for kk, kv in static.items()},
+        f"threshold μ = {mu:g}": ("patched", "single", {"mcsharp.moe.prune_mode": 3, "mcsharp.moe.threshold_mu": mu}),
+        "OTP, synthetic routers": ("patched", "otp", off),
+        "Q4_K in 3 groups (1/4, 1/2, 1/4), same bytes": ("patched", "grouped", off),
+        "random 1/4 Q3_K, 1/2 Q4_K, 1/4 Q5_K groups, same bytes": ("patched", "mixed", off),
+        "planned mix, bytes only, same bytes": ("patched", "planned-bytes", off),
+        "planned mix, speed-priced (default), same bytes": ("patched", "planned-speed", off),
+    }
 
 
 def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print) -> dict:
+    """Every configuration of bench_configs in lock step: per configuration and phase the median seconds and tok/s,
+    the speed ratio over the reference per round (median, min, max), the executed fraction; the MoE share of time
+    fitted on static k, each pruning rule's Amdahl bound, each mix's prediction from KERNEL_COST."""
     from mcsharp_gguf.dev.scale import real_shape
 
     files = write_files(shape, n_layer, args.work, log=log)
-    if args.only_stock_pairs:
-        return {"shape": shape, "layers": n_layer, "stock_vs_patched": stock_vs_patched(files, args, libs, log)}
     k = int(real_shape(shape).config["num_experts_per_tok"])
-    ks = sorted({k, max(1, 3 * k // 4), max(1, k // 2)}, reverse=True)
-    configs: dict[str, tuple[str, dict]] = {  # name → (file, kv_overrides), all on the patched libraries
-        "patched, single (off)": ("single", {}),
-        "patched, mixed grouped (off)": ("mixed", {}),
-        "patched, Q4_K in 3 groups (off)": ("grouped", {}),
-        "patched, planned mix, bytes only (off)": ("planned-bytes", {}),
-        "patched, planned mix, speed-priced (off)": ("planned-speed", {}),
-        "patched, OTP routers": ("otp", {}),
-        f"patched, threshold mu={args.mu}": ("single", {"mcsharp.moe.prune_mode": 3,
-                                                        "mcsharp.moe.threshold_mu": args.mu}),
-    }
-    for kk in ks[1:]:
-        configs[f"patched, static k={kk}"] = ("single", {"mcsharp.moe.prune_mode": 2, "mcsharp.moe.static_k": kk})
-    best: dict[str, dict] = {}
-    for proc in range(args.processes):  # each a fresh process holding every configuration
-        mine = {n: (files[f], kv) for n, (f, kv) in configs.items()}
-        for name, r in run_worker(libs["patched"], mine, args).items():
-            b = best.setdefault(name, {"prefill_s": float("inf"), "decode_s": float("inf")})
-            b["prefill_s"] = min(b["prefill_s"], *r["prefill"])
-            b["decode_s"] = min(b["decode_s"], *r["decode"])
-            for phase in ("prefill", "decode"):
-                s = r.get(f"slots_{phase}")
-                b[f"executed_{phase}"] = (s[1] / s[0]) if s and s[0] else 1.0
-        log(f"[bench] {shape}: process {proc + 1}/{args.processes} done")
-    best = {n: best[n] for n in configs}  # table order
-    base = best["patched, single (off)"]
-    for b in best.values():
-        b["prefill_tok_s"] = args.prompt / b["prefill_s"]
-        b["decode_tok_s"] = args.decode / b["decode_s"]
-        b["prefill_speedup"] = base["prefill_s"] / b["prefill_s"]
-        b["decode_speedup"] = base["decode_s"] / b["decode_s"]
-    # the MoE share of each phase's time from the static-k line: t(f)/t(1) = 1 - s (1 - f)
-    out = {"shape": shape, "layers": n_layer, "top_k": k, "files": {n: p.stat().st_size for n, p in files.items()},
-           "configs": best}
-    for phase in ("prefill", "decode"):
-        pts = [(1.0, 1.0)] + [(best[f"patched, static k={kk}"][f"executed_{phase}"],
-                               best[f"patched, static k={kk}"][f"{phase}_s"] / base[f"{phase}_s"]) for kk in ks[1:]]
+    configs = bench_configs(k, args.mu)
+    t0 = time.perf_counter()
+    times = run_lockstep({n: (libs[lib], files[f], kv) for n, (lib, f, kv) in configs.items()}, args, args.rounds)
+    log(f"[bench] {shape}: {len(configs)} configurations × {args.rounds} rounds in lock step, "
+        f"{time.perf_counter() - t0:.0f} s")
+    ref = next(iter(configs))
+    res: dict[str, dict] = {}
+    for name in configs:
+        row = res[name] = {}
+        for phase in PHASES:
+            mine = np.array(times[name][phase])
+            ratio = np.array(times[ref][phase]) / mine  # > 1: faster than the reference
+            n_tok = args.prompt if phase == "prefill" else args.decode
+            row[phase] = {"tok_s": n_tok / float(np.median(mine)), "speed": float(np.median(ratio)),
+                          "min": float(ratio.min()), "max": float(ratio.max()), "rounds": ratio.tolist(),
+                          "executed": times[name][f"executed_{phase}"]}
+    out = {"shape": shape, "layers": n_layer, "top_k": k, "rounds": args.rounds,
+           "files": {n: p.stat().st_size for n, p in files.items()}, "configs": res}
+    for phase in PHASES:
+        # the MoE share of the phase's time from the static-k line: t(f)/t(1) = 1 − s (1 − f)
+        pts = [(1.0, 1.0)] + [(r[phase]["executed"], 1.0 / r[phase]["speed"]) for n, r in res.items()
+                              if n.startswith("static k")]
         x = np.array([1 - f for f, _ in pts])
         y = np.array([1 - t for _, t in pts])
-        s = float((x @ y) / (x @ x)) if (x @ x) > 0 else float("nan")
-        out[f"moe_share_{phase}"] = s
-        for b in best.values():
-            f = b[f"executed_{phase}"]
+        s = out[f"moe_share_{phase}"] = float((x @ y) / (x @ x)) if (x @ x) > 0 else float("nan")
+        for r in res.values():
+            f = r[phase]["executed"]
             if f < 1.0:
-                bound = 1.0 / (1.0 - s * (1.0 - f))
-                b[f"{phase}_amdahl_bound"] = bound
-                b[f"{phase}_of_bound"] = b[f"{phase}_speedup"] / bound
-    out["stock_vs_patched"] = stock_vs_patched(files, args, libs, log)
-    out["mixed_vs_single_decode"] = base["decode_s"] / best["patched, mixed grouped (off)"]["decode_s"]
-    out["mixed_vs_single_prefill"] = base["prefill_s"] / best["patched, mixed grouped (off)"]["prefill_s"]
-    # each mixed file against what its types' kernel costs (pmq.speed) predict: t = t_single (1 − s + s · c̄), c̄
-    # the mean cost of its experts (the random tokens route about evenly), s the MoE share fitted above
-    ckpt = args.work / f"{shape}-{n_layer}L"
-    for config, kind in (("patched, mixed grouped (off)", "mixed"),
-                         ("patched, planned mix, bytes only (off)", "planned-bytes"),
-                         ("patched, planned mix, speed-priced (off)", "planned-speed")):
-        c_mean = mix_cost(ckpt, kind)
-        for i, phase in enumerate(PHASES):
-            b = best[config]
-            b[f"{phase}_predicted"] = 1.0 / (1.0 - out[f"moe_share_{phase}"] * (1.0 - c_mean[i]))
-            b[f"{phase}_of_predicted"] = b[f"{phase}_speedup"] / b[f"{phase}_predicted"]
-    out["grouped_vs_single_decode"] = base["decode_s"] / best["patched, Q4_K in 3 groups (off)"]["decode_s"]
-    out["grouped_vs_single_prefill"] = base["prefill_s"] / best["patched, Q4_K in 3 groups (off)"]["prefill_s"]
+                r[phase]["amdahl_bound"] = bound = 1.0 / (1.0 - s * (1.0 - f))
+                r[phase]["of_bound"] = r[phase]["speed"] / bound
+        # each mix against what its types' kernel costs (pmq.speed) predict: t = t_single (1 − s + s · c̄), c̄ the
+        # mean cost of its experts (the random tokens route about evenly)
+        for name, (_, f, _) in configs.items():
+            if f in ("mixed", "planned-bytes", "planned-speed"):
+                c_mean = mix_cost(args.work / f"{shape}-{n_layer}L", f)[PHASES.index(phase)]
+                res[name][phase]["predicted"] = 1.0 / (1.0 - s * (1.0 - c_mean))
     return out
 
 
 def print_table(res: dict) -> None:
-    sp = res["stock_vs_patched"]
-    stock_line = (f"{res['shape']}: patched / stock speed, pruning off, same file: prefill "
-                  f"{sp['patched_vs_stock_prefill']:.3f}, decode {sp['patched_vs_stock_decode']:.3f} "
-                  f"(best of {len(sp['per_process']['stock'])} alternating process pairs)")
-    if "configs" not in res:
-        print(stock_line)
-        return
     print(f"\n## {res['shape']}, {res['layers']} layers, top-{res['top_k']} — "
           + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in res["files"].items()))
-    print("| configuration | executed prefill / decode | prefill tok/s | speed-up (of Amdahl bound) | "
-          "decode tok/s | speed-up (of Amdahl bound) |")
+    print(f"Speed over the first row, median of {res['rounds']} lock-step rounds [min-max]; (of the Amdahl bound) for "
+          "pruning, [predicted by KERNEL_COST] for type mixes; stock row: its speed over the patched libraries'")
+    print("| configuration | executed prefill / decode | prefill tok/s | prefill speed | decode tok/s | decode speed |")
     print("|---|---|---|---|---|---|")
-    for name, b in res["configs"].items():
+    for name, r in res["configs"].items():
         cells = []
-        for phase in ("prefill", "decode"):
-            ob, op = b.get(f"{phase}_of_bound"), b.get(f"{phase}_predicted")
-            cells.append(f"{b[f'{phase}_tok_s']:.1f} | {b[f'{phase}_speedup']:.3f}"
-                         + ("" if ob is None else f" ({ob:.2f})")
-                         + ("" if op is None else f" [kernel costs predict {op:.3f}]"))
-        print(f"| {name} | {b['executed_prefill']:.3f} / {b['executed_decode']:.3f} | {cells[0]} | {cells[1]} |")
+        for phase in PHASES[::-1]:  # prefill, decode
+            c = r[phase]
+            extra = (f" ({c['of_bound']:.2f})" if "of_bound" in c else "") + (
+                f" [{c['predicted']:.3f}]" if "predicted" in c else "")
+            cells.append(f"{c['tok_s']:.1f} | {c['speed']:.3f} [{c['min']:.3f}-{c['max']:.3f}]{extra}")
+        print(f"| {name} | {r['prefill']['executed']:.3f} / {r['decode']['executed']:.3f} | {cells[0]} | "
+              f"{cells[1]} |")
     print(f"MoE share of time (static-k fit): decode {res['moe_share_decode']:.3f}, "
-          f"prefill {res['moe_share_prefill']:.3f}; "
-          f"mixed grouped / single-type: decode {res['mixed_vs_single_decode']:.3f}, "
-          f"prefill {res['mixed_vs_single_prefill']:.3f}; Q4_K in 3 groups / single: decode "
-          f"{res['grouped_vs_single_decode']:.3f}, prefill {res['grouped_vs_single_prefill']:.3f}")
-    print(stock_line)
+          f"prefill {res['moe_share_prefill']:.3f}")
 
 
 def main() -> None:
@@ -373,13 +390,12 @@ def main() -> None:
                     help="a dev.scale shape and its depth (default: qwen3-30b-a3b:8 and mixtral-8x7b:2)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds over the configurations inside each worker (after a warm-up round)")
-    ap.add_argument("--processes", type=int, default=2,
-                    help="patched workers run one after the other; the best time over all is reported")
-    ap.add_argument("--stock-pairs", type=int, default=4,
-                    help="alternating stock / patched one-file workers for the stock comparison")
-    ap.add_argument("--only-stock-pairs", action="store_true", help="run only the stock comparison")
+    ap.add_argument("--rounds", type=int, default=7, help="lock-step rounds (after a warm-up round)")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="tokens per lock-step prefill step (the whole prompt by default: one 512-token batch)")
+    ap.add_argument("--decode-chunk", type=int, default=16,
+                    help="tokens per lock-step decode step (each decoded alone; a step of one process's tokens keeps "
+                         "its small tensors in cache, as when it runs alone)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mu", type=float, default=0.3, help="the threshold rule's μ")
     ap.add_argument("--work", type=Path, default=Path("out/bench-runtime"))

@@ -2,15 +2,15 @@
 """Kernel time per weight of each expert type at a real layer shape (not a test): the numbers behind
 ``mcsharp_gguf.pmq.speed.KERNEL_COST``.
 
-A random-weight checkpoint with the real model's layer shapes (mcsharp_gguf.dev.scale) is converted to F16
-(``mcsharp convert --preset F16``) and llama-quantize writes one file per type with every routed expert of that
-type and the rest fixed (attention and embedding Q4_K, head Q6_K: ``--pure`` plus overrides). Each type is timed
-in its own worker process on the patched libraries, interleaved with the all-Q4_K file and that file at static
-k/2 (bench_runtime's worker: best over --rounds rounds after a warm-up, prefill of --prompt tokens and decode of
---decode tokens, --threads threads). From Q4_K at k and k/2 the experts' share of each phase's time follows
-(t(f) = t_rest + f · t_experts, f the executed fraction read from the slot counter); a type's cost is its
-experts' time over Q4_K's: (t_T − t_rest) / t_experts, i.e. time per weight relative to Q4_K. Every ratio is
-measured side by side in one process.
+A random-weight checkpoint with the real model's layer shapes (mcsharp_gguf.dev.scale) is converted once per type,
+every routed expert of that type and the rest fixed (attention and embedding Q4_K, head Q6_K; bench_runtime's
+write_file). Each type is timed on the patched libraries in lock step (bench_runtime's run_lockstep: prefill and
+decode in alternating steps, so that the drift of this shared machine falls on every file alike) beside the
+all-Q4_K file and that file at static k/2, over --rounds rounds after a warm-up: prefill of --prompt tokens and
+decode of --decode tokens, --threads threads. From Q4_K at k and k/2 the experts' share of each phase's time
+follows (t(f) = t_rest + f · t_experts, f the executed fraction, k/2 / k); a type's cost is its experts' time over
+Q4_K's, (t_T − t_rest) / t_experts, i.e. time per weight relative to Q4_K: per round, and the median over rounds is
+reported with its range.
 
 Usage: python scripts/bench_type_speed.py [--shape mixtral-8x7b:2] [--types Q3_K,Q4_K,...] [--work DIR]
 """
@@ -19,50 +19,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_runtime import run_worker
+import numpy as np
+from bench_runtime import run_lockstep, write_file
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def type_file(tools: Path, f16: Path, out: Path, expert_type: str, threads: int) -> Path:
-    """``f16`` with every routed expert ``expert_type``, attention and embedding Q4_K, head Q6_K."""
-    if out.exists():
-        return out
-    t = expert_type.lower().replace("_k", "_K")
-    cmd = [str(tools / "llama-quantize"), "--pure", "--output-tensor-type", "q6_K", "--token-embedding-type", "q4_K",
-           *(a for p in ("gate", "up", "down") for a in ("--tensor-type", f"ffn_{p}_exps={t}")),
-           str(f16), str(out.with_suffix(".part")), "Q4_K", str(threads)]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"llama-quantize {expert_type} failed: {res.stderr[-1500:]}")
-    out.with_suffix(".part").rename(out)
-    log(f"[files] {out.name}: {out.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
-    return out
-
-
-def type_costs(runs: dict[str, dict], k: int) -> dict[str, dict]:
-    """Per type and phase: tok/s and cost relative to Q4_K, from one worker's best times (see the docstring)."""
+def type_costs(times: dict[str, dict], k: int, expert_type: str) -> dict:
+    """Per phase: the cost of ``expert_type`` relative to Q4_K in each round (see the docstring), its median and
+    range, the experts' share of Q4_K's time, and the type's median tok/s."""
     out = {}
-    ref, half = runs["Q4_K"], runs[f"Q4_K k={k // 2}"]
     for phase in ("prefill", "decode"):
-        f = half[f"executed_{phase}"]
-        t_exp = (ref[f"{phase}_s"] - half[f"{phase}_s"]) / (1.0 - f)
-        t_rest = ref[f"{phase}_s"] - t_exp
-        for name, r in runs.items():
-            if " k=" in name:
-                continue
-            o = out.setdefault(name, {})
-            o[f"{phase}_s"] = r[f"{phase}_s"]
-            o[f"{phase}_cost"] = (r[f"{phase}_s"] - t_rest) / t_exp
-            o[f"{phase}_moe_share"] = t_exp / ref[f"{phase}_s"]
+        ref, half, mine = (np.array(times[n][phase]) for n in ("Q4_K", f"Q4_K k={k // 2}", expert_type))
+        f = times[f"Q4_K k={k // 2}"][f"executed_{phase}"]  # k/2 / k, read from the slot counter
+        t_exp = (ref - half) / (1.0 - f)
+        t_rest = ref - t_exp
+        cost = (mine - t_rest) / t_exp
+        out[phase] = {"cost": float(np.median(cost)), "min": float(cost.min()), "max": float(cost.max()),
+                      "rounds": cost.tolist(), "moe_share": float(np.median(t_exp / ref)),
+                      "seconds": float(np.median(mine))}
     return out
 
 
@@ -72,7 +53,9 @@ def main() -> None:
     ap.add_argument("--types", default=None, help="comma-separated expert types (default: pmq's candidates)")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="tokens per lock-step prefill step")
+    ap.add_argument("--decode-chunk", type=int, default=16, help="tokens per lock-step decode step")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("out/bench-type-speed"))
     ap.add_argument("--json", type=Path, default=None)
@@ -91,41 +74,33 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     ckpt = write_real_shape_checkpoint(shape, work / f"{shape}-{n_layer}L", n_layer, log=log)
-    f16 = work / f"{shape}-{n_layer}L-f16.gguf"
-    if not f16.exists():
-        subprocess.run([sys.executable, "-m", "mcsharp_gguf.cli", "convert", str(ckpt), "--preset", "F16", "-o",
-                        str(f16)], check=True)
-    tools = Path(nb.build(nb.BuildOptions(tools=True), log=lambda *a: None).lib_dir) / "bin"
     lib = nb.build(log=lambda *a: None).lib_dir
-    files = {t: type_file(tools, f16, work / f"{shape}-{n_layer}L-{t}.gguf", t, args.threads)
+    files = {t: write_file(ckpt, f"single-{t}", work / f"{shape}-{n_layer}L-{t}.gguf", log=log)
              for t in dict.fromkeys(["Q4_K", *types])}
     half = {"mcsharp.moe.prune_mode": 2, "mcsharp.moe.static_k": k // 2}
     results = {}
     for t in types:
         if t == "Q4_K":
             continue
-        configs = {"Q4_K": (files["Q4_K"], {}), f"Q4_K k={k // 2}": (files["Q4_K"], half), t: (files[t], {})}
-        raw = run_worker(lib, configs, args)
-        best = {}
-        for name, r in raw.items():
-            best[name] = {"prefill_s": min(r["prefill"]), "decode_s": min(r["decode"])}
-            for phase in ("prefill", "decode"):
-                s = r.get(f"slots_{phase}")
-                best[name][f"executed_{phase}"] = (s[1] / s[0]) if s and s[0] else 1.0
-        got = type_costs(best, k)
-        results[t] = got[t]
-        results.setdefault("Q4_K", got["Q4_K"])  # from the first worker
-        log(f"[bench] {t}: decode cost {got[t]['decode_cost']:.3f}, prefill cost {got[t]['prefill_cost']:.3f} "
-            f"(Q4_K = 1; experts {100 * got[t]['decode_moe_share']:.0f}% of Q4_K's decode)")
-    print(f"\n## {shape}, {n_layer} layers, top-{k}, {args.threads} threads: expert kernel time per weight, Q4_K = 1")
+        t0 = time.perf_counter()
+        configs = {"Q4_K": (lib, files["Q4_K"], {}), f"Q4_K k={k // 2}": (lib, files["Q4_K"], half),
+                   t: (lib, files[t], {})}
+        results[t] = got = type_costs(run_lockstep(configs, args, args.rounds), k, t)
+        log(f"[bench] {t}: decode cost {got['decode']['cost']:.3f} [{got['decode']['min']:.3f}-"
+            f"{got['decode']['max']:.3f}], prefill cost {got['prefill']['cost']:.3f} [{got['prefill']['min']:.3f}-"
+            f"{got['prefill']['max']:.3f}] (Q4_K = 1; experts {100 * got['decode']['moe_share']:.0f}% of Q4_K's "
+            f"decode) in {time.perf_counter() - t0:.0f} s")
+    print(f"\n## {shape}, {n_layer} layers, top-{k}, {args.threads} threads: expert kernel time per weight, Q4_K = 1 "
+          f"(median of {args.rounds} paired rounds [min-max])")
     print("| expert type | bits per weight | file GiB | decode tok/s | decode cost | prefill tok/s | prefill cost |")
     print("|---|---|---|---|---|---|---|")
     for t in sorted(results, key=bits_per_weight):
-        r = results[t]
+        d, p = results[t]["decode"], results[t]["prefill"]
         print(f"| {t} | {bits_per_weight(t):.3f} | {files[t].stat().st_size / 2**30:.2f} | "
-              f"{args.decode / r['decode_s']:.1f} | {r['decode_cost']:.3f} | {args.prompt / r['prefill_s']:.1f} | "
-              f"{r['prefill_cost']:.3f} |")
-    print("KERNEL_COST = {" + ", ".join(f'"{t}": ({results[t]["decode_cost"]:.2f}, {results[t]["prefill_cost"]:.2f})'
+              f"{args.decode / d['seconds']:.1f} | {d['cost']:.3f} [{d['min']:.3f}-{d['max']:.3f}] | "
+              f"{args.prompt / p['seconds']:.1f} | {p['cost']:.3f} [{p['min']:.3f}-{p['max']:.3f}] |")
+    print("KERNEL_COST = {" + ", ".join(f'"{t}": ({results[t]["decode"]["cost"]:.2f}, '
+                                         f'{results[t]["prefill"]["cost"]:.2f})'
                                          for t in sorted(results, key=bits_per_weight)) + "}")
     if args.json:
         args.json.write_text(json.dumps({"shape": shape, "layers": n_layer, "top_k": k, "threads": args.threads,
