@@ -10,7 +10,9 @@ all-Q4_K file and that file at static k/2, over --rounds rounds after a warm-up:
 decode of --decode tokens, --threads threads. From Q4_K at k and k/2 the experts' share of each phase's time
 follows (t(f) = t_rest + f · t_experts, f the executed fraction, k/2 / k); a type's cost is its experts' time over
 Q4_K's, (t_T − t_rest) / t_experts, i.e. time per weight relative to Q4_K: per round, and the median over rounds is
-reported with its range.
+reported with its range. --mixes adds bench_runtime's type-mix files (costed the same way, as the mean cost per
+weight of their experts), --together times every type and mix in one lock-step run so that they can be compared
+with each other directly.
 
 Usage: python scripts/bench_type_speed.py [--shape mixtral-8x7b:2] [--types Q3_K,Q4_K,...] [--work DIR]
 """
@@ -58,6 +60,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("out/bench-type-speed"))
+    ap.add_argument("--mixes", default="", help="comma-separated bench_runtime files to cost as well (mixed, grouped, "
+                                                "planned-bytes, planned-speed)")
+    ap.add_argument("--together", action="store_true",
+                    help="every type and mix in one lock-step run (default: each type in its own, beside Q4_K)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -77,31 +83,36 @@ def main() -> None:
     lib = nb.build(log=lambda *a: None).lib_dir
     files = {t: write_file(ckpt, f"single-{t}", work / f"{shape}-{n_layer}L-{t}.gguf", log=log)
              for t in dict.fromkeys(["Q4_K", *types])}
+    mixes = [m for m in args.mixes.split(",") if m]
+    files.update({m: write_file(ckpt, m, work / f"{shape}-{n_layer}L-{m}.gguf", log=log) for m in mixes})
     half = {"mcsharp.moe.prune_mode": 2, "mcsharp.moe.static_k": k // 2}
+    base = {"Q4_K": (lib, files["Q4_K"], {}), f"Q4_K k={k // 2}": (lib, files["Q4_K"], half)}
+    names = [t for t in [*types, *mixes] if t != "Q4_K"]
+    # each name with the configurations it is timed beside: all in one run, or each alone beside Q4_K
+    runs = [names] if args.together else [[t] for t in names]
     results = {}
-    for t in types:
-        if t == "Q4_K":
-            continue
+    for run in runs:
         t0 = time.perf_counter()
-        configs = {"Q4_K": (lib, files["Q4_K"], {}), f"Q4_K k={k // 2}": (lib, files["Q4_K"], half),
-                   t: (lib, files[t], {})}
-        results[t] = got = type_costs(run_lockstep(configs, args, args.rounds), k, t)
-        log(f"[bench] {t}: decode cost {got['decode']['cost']:.3f} [{got['decode']['min']:.3f}-"
-            f"{got['decode']['max']:.3f}], prefill cost {got['prefill']['cost']:.3f} [{got['prefill']['min']:.3f}-"
-            f"{got['prefill']['max']:.3f}] (Q4_K = 1; experts {100 * got['decode']['moe_share']:.0f}% of Q4_K's "
-            f"decode) in {time.perf_counter() - t0:.0f} s")
+        times = run_lockstep({**base, **{t: (lib, files[t], {}) for t in run}}, args, args.rounds)
+        for t in run:
+            results[t] = got = type_costs(times, k, t)
+            log(f"[bench] {t}: decode cost {got['decode']['cost']:.3f} [{got['decode']['min']:.3f}-"
+                f"{got['decode']['max']:.3f}], prefill cost {got['prefill']['cost']:.3f} "
+                f"[{got['prefill']['min']:.3f}-{got['prefill']['max']:.3f}] (Q4_K = 1; experts "
+                f"{100 * got['decode']['moe_share']:.0f}% of Q4_K's decode), run of {time.perf_counter() - t0:.0f} s")
     print(f"\n## {shape}, {n_layer} layers, top-{k}, {args.threads} threads: expert kernel time per weight, Q4_K = 1 "
-          f"(median of {args.rounds} paired rounds [min-max])")
+          f"(median of {args.rounds} lock-step rounds [min-max])")
     print("| expert type | bits per weight | file GiB | decode tok/s | decode cost | prefill tok/s | prefill cost |")
     print("|---|---|---|---|---|---|---|")
-    for t in sorted(results, key=bits_per_weight):
+    for t in [*sorted((t for t in results if t not in mixes), key=bits_per_weight), *mixes]:
         d, p = results[t]["decode"], results[t]["prefill"]
-        print(f"| {t} | {bits_per_weight(t):.3f} | {files[t].stat().st_size / 2**30:.2f} | "
+        bpw = "-" if t in mixes else f"{bits_per_weight(t):.3f}"
+        print(f"| {t} | {bpw} | {files[t].stat().st_size / 2**30:.2f} | "
               f"{args.decode / d['seconds']:.1f} | {d['cost']:.3f} [{d['min']:.3f}-{d['max']:.3f}] | "
               f"{args.prompt / p['seconds']:.1f} | {p['cost']:.3f} [{p['min']:.3f}-{p['max']:.3f}] |")
     print("KERNEL_COST = {" + ", ".join(f'"{t}": ({results[t]["decode"]["cost"]:.2f}, '
                                          f'{results[t]["prefill"]["cost"]:.2f})'
-                                         for t in sorted(results, key=bits_per_weight)) + "}")
+                                         for t in sorted(set(results) - set(mixes), key=bits_per_weight)) + "}")
     if args.json:
         args.json.write_text(json.dumps({"shape": shape, "layers": n_layer, "top_k": k, "threads": args.threads,
                                          "types": results}, indent=2))
