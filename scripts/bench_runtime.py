@@ -343,10 +343,13 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
                           "executed": times[name][f"executed_{phase}"]}
     out = {"shape": shape, "layers": n_layer, "top_k": k, "rounds": args.rounds,
            "files": {n: p.stat().st_size for n, p in files.items()}, "configs": res}
-    for phase in PHASES:
+    static = [n for n, (_, _, kv) in configs.items() if kv.get("mcsharp.moe.prune_mode") == 2]
+    # each mix's mean kernel cost per phase (pmq.speed; its plan solved once)
+    c_mean = {f: mix_cost(args.work / f"{shape}-{n_layer}L", f) for _, f, _ in configs.values()
+              if f in ("mixed", "planned-bytes", "planned-speed")}
+    for i, phase in enumerate(PHASES):
         # the MoE share of the phase's time from the static-k line: t(f)/t(1) = 1 − s (1 − f)
-        pts = [(1.0, 1.0)] + [(r[phase]["executed"], 1.0 / r[phase]["speed"]) for n, r in res.items()
-                              if n.startswith("static k")]
+        pts = [(1.0, 1.0)] + [(res[n][phase]["executed"], 1.0 / res[n][phase]["speed"]) for n in static]
         x = np.array([1 - f for f, _ in pts])
         y = np.array([1 - t for _, t in pts])
         s = out[f"moe_share_{phase}"] = float((x @ y) / (x @ x)) if (x @ x) > 0 else float("nan")
@@ -358,9 +361,8 @@ def bench_shape(shape: str, n_layer: int, args, libs: dict[str, str], log=print)
         # each mix against what its types' kernel costs (pmq.speed) predict: t = t_single (1 − s + s · c̄), c̄ the
         # mean cost of its experts (the random tokens route about evenly)
         for name, (_, f, _) in configs.items():
-            if f in ("mixed", "planned-bytes", "planned-speed"):
-                c_mean = mix_cost(args.work / f"{shape}-{n_layer}L", f)[PHASES.index(phase)]
-                res[name][phase]["predicted"] = 1.0 / (1.0 - s * (1.0 - c_mean))
+            if f in c_mean:
+                res[name][phase]["predicted"] = 1.0 / (1.0 - s * (1.0 - c_mean[f][i]))
     return out
 
 
@@ -401,6 +403,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/bench-runtime"))
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    for opt in ("prompt", "decode", "prefill_chunk", "decode_chunk", "rounds", "threads"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
     args.work.mkdir(parents=True, exist_ok=True)
 
     from mcsharp_gguf.native import build as nb

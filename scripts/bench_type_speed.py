@@ -66,6 +66,9 @@ def main() -> None:
                     help="every type and mix in one lock-step run (default: each type in its own, beside Q4_K)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    for opt in ("prompt", "decode", "prefill_chunk", "decode_chunk", "rounds", "threads"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
 
     from mcsharp_gguf.native import build as nb
 
@@ -77,13 +80,18 @@ def main() -> None:
     n_layer = int(layers or 2)
     k = int(real_shape(shape).config["num_experts_per_tok"])
     types = args.types.split(",") if args.types else list(EXPERT_TYPES)
+    mixes = [m for m in args.mixes.split(",") if m]
+    bad = [m for m in mixes if m not in ("mixed", "grouped", "planned-bytes", "planned-speed")] + [
+        t for t in types if t not in EXPERT_TYPES]
+    if bad:
+        ap.error(f"unknown --types / --mixes entries {bad}: types are {', '.join(EXPERT_TYPES)}; mixes are mixed, "
+                 "grouped, planned-bytes, planned-speed")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     ckpt = write_real_shape_checkpoint(shape, work / f"{shape}-{n_layer}L", n_layer, log=log)
     lib = nb.build(log=lambda *a: None).lib_dir
     files = {t: write_file(ckpt, f"single-{t}", work / f"{shape}-{n_layer}L-{t}.gguf", log=log)
              for t in dict.fromkeys(["Q4_K", *types])}
-    mixes = [m for m in args.mixes.split(",") if m]
     files.update({m: write_file(ckpt, m, work / f"{shape}-{n_layer}L-{m}.gguf", log=log) for m in mixes})
     half = {"mcsharp.moe.prune_mode": 2, "mcsharp.moe.static_k": k // 2}
     base = {"Q4_K": (lib, files["Q4_K"], {}), f"Q4_K k={k // 2}": (lib, files["Q4_K"], half)}
