@@ -20,6 +20,8 @@ from .speed import MAX_SLOWDOWN, PHASES, plan_time, recipe_cost, run_rate, tenso
 
 # Cost exponents and budget scope (see solve_bit_plan): measured on the fixture, scripts/bench_quality.py.
 ALPHA, BETA, GAMMA, SCOPE, METRIC = 1.0, 1.5, 2.0, "global", "fisher"
+# How far above the best bound a plan may stop (HiGHS' default relative MIP gap; 10^-4 of the objective).
+MIP_GAP = 1e-4
 
 
 @dataclass
@@ -233,7 +235,8 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
     n_planned = n_weights + sum(ti.rows * ti.cols for ti in tensors)
     budget = bpw * n_planned / 8.0
     groups = _budget_groups(owners, items_bytes, layers, layer_weights, bpw, budget, scope)
-    choice = _milp_choice(items_cost, items_bytes, groups, budget, Time(items_time, time_budget))
+    start = None if t_stock is None else _stock_choice(stock, owners, n_expert_items, targets, tensors)
+    choice = _milp_choice(items_cost, items_bytes, groups, budget, Time(items_time, time_budget), start)
     plan_layers, recipes, spent = _plan_layers(owners, choice, items_bytes, n_expert_items, layers, targets)
     tensor_types = {ti.name: ti.types[choice[n_expert_items + j]] for j, ti in enumerate(tensors)}
     dense_bytes = sum(items_bytes[i][choice[i]] for i in range(n_expert_items, n_items))
@@ -249,6 +252,13 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
                                                             "d_ff": imp.d_ff, "layer_tokens": imp.layer_tokens}
                                                 for imp in layers if imp.tokens},
                    time_vs_stock=time_vs_stock, max_slowdown=max_slowdown if mode == "mixed" else None)
+
+
+def _stock_choice(stock: BitPlan, owners: list, n_expert_items: int, targets: tuple[str, ...],
+                  tensors) -> np.ndarray:
+    """The stock plan as the mixed MILP's items' options (every expert of a layer at the layer's type)."""
+    experts = [targets.index(stock.layers[layer][e]) for layer, e in owners[:n_expert_items]]
+    return np.array(experts + [ti.types.index(stock.tensor_types[ti.name]) for ti in tensors], dtype=int)
 
 
 def _check_plan_args(layers: list[LayerImportance], mode: str, scope: str, metric: str, tensors,
@@ -349,9 +359,10 @@ def _budget_groups(owners: list, items_bytes: list[np.ndarray], layers: list[Lay
 
 
 def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], groups: list[tuple[list[int], float]],
-                 budget: float, time: Time) -> np.ndarray:
+                 budget: float, time: Time, start: np.ndarray | None = None) -> np.ndarray:
     """The option each item takes: the MILP's optimum (HiGHS) under every group's byte budget and the time budgets
-    (if any), then what it leaves unspent handed out (_spend_leftover per group, _spend_global_leftover overall)."""
+    (if any), then what it leaves unspent handed out (_spend_leftover per group, _spend_global_leftover overall).
+    ``start``: an option per item known to fit the budgets (the stock plan), which bounds the search."""
     from scipy import sparse
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -379,7 +390,7 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
         cons = [LinearConstraint(a_eq, 1, 1), *(LinearConstraint(m[:, cols], lo, cap)
                                                 for (m, lo, _), cap in zip(coupling, caps, strict=True))]
         return milp(c=cost[cols] / scale, integrality=np.full(len(cols), int(integral)), bounds=Bounds(0, 1),
-                    constraints=cons, options={"disp": False})
+                    constraints=cons, options={"disp": False, "mip_rel_gap": MIP_GAP})
 
     all_cols = np.arange(n_var)
     item_of = np.repeat(np.arange(n_items), np.diff(offsets))
@@ -387,25 +398,37 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
     if len(coupling) == 1:  # bytes only: the MILP itself
         res = solve(all_cols, item_of, caps, True)
     else:
-        # A second kind of row makes HiGHS' branch and bound slow at DeepSeek sizes (minutes at 58 × 256 experts),
-        # so: the LP relaxation, whose basic optimum leaves at most one item per coupling row fractional; the
-        # others are fixed as it chose them, the fractional ones solved exactly on what the budgets leave (the
-        # whole MILP if that has no solution).
-        res = solve(all_cols, item_of, caps, False)
+        # A second kind of row makes HiGHS' branch and bound slow at DeepSeek sizes (minutes at 58 × 256 experts
+        # on the whole MILP), so the options that cannot be in an optimum are removed first (reduced-cost fixing):
+        # any plan costs at least the LP relaxation's optimum plus the reduced costs of the options it takes, so an
+        # option whose reduced cost exceeds what a known plan (the LP's rounding, or ``start``) costs over that bound
+        # is in no better plan. The known plan is usually within MIP_GAP of the bound already at real sizes (then
+        # taken); where not (small problems) the MILP on the options left finds the optimum.
+        res = _lp_relaxation(cost / scale, one_each, coupling)
         if res.x is None:
             raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
-        x = res.x
-        frac = np.array([x[offsets[i]:offsets[i + 1]].max() < 1 - 1e-6 for i in range(n_items)])
-        fixed = np.where(frac[item_of], 0.0, np.round(x))
-        cols = np.flatnonzero(frac[item_of])
-        left = [cap - m @ fixed for (m, _, _), cap in zip(coupling, caps, strict=True)]
-        sub = solve(cols, item_of[cols], left, True) if cols.size else None
-        if cols.size and sub.x is None:
-            res = solve(all_cols, item_of, caps, True)
+        known = [_near_lp(res, item_of, caps, solve)]
+        if start is not None:
+            known.append(np.zeros(n_var))
+            known[-1][offsets[:-1] + start] = 1.0
+        known = [x for x in known if x is not None and all(
+            np.all(m @ x <= cap + 1e-9 * np.maximum(1.0, np.abs(cap))) for (m, _, _), cap in zip(coupling, caps,
+                                                                                                  strict=True))]
+        best = min(known, key=lambda x: cost @ x, default=None)
+        slack = np.inf if best is None else cost @ best / scale - res.fun
+        if slack <= MIP_GAP * abs(res.fun):  # as close to the bound as HiGHS would stop (the bytes-only MILP)
+            res.x = best
         else:
-            if cols.size:
-                fixed[cols] = sub.x
-            res.x = fixed
+            keep = res.lower.marginals <= slack + 1e-9 * max(1.0, abs(res.fun))
+            if best is not None:
+                keep |= best > 0.5
+            cols = np.flatnonzero(keep)
+            sub = solve(cols, item_of[cols], caps, True)
+            if sub.x is None:
+                raise McsharpError(f"the bit-plan MILP failed ({sub.message}); try a slightly larger --bpw")
+            full = np.zeros(n_var)
+            full[cols] = np.round(sub.x)
+            res.x = full if best is None or cost @ full <= cost @ best else best
     if res.x is None:
         raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
     x = np.round(res.x)
@@ -414,6 +437,34 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
         choice = _spend_leftover(choice, items_cost, items_bytes, b, members, time)
     # per-layer budgets each leave up to a step unspent; a global MILP stops within HiGHS' relative gap
     return _spend_global_leftover(choice, items_cost, items_bytes, budget, time)
+
+
+def _near_lp(lp, item_of: np.ndarray, caps: list, solve) -> np.ndarray | None:
+    """A plan near the LP relaxation's optimum ``lp``: the MILP restricted to the options the LP takes (in part)
+    and those whose reduced cost is below a threshold, raised (to include 1/64, 1/16, 1/4 and then all of the
+    others) until the restricted MILP has a solution; None if even the whole MILP has none."""
+    taken = lp.x > 1e-9
+    others = np.sort(lp.lower.marginals[~taken])
+    for share in (0, 64, 16, 4, 1):
+        delta = -np.inf if share == 0 else others[len(others) // share - 1] if len(others) else np.inf
+        cols = np.flatnonzero(taken | (lp.lower.marginals <= delta))
+        sub = solve(cols, item_of[cols], caps, True)
+        if sub.x is not None:
+            x = np.zeros(len(lp.x))
+            x[cols] = np.round(sub.x)
+            return x
+    return None
+
+
+def _lp_relaxation(cost: np.ndarray, one_each, coupling: list):
+    """The MILP's LP relaxation (HiGHS), with the reduced cost of every option (``.lower.marginals``)."""
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    a_ub = sparse.vstack([m for m, _, _ in coupling]).tocsr()
+    b_ub = np.concatenate([cap for _, _, cap in coupling])
+    return linprog(cost, A_ub=a_ub, b_ub=b_ub, A_eq=one_each, b_eq=np.ones(one_each.shape[0]), bounds=(0, 1),
+                   method="highs")
 
 
 def _plan_layers(owners: list, choice: np.ndarray, items_bytes: list[np.ndarray], n_expert_items: int,
