@@ -392,45 +392,39 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
         return milp(c=cost[cols] / scale, integrality=np.full(len(cols), int(integral)), bounds=Bounds(0, 1),
                     constraints=cons, options={"disp": False, "mip_rel_gap": MIP_GAP})
 
-    all_cols = np.arange(n_var)
     item_of = np.repeat(np.arange(n_items), np.diff(offsets))
     caps = [cap for _, _, cap in coupling]
-    if len(coupling) == 1:  # bytes only: the MILP itself
-        res = solve(all_cols, item_of, caps, True)
-    else:
-        # A second kind of row makes HiGHS' branch and bound slow at DeepSeek sizes (minutes at 58 × 256 experts
-        # on the whole MILP), so the options that cannot be in an optimum are removed first (reduced-cost fixing):
-        # any plan costs at least the LP relaxation's optimum plus the reduced costs of the options it takes, so an
-        # option whose reduced cost exceeds what a known plan (the LP's rounding, or ``start``) costs over that bound
-        # is in no better plan. The known plan is usually within MIP_GAP of the bound already at real sizes (then
-        # taken); where not (small problems) the MILP on the options left finds the optimum.
-        res = _lp_relaxation(cost / scale, one_each, coupling)
-        if res.x is None:
-            raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
-        known = [_near_lp(res, item_of, caps, solve)]
-        if start is not None:
-            known.append(np.zeros(n_var))
-            known[-1][offsets[:-1] + start] = 1.0
-        known = [x for x in known if x is not None and all(
-            np.all(m @ x <= cap + 1e-9 * np.maximum(1.0, np.abs(cap))) for (m, _, _), cap in zip(coupling, caps,
-                                                                                                  strict=True))]
-        best = min(known, key=lambda x: cost @ x, default=None)
-        slack = np.inf if best is None else cost @ best / scale - res.fun
-        if slack <= MIP_GAP * abs(res.fun):  # as close to the bound as HiGHS would stop (the bytes-only MILP)
-            res.x = best
-        else:
-            keep = res.lower.marginals <= slack + 1e-9 * max(1.0, abs(res.fun))
-            if best is not None:
-                keep |= best > 0.5
-            cols = np.flatnonzero(keep)
-            sub = solve(cols, item_of[cols], caps, True)
-            if sub.x is None:
-                raise McsharpError(f"the bit-plan MILP failed ({sub.message}); try a slightly larger --bpw")
-            full = np.zeros(n_var)
-            full[cols] = np.round(sub.x)
-            res.x = full if best is None or cost @ full <= cost @ best else best
+    # HiGHS' branch and bound on the whole MILP is slow at real sizes (94 s at 48 × 128 experts on bytes alone; a
+    # time row made it minutes at 58 × 256), so the options that cannot be in an optimum are removed first
+    # (reduced-cost fixing): any plan costs at least the LP relaxation's optimum plus the reduced costs of the
+    # options it takes, so an option whose reduced cost exceeds what a known plan (one near the LP, or ``start``)
+    # costs over that bound is in no better plan. At real sizes the known plan is usually within MIP_GAP of the
+    # bound already (then taken); where not (small problems) the MILP on the options left finds the optimum.
+    res = _lp_relaxation(cost / scale, one_each, coupling)
     if res.x is None:
         raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
+    known = [_near_lp(res, item_of, caps, solve)]
+    if start is not None:
+        known.append(np.zeros(n_var))
+        known[-1][offsets[:-1] + start] = 1.0
+    known = [x for x in known if x is not None and all(
+        np.all(m @ x <= cap + 1e-9 * np.maximum(1.0, np.abs(cap))) for (m, _, _), cap in zip(coupling, caps,
+                                                                                              strict=True))]
+    best = min(known, key=lambda x: cost @ x, default=None)
+    slack = np.inf if best is None else cost @ best / scale - res.fun
+    if slack <= MIP_GAP * abs(res.fun):  # as close to the bound as HiGHS itself would stop
+        res.x = best
+    else:
+        keep = res.lower.marginals <= slack + 1e-9 * max(1.0, abs(res.fun))
+        if best is not None:
+            keep |= best > 0.5
+        cols = np.flatnonzero(keep)
+        sub = solve(cols, item_of[cols], caps, True)
+        if sub.x is None:
+            raise McsharpError(f"the bit-plan MILP failed ({sub.message}); try a slightly larger --bpw")
+        full = np.zeros(n_var)
+        full[cols] = np.round(sub.x)
+        res.x = full if best is None or cost @ full <= cost @ best else best
     x = np.round(res.x)
     choice = np.array([int(np.argmax(x[offsets[i]:offsets[i + 1]])) for i in range(n_items)])
     for members, b in groups:
