@@ -1,64 +1,35 @@
 #!/usr/bin/env python
-"""Side-by-side benchmark of the native patch (not a test): ratios, measured in one run.
+"""Side-by-side benchmark of the native patch on a small model (not a test): ratios, measured in one run.
 
-1. decode tok/s: patched runtime with OTP off (kv-override mcsharp.otp.enable=false) vs the stock build
-   (no patches) on the same GGUF; the two libraries run in separate worker processes, interleaved.
-2. MoE-FFN time: the same weights with an OTP router that drops the last k/2 slots vs one that keeps all,
-   in the patched runtime. The MoE-FFN time is isolated by subtracting the time of the same model with
-   a tiny expert FFN (width 32): t_ffn = t(model) - t(thin model). Reported for prompt processing and
-   for decode.
+Six configurations, each in its own process, driven in lock step by bench_runtime.run_lockstep (a prompt as one
+step, then decode tokens in steps, every process's step next to the others' in a fresh order; --rounds rounds
+after a warm-up; each ratio per round, median and range):
 
-Usage: MCSHARP_CACHE=... python scripts/bench_moe_patch.py [--hidden 1024] [--ff 1024] [--experts 16] [--k 4]
+1. stock llama.cpp (no patches) vs the patched runtime on the same plain GGUF, and vs the patched runtime with
+   OTP off (kv-override mcsharp.otp.enable=false) on a file with routers: what the patch costs when idle;
+2. MoE-FFN time: the same weights with an OTP router that drops the last k/2 slots vs one that keeps all. The
+   MoE-FFN time is isolated by subtracting the time of the same model with a tiny expert FFN (width 32):
+   t_ffn = t(model) - t(thin model); for prompt processing and for decode.
+
+scripts/bench_runtime.py measures the same at real layer shapes.
+
+Usage: python scripts/bench_moe_patch.py [--hidden 1024] [--ff 1024] [--experts 16] [--k 4] [--rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-WORKER = r"""
-import json, os, sys, time
 import numpy as np
-os.environ["LLAMA_CPP_LIB_PATH"] = sys.argv[1]
-import llama_cpp
-path, mode, n, reps = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-kv = json.loads(sys.argv[6])
-llm = llama_cpp.Llama(model_path=path, n_ctx=max(512, n + 8), n_batch=512, n_gpu_layers=0,
-                      n_threads=os.cpu_count(), verbose=False, kv_overrides=kv or None, logits_all=False)
-rng = np.random.default_rng(0)
-toks = [int(t) for t in rng.integers(100, 20000, n)]
-times = []
-for r in range(reps + 1):
-    llm.reset(); llm._ctx.kv_cache_clear()
-    if mode == "decode":
-        llm.eval(toks[:1])
-        t0 = time.perf_counter()
-        for t in toks[1:]:
-            llm.eval([t])
-    else:
-        t0 = time.perf_counter()
-        llm.eval(toks)
-    if r:
-        times.append(time.perf_counter() - t0)
-print(json.dumps({"times": times}))
-"""
-
-
-def run_worker(lib: str, path: Path, mode: str, n: int, reps: int, kv: dict) -> list[float]:
-    res = subprocess.run([sys.executable, "-c", WORKER, lib, str(path), mode, str(n), str(reps), json.dumps(kv)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"worker failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["times"]
+from bench_runtime import run_lockstep
 
 
 def make_gguf(work: Path, name: str, hidden: int, ff: int, experts: int, k: int, otp_drop: int | None) -> Path:
-    import numpy as np
-
+    """A 2-layer random Mixtral-like GGUF (Q8_0) in ``work``, reused if there; ``otp_drop``: OTP routers whose bias
+    keeps the first k − otp_drop slots and drops the rest (None: no routers, a file stock llama.cpp loads)."""
     from mcsharp_gguf.dev.tiny_models import make_tiny_moe
     from mcsharp_gguf.gguf.convert import convert_checkpoint
 
@@ -86,25 +57,22 @@ def main() -> None:
     ap.add_argument("--ff", type=int, default=1024)
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--prompt-tokens", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (min over rounds is reported)")
+    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens (one step)")
+    ap.add_argument("--decode", type=int, default=64, help="decode tokens")
+    ap.add_argument("--decode-chunk", type=int, default=16, help="decode tokens per lock-step step")
+    ap.add_argument("--rounds", type=int, default=7, help="lock-step rounds (after a warm-up round)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
+    for opt in ("hidden", "ff", "experts", "k", "prompt", "decode", "decode_chunk", "rounds", "threads"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    args.prefill_chunk = args.prompt
 
     from mcsharp_gguf.native import build as nb
 
     patched = nb.build(log=lambda *a: None).lib_dir
-    # the stock build: the same recipe with an empty patch set
-    with tempfile.TemporaryDirectory() as empty:
-        saved = nb.PATCH_DIR
-        nb.PATCH_DIR = Path(empty)
-        try:
-            stock = nb.build(log=lambda *a: None).lib_dir
-        finally:
-            nb.PATCH_DIR = saved
-
+    stock = nb.build_stock(log=lambda *a: None).lib_dir
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-moe-"))
     work.mkdir(parents=True, exist_ok=True)
     h, f, e, k = args.hidden, args.ff, args.experts, args.k
@@ -113,40 +81,24 @@ def main() -> None:
     plain = make_gguf(work, f"plain-h{h}-f{f}-e{e}-k{k}", h, f, e, k, otp_drop=None)  # loads in stock too
     thin = make_gguf(work, f"thin-h{h}-e{e}-k{k}", h, 32, e, k, otp_drop=None)  # MoE FFN ~free: the rest
 
-    best: dict[str, float] = {}
+    configs = {"stock": (stock, plain, {}), "patched_plain": (patched, plain, {}),
+               "patched_otp_off": (patched, otp, {"mcsharp.otp.enable": False}), "keep": (patched, otp, {}),
+               "half": (patched, half, {}), "thin": (patched, thin, {})}
+    t = {name: {ph: np.array(v[ph]) for ph in ("prefill", "decode")} for name, v in
+         run_lockstep(configs, args, args.rounds).items()}
 
-    def note(key, times):
-        best[key] = min(best.get(key, float("inf")), min(times))
+    def spread(x: np.ndarray) -> dict:
+        return {"median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
 
-    off = {"mcsharp.otp.enable": False}
-    for _ in range(args.rounds):
-        note("decode_stock", run_worker(stock, plain, "decode", args.decode_tokens, args.reps, {}))
-        note("decode_patched_plain", run_worker(patched, plain, "decode", args.decode_tokens, args.reps, {}))
-        note("decode_patched_off", run_worker(patched, otp, "decode", args.decode_tokens, args.reps, off))
-        note("pp_keep", run_worker(patched, otp, "prompt", args.prompt_tokens, args.reps, {}))
-        note("pp_half", run_worker(patched, half, "prompt", args.prompt_tokens, args.reps, {}))
-        note("pp_thin", run_worker(patched, thin, "prompt", args.prompt_tokens, args.reps, {}))
-        note("dec_keep", run_worker(patched, otp, "decode", args.decode_tokens, args.reps, {}))
-        note("dec_half", run_worker(patched, half, "decode", args.decode_tokens, args.reps, {}))
-        note("dec_thin", run_worker(patched, thin, "decode", args.decode_tokens, args.reps, {}))
-
-    n_dec = args.decode_tokens - 1
-    res = {
-        "model": f"mixtral-like, 2 layers, hidden {h}, expert ffn {f}, {e} experts, top-{k}, q8_0",
-        "stock_lib": stock, "patched_lib": patched,
-        "decode_tok_s_stock": n_dec / best["decode_stock"],
-        "decode_tok_s_patched_otp_off": n_dec / best["decode_patched_off"],
-        "decode_tok_s_patched_plain_file": n_dec / best["decode_patched_plain"],
-        "decode_ratio_patched_vs_stock_same_file": best["decode_stock"] / best["decode_patched_plain"],
-        "decode_ratio_patched_otp_off_vs_stock": best["decode_stock"] / best["decode_patched_off"],
-    }
-    for tag, keep, halfk, thin_t in (("prompt", "pp_keep", "pp_half", "pp_thin"),
-                                     ("decode", "dec_keep", "dec_half", "dec_thin")):
-        ffn_keep = best[keep] - best[thin_t]
-        ffn_half = best[halfk] - best[thin_t]
-        res[f"{tag}_total_time_ratio_half_vs_all"] = best[halfk] / best[keep]
-        res[f"{tag}_moe_ffn_time_ratio_half_vs_all"] = ffn_half / ffn_keep
-        res[f"{tag}_moe_ffn_time_reduction"] = 1.0 - ffn_half / ffn_keep
+    res = {"model": f"mixtral-like, 2 layers, hidden {h}, expert ffn {f}, {e} experts, top-{k}, q8_0",
+           "stock_lib": stock, "patched_lib": patched, "rounds": args.rounds,
+           "decode_tok_s_stock": float(np.median(args.decode / t["stock"]["decode"]))}
+    for phase in ("prefill", "decode"):  # speed over stock's, per round: > 1 is faster than stock
+        res[f"{phase}_speed_patched_vs_stock_same_file"] = spread(t["stock"][phase] / t["patched_plain"][phase])
+        res[f"{phase}_speed_patched_otp_off_vs_stock"] = spread(t["stock"][phase] / t["patched_otp_off"][phase])
+        res[f"{phase}_total_time_ratio_half_vs_all"] = spread(t["half"][phase] / t["keep"][phase])
+        ffn = (t["half"][phase] - t["thin"][phase]) / (t["keep"][phase] - t["thin"][phase])
+        res[f"{phase}_moe_ffn_time_ratio_half_vs_all"] = spread(ffn)
     print(json.dumps(res, indent=2))
 
 
