@@ -44,7 +44,7 @@ def _layers(n_layer: int, n_expert: int, seed: int = 0, d_model: int = 256, d_ff
     return out
 
 
-# Decode costs under which smaller types are no faster (Q3_K/Q5_K/Q6_K as in one lock-step run, docs/runtime.md):
+# Decode costs under which smaller types are no faster (Q2_K/Q3_K/Q6_K as in one lock-step run, docs/runtime.md):
 # the time budget then binds much harder than the bytes, where rounding the LP relaxation fell 50% short.
 SLOW_SMALL_TYPES = {"Q2_K": (0.667, 1.36), "Q3_K": (1.297, 1.04), "Q6_K": (1.279, 1.96)}
 
