@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench_runtime import run_lockstep
+from bench_runtime import require_counts, run_lockstep
 
 
 def make_gguf(work: Path, name: str, hidden: int, ff: int, experts: int, k: int, otp_drop: int | None) -> Path:
@@ -64,9 +64,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
-    for opt in ("hidden", "ff", "experts", "k", "prompt", "decode", "decode_chunk", "rounds", "threads"):
-        if getattr(args, opt) < 1:
-            ap.error(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    require_counts(ap, args, ("hidden", "ff", "experts", "k", "prompt", "decode", "decode_chunk", "rounds", "threads"))
     args.prefill_chunk = args.prompt
 
     from mcsharp_gguf.native import build as nb

@@ -139,6 +139,13 @@ def run_lockstep(configs: dict[str, tuple[str, Path, dict]], args, rounds: int) 
             p.wait()
 
 
+def require_counts(ap, args, names: tuple[str, ...]) -> None:
+    """argparse's one-line error (exit 2) for any of ``names`` (dest names) below 1."""
+    for opt in names:
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+
+
 def _moe_config(ckpt: Path) -> tuple[dict, int, int]:
     """config.json (its text part), routed experts per layer, experts per token: read, no model built."""
     from mcsharp_gguf.model.checkpoint import moe_counts
@@ -403,9 +410,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/bench-runtime"))
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
-    for opt in ("prompt", "decode", "prefill_chunk", "decode_chunk", "rounds", "threads"):
-        if getattr(args, opt) < 1:
-            ap.error(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    require_counts(ap, args, ("prompt", "decode", "prefill_chunk", "decode_chunk", "rounds", "threads"))
     args.work.mkdir(parents=True, exist_ok=True)
 
     from mcsharp_gguf.native import build as nb

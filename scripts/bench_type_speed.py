@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_runtime import run_lockstep, write_file
+from bench_runtime import require_counts, run_lockstep, write_file
 
 
 def log(msg: str) -> None:
@@ -66,9 +66,7 @@ def main() -> None:
                     help="every type and mix in one lock-step run (default: each type in its own, beside Q4_K)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    for opt in ("prompt", "decode", "prefill_chunk", "decode_chunk", "rounds", "threads"):
-        if getattr(args, opt) < 1:
-            ap.error(f"--{opt.replace('_', '-')} must be at least 1, got {getattr(args, opt)}")
+    require_counts(ap, args, ("prompt", "decode", "prefill_chunk", "decode_chunk", "rounds", "threads"))
 
     from mcsharp_gguf.native import build as nb
 
