@@ -385,15 +385,14 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
         t_scale = np.maximum(t_rows.max(axis=1), 1e-30)  # O(1) numbers for HiGHS, as for the costs
         coupling.append((sparse.csr_matrix(t_rows / t_scale[:, None]), -np.inf, time.budget / t_scale))
 
-    def solve(cols: np.ndarray, item_of: np.ndarray, caps: list[np.ndarray], integral: bool):
-        a_eq = one_each[:, cols][np.unique(item_of)]
-        cons = [LinearConstraint(a_eq, 1, 1), *(LinearConstraint(m[:, cols], lo, cap)
-                                                for (m, lo, _), cap in zip(coupling, caps, strict=True))]
-        return milp(c=cost[cols] / scale, integrality=np.full(len(cols), int(integral)), bounds=Bounds(0, 1),
-                    constraints=cons, options={"disp": False, "mip_rel_gap": MIP_GAP})
-
     item_of = np.repeat(np.arange(n_items), np.diff(offsets))
-    caps = [cap for _, _, cap in coupling]
+
+    def solve(cols: np.ndarray):  # the MILP on the options ``cols`` (every item keeping at least one)
+        a_eq = one_each[:, cols][np.unique(item_of[cols])]
+        cons = [LinearConstraint(a_eq, 1, 1), *(LinearConstraint(m[:, cols], lo, cap) for m, lo, cap in coupling)]
+        return milp(c=cost[cols] / scale, integrality=np.ones(len(cols)), bounds=Bounds(0, 1), constraints=cons,
+                    options={"disp": False, "mip_rel_gap": MIP_GAP})
+
     # HiGHS' branch and bound on the whole MILP is slow at real sizes (94 s at 48 × 128 experts on bytes alone; a
     # time row made it minutes at 58 × 256), so the options that cannot be in an optimum are removed first
     # (reduced-cost fixing): any plan costs at least the LP relaxation's optimum plus the reduced costs of the
@@ -403,13 +402,12 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
     res = _lp_relaxation(cost / scale, one_each, coupling)
     if res.x is None:
         raise McsharpError(f"the bit-plan MILP failed ({res.message}); try a slightly larger --bpw")
-    known = [_near_lp(res, item_of, caps, solve)]
+    known = [x for x in [_near_lp(res, solve)] if x is not None]  # a MILP solution: fits by construction
     if start is not None:
-        known.append(np.zeros(n_var))
-        known[-1][offsets[:-1] + start] = 1.0
-    known = [x for x in known if x is not None and all(
-        np.all(m @ x <= cap + 1e-9 * np.maximum(1.0, np.abs(cap))) for (m, _, _), cap in zip(coupling, caps,
-                                                                                              strict=True))]
+        x = np.zeros(n_var)
+        x[offsets[:-1] + start] = 1.0
+        if all(np.all(m @ x <= cap + 1e-9 * np.maximum(1.0, np.abs(cap))) for m, _, cap in coupling):
+            known.append(x)
     best = min(known, key=lambda x: cost @ x, default=None)
     slack = np.inf if best is None else cost @ best / scale - res.fun
     if slack <= MIP_GAP * abs(res.fun):  # as close to the bound as HiGHS itself would stop
@@ -419,7 +417,7 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
         if best is not None:
             keep |= best > 0.5
         cols = np.flatnonzero(keep)
-        sub = solve(cols, item_of[cols], caps, True)
+        sub = solve(cols)
         if sub.x is None:
             raise McsharpError(f"the bit-plan MILP failed ({sub.message}); try a slightly larger --bpw")
         full = np.zeros(n_var)
@@ -433,7 +431,7 @@ def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], gr
     return _spend_global_leftover(choice, items_cost, items_bytes, budget, time)
 
 
-def _near_lp(lp, item_of: np.ndarray, caps: list, solve) -> np.ndarray | None:
+def _near_lp(lp, solve) -> np.ndarray | None:
     """A plan near the LP relaxation's optimum ``lp``: the MILP restricted to the options the LP takes (in part)
     and those whose reduced cost is below a threshold, raised (to include 1/64, 1/16, 1/4 and then all of the
     others) until the restricted MILP has a solution; None if even the whole MILP has none."""
@@ -442,7 +440,7 @@ def _near_lp(lp, item_of: np.ndarray, caps: list, solve) -> np.ndarray | None:
     for share in (0, 64, 16, 4, 1):
         delta = -np.inf if share == 0 else others[len(others) // share - 1] if len(others) else np.inf
         cols = np.flatnonzero(taken | (lp.lower.marginals <= delta))
-        sub = solve(cols, item_of[cols], caps, True)
+        sub = solve(cols)
         if sub.x is not None:
             x = np.zeros(len(lp.x))
             x[cols] = np.round(sub.x)
