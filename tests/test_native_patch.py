@@ -386,7 +386,8 @@ def test_groups_not_covering_all_experts_is_a_load_error(models, work, capfd):
 # --- C test: MUL_MAT_ID with masked / out-of-range ids on CPU ------------------------------------------------
 
 def test_c_mul_mat_id_mask(tmp_path):
-    """Builds native/tests/test_mul_mat_id_mask.c against the patched ggml and runs it (several quant types)."""
+    """Builds native/tests/test_mul_mat_id_mask.c against the patched ggml and runs it (several quant types;
+    merged experts, and experts split into type groups computed in place as llama-graph does on the CPU)."""
     from mcsharp_gguf.native import build as nb
 
     info = llama.ensure_runtime()
@@ -403,3 +404,4 @@ def test_c_mul_mat_id_mask(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "types tested: 7, failures: 0" in run.stdout and "FAIL" not in run.stdout, run.stdout
+    assert "parts cases: 42" in run.stdout, run.stdout  # grouped experts written in place, 7 types × 3 shapes × 2

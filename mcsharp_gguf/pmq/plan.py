@@ -236,6 +236,8 @@ def solve_bit_plan(layers: list[LayerImportance], bpw: float, mode: str = "mixed
     budget = bpw * n_planned / 8.0
     groups = _budget_groups(owners, items_bytes, layers, layer_weights, bpw, budget, scope)
     start = None if t_stock is None else _stock_choice(stock, owners, n_expert_items, targets, tensors)
+    if start is not None and scope == "layer":
+        groups = _admit_stock(groups, start, items_bytes, budget)
     choice = _milp_choice(items_cost, items_bytes, groups, budget, Time(items_time, time_budget), start)
     plan_layers, recipes, spent = _plan_layers(owners, choice, items_bytes, n_expert_items, layers, targets)
     tensor_types = {ti.name: ti.types[choice[n_expert_items + j]] for j, ti in enumerate(tensors)}
@@ -356,6 +358,18 @@ def _budget_groups(owners: list, items_bytes: list[np.ndarray], layers: list[Lay
         raise McsharpError(f"--bpw {bpw} is below what the candidate types can reach; the minimum achievable "
                            f"is {min_bpw:.3f} bpw over {over}")
     return groups
+
+
+def _admit_stock(groups: list[tuple[list[int], float]], start: np.ndarray, items_bytes: list[np.ndarray],
+                 budget: float) -> list[tuple[list[int], float]]:
+    """Per-layer budgets raised to the bytes the stock plan ``start`` gives each layer, with the overall budget
+    as one more group. The stock plan's leftover is handed out over all layers (_spend_global_leftover), so it
+    can exceed a layer's budget; its time is what a mixed plan is held to, and without this that time could be
+    out of the mixed MILP's reach (an infeasible plan, e.g. 2 × 4 experts at 4.13 bpw)."""
+    raised = [(members, max(b, float(sum(items_bytes[i][start[i]] for i in members)))) for members, b in groups]
+    if all(r == b for (_, r), (_, b) in zip(raised, groups, strict=True)):
+        return groups
+    return raised + [(list(range(len(items_bytes))), budget)]
 
 
 def _milp_choice(items_cost: list[np.ndarray], items_bytes: list[np.ndarray], groups: list[tuple[list[int], float]],
