@@ -22,7 +22,7 @@ from pathlib import Path
 import bench_runtime as br
 import numpy as np
 
-KINDS = ("grouped", "mixed", "planned-bytes", "planned-speed", "otp")
+KINDS = tuple(k for k in br.FILES if k != "single")
 
 
 def main() -> None:
@@ -53,12 +53,8 @@ def main() -> None:
 
     from mcsharp_gguf.native import build as nb
 
-    from mcsharp_gguf.dev.scale import write_real_shape_checkpoint
-
     args.work.mkdir(parents=True, exist_ok=True)
-    ckpt = write_real_shape_checkpoint(shape, args.work / f"{shape}-{n_layer}L", n_layer, log=print)
-    files = {k: br.write_file(ckpt, "single" if k == "otp" else k, args.work / f"{shape}-{n_layer}L-{k}.gguf",
-                              otp=k == "otp") for k in ["single", *kinds]}
+    files = br.write_files(shape, n_layer, args.work, kinds=("single", *kinds))
     after = nb.build(log=lambda *a: None).lib_dir
     before = str(args.before)
     configs = {"single": (after, files["single"], {}), "single, loaded again": (after, files["single"], {}),

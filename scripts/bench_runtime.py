@@ -295,13 +295,18 @@ def write_file(ckpt: Path, kind: str, out: Path, otp: bool = False, log=print) -
     return out
 
 
-def write_files(shape: str, n_layer: int, work: Path, log=print) -> dict[str, Path]:
+FILES = ("single", "mixed", "grouped", "otp", "planned-bytes", "planned-speed")
+
+
+def write_files(shape: str, n_layer: int, work: Path, log=print, kinds: tuple[str, ...] = FILES) -> dict[str, Path]:
+    """The random-weight checkpoint of ``shape`` at ``n_layer`` layers and its files ``kinds`` (of FILES) under
+    ``work``; each kept when it exists."""
     from mcsharp_gguf.dev.scale import write_real_shape_checkpoint
 
     ckpt = write_real_shape_checkpoint(shape, work / f"{shape}-{n_layer}L", n_layer, log=log)
     return {name: write_file(ckpt, "single" if name == "otp" else name, work / f"{shape}-{n_layer}L-{name}.gguf",
                              otp=name == "otp", log=log)
-            for name in ("single", "mixed", "grouped", "otp", "planned-bytes", "planned-speed")}
+            for name in kinds}
 
 
 def bench_configs(k: int, mu: float) -> dict[str, tuple[str, str, dict]]:
