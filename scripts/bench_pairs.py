@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""(e) PMQ mixed against (d) PMQ stock on more text than bench_quality.py's table can afford.
+"""(e) PMQ mixed against (d) PMQ stock (and (f), mixed on bytes alone) on more text than bench_quality.py's table
+can afford.
 
 bench_quality.py scores every file on 4096 held-out tokens; on the fixture the paired differences (e) − (d) it
-reports are of the order of their own standard error. This scores the (d) and (e) files a bench_quality.py run left
+reports are of the order of their own standard error. This scores the (d), (e) and (f) files a bench_quality.py run left
 in ``--work`` on text that run never used: the pydoc corpus after its 60,000 calibration characters and before the
 held-out range (the table's text is not reused, so this is a second, independent measurement). Every file is
 scored against the same F16 reference, one 512-token chunk at a time (the reference runs once per chunk; no
 logits are kept beyond a chunk).
 
-Per point: each file's KLD mean and the paired difference (e) − (d) with its standard error over 64-token blocks.
+Per point: the paired differences of bench_quality.PAIRS ((e) − (d), (f) − (d), (e) − (f); (f) where the run
+wrote it), each with both files' KLD means and its standard error over 64-token blocks.
 
 Usage: python scripts/bench_pairs.py [--work out/bench-quality] [--points P1,...] [--eps gptq] [--max-tokens N]
                                     [--json OUT]
@@ -22,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_quality import CALIB_CHARS, FILE_PLANS, POINTS, our_stem, paired_difference
+from bench_quality import CALIB_CHARS, FILE_PLANS, PAIRS, POINTS, our_stem, paired_difference
 
 
 def log(msg: str) -> None:
@@ -52,14 +54,15 @@ def main() -> None:
 
     t0 = time.time()
     f16 = args.work / "fixture-f16.gguf"
-    files = {}  # (point, "d" | "e") → GGUF path
+    files = {}  # (point, "d" | "e" | "f") → GGUF path
     for point in args.points.split(","):
-        for kind, _, source in FILE_PLANS:
-            if source == args.eps:
-                path = args.work / f"{our_stem(point, kind)}.gguf"
-                if not path.exists():
-                    raise SystemExit(f"{path} does not exist; run scripts/bench_quality.py --work {args.work} first")
-                files[point, kind[1]] = path
+        for kind, _, source, _ in FILE_PLANS:
+            path = args.work / f"{our_stem(point, kind)}.gguf"
+            if source != args.eps or (kind[1] == "f" and not path.exists()):  # (f): from a run that wrote it
+                continue
+            if not path.exists():
+                raise SystemExit(f"{path} does not exist; run scripts/bench_quality.py --work {args.work} first")
+            files[point, kind[1]] = path
     if not f16.exists():
         raise SystemExit(f"{f16} does not exist; run scripts/bench_quality.py --work {args.work} first")
     ref = llama.load_model(f16, n_ctx=512)
@@ -76,14 +79,19 @@ def main() -> None:
             log(f"[pairs] {i + 1}/{len(chunks)} chunks, {time.time() - t0:.0f} s")
     kld = {k: np.concatenate(v) for k, v in kld.items()}
     rows = []
-    print("| point | tokens | KLD (d) stock | KLD (e) mixed | (e) − (d) | block SE | (e) − (d) / SE |")
+    print("| point | tokens | pair | KLD of each | difference | block SE | difference / SE |")
     print("|---|---|---|---|---|---|---|")
     for point in args.points.split(","):
-        d, e = kld[point, "d"], kld[point, "e"]
-        mean, se = paired_difference(e, d)
-        rows.append({"point": point, "eps": args.eps, "tokens": int(d.size), "kld_d": float(d.mean()),
-                     "kld_e": float(e.mean()), "e_minus_d": mean, "se": se})
-        print(f"| {point} | {d.size} | {d.mean():.4f} | {e.mean():.4f} | {mean:+.5f} | {se:.5f} | {mean / se:+.2f} |")
+        for a, b in PAIRS:
+            if (point, a) not in kld or (point, b) not in kld:
+                continue
+            x, y = kld[point, a], kld[point, b]
+            mean, se = paired_difference(x, y)
+            rows.append({"point": point, "eps": args.eps, "tokens": int(x.size), "pair": f"({a}) − ({b})",
+                         f"kld_{a}": float(x.mean()), f"kld_{b}": float(y.mean()), "diff": mean, "se": se})
+            ratio = f"{mean / se:+.2f}" if se > 0 else "-"  # se 0: the two files give the same logits
+            print(f"| {point} | {x.size} | ({a}) − ({b}) | {x.mean():.4f} / {y.mean():.4f} | {mean:+.5f} | {se:.5f} | "
+                  f"{ratio} |")
     result = {"rows": rows, "chars": len(text), "wall_s": time.time() - t0}
     print(json.dumps({"wall_s": result["wall_s"]}))
     if args.json_out:

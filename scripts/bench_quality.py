@@ -14,7 +14,8 @@ lattice type becomes the largest scalar type of no more bits), GPTQ'd;
 (d) PMQ stock and (e) PMQ mixed: whole-file plans (``--budget-scope file``): the bytes llama.cpp spent on the
 experts and on every tensor we quantise, all types chosen by one MILP in the Fisher metric, one expert type per
 layer (stock) or per expert (mixed), for each eps source of ``--eps-sources`` (GPTQ-measured eps, the default,
-and/or the RTN proxy).
+and/or the RTN proxy); (e) is the default recipe, its kernel time held to the stock plan's (``--max-slowdown``);
+(f) PMQ mixed on bytes alone (``max_slowdown=None``), to show what that costs.
 (c) gives every non-expert tensor the type llama.cpp gave it in P (IQ lattice types, which GPTQ here cannot
 produce, become the largest scalar type of no more bits) and GPTQs it in the same layer stream. With
 ``--experts-only``, also (d0) stock and (e0) mixed with (c)'s non-expert types and the expert bytes that leaves.
@@ -22,7 +23,8 @@ Every file matches P's size to well under 2%.
 
 Also printed (and in ``--json``): per whole-file plan its in-sample and two-fold out-of-fold estimated KL
 (``est_kl``, ``cv_kl``; pmq.out_of_fold_cost) and the mixed plan's cross-validated shrinkage; per point the
-paired held-out KLD difference (e) − (d) with its standard error over 64-token blocks (``pairs``).
+paired held-out KLD differences (e) − (d), (f) − (d) and (e) − (f) with their standard errors over 64-token blocks
+(``pairs``).
 
 llama.cpp's tools run as subprocesses, timed with their peak RSS; our conversion time per file is GPTQ of every
 planned tensor + writing the GGUF (importance, measured once per eps source, is listed apart).
@@ -56,9 +58,15 @@ LLAMA_ROWS = ["Q8_0", "Q4_K_M", "Q3_K_M", "Q3_K_M+im", "Q2_K", "Q2_K+im", "IQ3_X
 POINTS = ["Q3_K_M", "Q2_K", "IQ2_XS", Q2_5]
 CALIB_CHARS = 60_000
 EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
-# the whole-file plans of each point: (row kind, mode, eps source)
-FILE_PLANS = [("(d) PMQ stock", "stock", "rtn"), ("(d) PMQ stock, eps gptq", "stock", "gptq"),
-              ("(e) PMQ mixed", "mixed", "rtn"), ("(e) PMQ mixed, eps gptq", "mixed", "gptq")]
+# the whole-file plans of each point: (row kind, mode, eps source, Recipe changes); (e) is the default recipe (its
+# kernel time held to the stock plan's, pmq.speed), (f) the mixed plan on bytes alone: (e) − (f) is what the
+# speed pricing costs in quality
+FILE_PLANS = [("(d) PMQ stock", "stock", "rtn", {}), ("(d) PMQ stock, eps gptq", "stock", "gptq", {}),
+              ("(e) PMQ mixed", "mixed", "rtn", {}), ("(e) PMQ mixed, eps gptq", "mixed", "gptq", {}),
+              ("(f) PMQ mixed, bytes only", "mixed", "rtn", {"max_slowdown": None}),
+              ("(f) PMQ mixed, bytes only, eps gptq", "mixed", "gptq", {"max_slowdown": None})]
+# paired differences reported per point and eps source: (minuend, subtrahend) row letters
+PAIRS = [("e", "d"), ("f", "d"), ("e", "f")]
 
 
 class LlamaRow(NamedTuple):
@@ -256,7 +264,7 @@ def main() -> None:
     # every conversion below calibrates on these same ids (the calib file, all of it in 512-token sequences)
     base_recipe = Recipe(calib=str(calib), calib_seqs=ids.shape[0], calib_len=512)
     importance: dict[str, ModelImportance] = {}
-    pairs: list[dict] = []  # (e) − (d) per point, paired on the held-out tokens
+    pairs: list[dict] = []  # PAIRS per point and eps source, paired on the held-out tokens
     sources = args.eps_sources.split(",")
     for source in dict.fromkeys(sources + (["rtn"] if args.experts_only else [])):
         imp_cache = work / f"importance-{ids.shape[0]}x512-v3{'-gptq' if source == 'gptq' else ''}.json"
@@ -314,8 +322,8 @@ def main() -> None:
         recipes: dict[str, tuple[Recipe, BitPlan | None]] = {}
         for kind, plan in plans.items():  # given plans: expert-only scope, non-expert types fixed
             recipes[kind] = (replace(base_recipe, bpw=bpw, mode=plan.mode, scope="global", tensor_types=dense), plan)
-        for kind, mode, source in (p for p in FILE_PLANS if p[2] in sources):
-            recipes[kind] = (replace(base_recipe, mode=mode, eps_source=source, **budget), None)
+        for kind, mode, source, changes in (p for p in FILE_PLANS if p[2] in sources):
+            recipes[kind] = (replace(base_recipe, mode=mode, eps_source=source, **budget, **changes), None)
         for kind, (recipe, given) in recipes.items():
             stem = our_stem(point, kind)
             out = work / f"{stem}.gguf"
@@ -337,11 +345,11 @@ def main() -> None:
             score(f"{kind} @ {row.name}", kind[:kind.index(")") + 1], out, rep.classes["experts"].bpw,
                   point=point, size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)
         for source in sources:
-            tag = ", eps gptq" if source == "gptq" else ""
-            d_name, e_name = f"(d) PMQ stock{tag} @ {row.name}", f"(e) PMQ mixed{tag} @ {row.name}"
-            mean, se = paired_difference(kld_tokens[e_name], kld_tokens[d_name])
-            pairs.append({"point": point, "eps": source, "e_minus_d": mean, "se": se})
-            log(f"[quality] {point} eps {source}: KLD (e) − (d) = {mean:+.5f} ± {se:.5f} (block SE)")
+            name = {kind[1]: f"{kind} @ {row.name}" for kind, _, src_, _ in FILE_PLANS if src_ == source}
+            for a, b in PAIRS:
+                mean, se = paired_difference(kld_tokens[name[a]], kld_tokens[name[b]])
+                pairs.append({"point": point, "eps": source, "pair": f"({a}) − ({b})", "diff": mean, "se": se})
+                log(f"[quality] {point} eps {source}: KLD ({a}) − ({b}) = {mean:+.5f} ± {se:.5f} (block SE)")
     timings["peak RSS MB"] = peak_rss_mb()
     result = {"rows": rows, "pairs": pairs, "timings": timings, "wall_s": time.time() - t_start,
               "calib_tokens": int(ids.numel())}
@@ -350,9 +358,9 @@ def main() -> None:
     for r in rows:
         if "cv_kl" in r:
             print(f"| {r['name']} | {r['shrink']:g} | {r['est_kl']:.4f} | {r['cv_kl']:.4f} | {r['kld_mean']:.4f} |")
-    print("\n| point | eps | KLD (e) − (d) | block SE |\n|---|---|---|---|")
+    print("\n| point | eps | pair | KLD difference | block SE |\n|---|---|---|---|---|")
     for p in pairs:
-        print(f"| {p['point']} | {p['eps']} | {p['e_minus_d']:+.5f} | {p['se']:.5f} |")
+        print(f"| {p['point']} | {p['eps']} | {p['pair']} | {p['diff']:+.5f} | {p['se']:.5f} |")
     print(json.dumps(timings, indent=2))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2))

@@ -41,7 +41,7 @@ def main() -> None:
             continue  # not a whole-file plan: the non-expert tensors are not priced
         est = {s: estimated_kl(plan, imp, n) for s, (imp, n) in imps.items()}
         point, key = wd.stem.removeprefix("ours-").split("-", 1)
-        kind = {plan_key(k): k for k, _, _ in FILE_PLANS}.get(key, key)
+        kind = {plan_key(k): k for k, *_ in FILE_PLANS}.get(key, key)
         got = measured.get(f"{kind} @ {point}")
         print(f"| {wd.name} | {est.get('rtn', float('nan')):.4f} | {est.get('gptq', float('nan')):.4f} | "
               f"{'-' if got is None else f'{got:.4f}'} |")
