@@ -34,7 +34,7 @@ Calibration for everything: the first 60,000 characters of pydoc text (never the
 Usage: python scripts/bench_quality.py [--fixture sliced|specialised | --model DIR] [--work out/bench-quality]
                                       [--points P1,P2,...]
                                       [--llama-rows R1,...] [--eps-sources gptq|rtn,gptq] [--experts-only]
-                                      [--json OUT]
+                                      [--rows c,d,e,f] [--json OUT]
 
 ``--fixture specialised`` benchmarks the trained fixture (``mcsharp fixture --kind specialised``) and ``--model DIR``
 any checkpoint of an architecture we convert, on the same code path; the default is the sliced fixture.
@@ -187,10 +187,14 @@ def main() -> None:
     ap.add_argument("--eps-sources", default="gptq", help="eps sources of the (d)/(e) rows: gptq, rtn or rtn,gptq")
     ap.add_argument("--experts-only", action="store_true",
                     help="also plan the experts alone, non-expert tensors at llama.cpp's types ((d0), (e0))")
+    ap.add_argument("--rows", default="c,d,e,f", help="which of our rows to build and score (letters of c, d, e, f)")
     ap.add_argument("--json", dest="json_out", type=Path, default=None)
     add_model_options(ap)
     args = ap.parse_args()
     check_model_option(ap, args)  # before the llama.cpp build
+    our_rows = set(args.rows.split(","))
+    if not our_rows <= set("cdef"):
+        ap.error(f"--rows {args.rows}: letters of c, d, e, f separated by commas")
 
     from mcsharp_gguf.native import build as nb
 
@@ -325,6 +329,8 @@ def main() -> None:
         for kind, mode, source, changes in (p for p in FILE_PLANS if p[2] in sources):
             recipes[kind] = (replace(base_recipe, mode=mode, eps_source=source, **budget, **changes), None)
         for kind, (recipe, given) in recipes.items():
+            if kind[1] not in our_rows:
+                continue
             stem = our_stem(point, kind)
             out = work / f"{stem}.gguf"
             source = recipe.eps_source if given is None else "rtn"
@@ -346,7 +352,7 @@ def main() -> None:
                   point=point, size_ratio=out.stat().st_size / src.stat().st_size, convert_s=time.time() - t0, **est)
         for source in sources:
             name = {kind[1]: f"{kind} @ {row.name}" for kind, _, src_, _ in FILE_PLANS if src_ == source}
-            for a, b in PAIRS:
+            for a, b in (p for p in PAIRS if set(p) <= our_rows):
                 mean, se = paired_difference(kld_tokens[name[a]], kld_tokens[name[b]])
                 pairs.append({"point": point, "eps": source, "pair": f"({a}) − ({b})", "diff": mean, "se": se})
                 log(f"[quality] {point} eps {source}: KLD ({a}) − ({b}) = {mean:+.5f} ± {se:.5f} (block SE)")
